@@ -1,0 +1,1 @@
+"""histod.daemon"""

@@ -1,0 +1,67 @@
+"""The `histod` command: parse, build Settings, call domain code, map its errors to messages and exit codes.
+
+Commands live in histod.commands_*; each is a few lines that hand over to trainer/, daemon/ or db/.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from histod import __version__
+from histod.errors import HistodError
+from histod.logs import configure
+from histod.settings import load_settings
+
+
+class _Group(click.Group):
+    """Turns every HistodError into `error: <message>` on stderr and the error's exit code: never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except HistodError as exc:
+            click.secho(f"error: {exc}", err=True, fg="red")
+            sys.exit(exc.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="histod")
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning", "error"]),
+    default=None,
+    help="default: HISTOD_LOG_LEVEL or info",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["auto", "json", "console"]),
+    default=None,
+    help="auto: coloured on a terminal, JSON lines otherwise",
+)
+@click.pass_context
+def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> None:
+    """histod: classify histopathology images as Benign or Malignant.
+
+    A research tool, not a medical device: every result needs a pathologist's review.
+    """
+    settings = load_settings(log_level=log_level, log_format=log_format)
+    configure(settings.log_level, settings.log_format)
+    ctx.obj = {"log_level": log_level, "log_format": log_format}
+
+
+def _register() -> None:
+    from histod import commands_service, commands_trainer
+
+    for module in (commands_trainer, commands_service):
+        for command in module.COMMANDS:
+            cli.add_command(command)
+
+
+_register()
+
+
+def main() -> None:
+    cli(prog_name="histod")

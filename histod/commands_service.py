@@ -1,0 +1,7 @@
+"""`histod serve`, `histod report`, `histod results`, `histod demo`."""
+
+from __future__ import annotations
+
+import click
+
+COMMANDS: list[click.Command] = []

@@ -1,0 +1,180 @@
+"""Read, decode, orient, convert and resize one image: the ONE function the trainer, the exporter's parity
+check, `histod predict` and the service all use, so training and serving cannot disagree.
+
+Every failure is an :class:`~histod.errors.ImageError` with a short stable ``reason`` code:
+
+==================  ===============================================================
+reason              meaning
+==================  ===============================================================
+``missing``         the path does not exist (any more)
+``not_a_file``      a directory, FIFO, socket or device
+``symlink``         a symbolic link, when links are not followed (the service)
+``unreadable``      permission denied or another OS error while reading
+``empty``           zero bytes
+``too_large``       more bytes than ``max_bytes``
+``not_an_image``    no image format recognised (text, HTML, ... under an image name)
+``too_many_pixels`` width x height above ``max_pixels`` (decompression-bomb guard)
+``truncated``       the data ends before the image does
+``corrupt``         the decoder failed for another reason
+==================  ===============================================================
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+import warnings
+from pathlib import Path
+
+import numpy as np
+from numpy.typing import NDArray
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from histod.errors import ImageError
+
+DEFAULT_MAX_PIXELS = 50_000_000
+"""About 7,000 x 7,000: far above a histology tile, far below a decompression bomb."""
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+# We enforce our own pixel cap before decoding; Pillow's global guard stays as a second line.
+Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
+
+_BACKGROUND = (255, 255, 255)  # slides are white where they are empty: transparent pixels become white
+
+
+def read_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks: bool = True) -> bytes:
+    """Return the bytes of a regular file, refusing links (unless followed), FIFOs, folders and huge files.
+
+    Opens with O_NONBLOCK so that a FIFO can never hang the caller.
+    """
+    flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+    if not follow_symlinks:
+        flags |= os.O_NOFOLLOW
+    try:
+        fd = os.open(path, flags)
+    except FileNotFoundError as exc:
+        raise ImageError("missing", f"{path} does not exist") from exc
+    except PermissionError as exc:
+        raise ImageError("unreadable", f"permission denied reading {path}") from exc
+    except IsADirectoryError as exc:
+        raise ImageError("not_a_file", f"{path} is a directory") from exc
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ImageError("symlink", f"{path} is a symbolic link; links are not followed") from exc
+        raise ImageError("unreadable", f"cannot open {path}: {exc.strerror}") from exc
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise ImageError("not_a_file", f"{path} is {kind}")
+        if st.st_size == 0:
+            raise ImageError("empty", f"{path} is empty (0 bytes)")
+        if st.st_size > max_bytes:
+            raise ImageError("too_large", f"{path} has {st.st_size} bytes, above the limit of {max_bytes}")
+        chunks: list[bytes] = []
+        total = 0
+        while True:
+            chunk = os.read(fd, 1 << 20)
+            if not chunk:
+                break
+            total += len(chunk)
+            if total > max_bytes:
+                raise ImageError("too_large", f"{path} grew past the limit of {max_bytes} bytes")
+            chunks.append(chunk)
+    except OSError as exc:
+        raise ImageError("unreadable", f"cannot read {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    data = b"".join(chunks)
+    if not data:
+        raise ImageError("empty", f"{path} is empty (0 bytes)")
+    return data
+
+
+def decode(
+    data: bytes, size: int | None, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image"
+) -> NDArray[np.uint8]:
+    """Decode image bytes to RGB uint8 of shape (size, size, 3) (or the native size when ``size`` is None).
+
+    EXIF orientation is applied; the first frame of a multi-frame file is used; 16-bit, grayscale,
+    palette, CMYK and alpha images become 8-bit RGB (transparency over white).
+    """
+    if not data:
+        raise ImageError("empty", f"{name} is empty (0 bytes)")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+    except UnidentifiedImageError as exc:
+        raise ImageError("not_an_image", f"{name} is not an image in a format we can read") from exc
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise ImageError("too_many_pixels", f"{name}: {exc}") from exc
+    except Exception as exc:  # Pillow's plugins raise many types on hostile headers
+        raise ImageError("corrupt", f"{name}: cannot read the image header ({exc})") from exc
+    with img:
+        width, height = img.size
+        if width < 1 or height < 1:
+            raise ImageError("corrupt", f"{name} has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageError(
+                "too_many_pixels",
+                f"{name} is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}",
+            )
+        try:
+            img.seek(0)
+            if size is not None and img.format == "JPEG":
+                img.draft("RGB", (size, size))  # let libjpeg decode at a reduced scale: much faster
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                img.load()
+                out = _to_rgb(ImageOps.exif_transpose(img) or img)
+        except ImageError:
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageError("too_many_pixels", f"{name}: {exc}") from exc
+        except OSError as exc:
+            text = str(exc)
+            reason = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
+            raise ImageError(reason, f"{name}: {text}") from exc
+        except Exception as exc:
+            raise ImageError("corrupt", f"{name}: the decoder failed ({type(exc).__name__}: {exc})") from exc
+    if size is not None and out.size != (size, size):
+        out = out.resize((size, size), Image.Resampling.BILINEAR)
+    array = np.asarray(out, dtype=np.uint8)
+    if array.shape[-1] != 3 or array.ndim != 3:  # pragma: no cover - _to_rgb guarantees RGB
+        raise ImageError("corrupt", f"{name}: unexpected decoded shape {array.shape}")
+    return array
+
+
+def load(
+    path: Path,
+    size: int | None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    follow_symlinks: bool = True,
+) -> NDArray[np.uint8]:
+    """Read and decode ``path`` (see :func:`read_file` and :func:`decode`)."""
+    data = read_file(path, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
+    return decode(data, size, max_pixels=max_pixels, name=str(path))
+
+
+def _to_rgb(img: Image.Image) -> Image.Image:
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        values = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if mode.startswith("I;16") else max(float(values.max()), 1.0)
+        scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(scaled, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (*_BACKGROUND, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")

@@ -1,0 +1,131 @@
+"""The one place that reads the environment.
+
+Precedence, highest first: command-line flags (passed as keyword arguments), ``HISTOD_*`` environment
+variables, a TOML file (``$HISTOD_CONFIG``, else ``./histod.toml`` when present), the defaults below.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from histod.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+
+CONFIG_ENV = "HISTOD_CONFIG"
+DEFAULT_CONFIG_FILE = Path("histod.toml")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+
+
+def config_file() -> Path | None:
+    """The TOML file in force: ``$HISTOD_CONFIG`` if set, else ``./histod.toml`` if it exists."""
+    named = os.environ.get(CONFIG_ENV)
+    if named:
+        return Path(named)
+    return DEFAULT_CONFIG_FILE if DEFAULT_CONFIG_FILE.is_file() else None
+
+
+class Settings(BaseSettings):
+    """Everything the service and the CLI commands share. Each field is also ``HISTOD_<NAME>``."""
+
+    model_config = SettingsConfigDict(env_prefix="HISTOD_", extra="ignore", validate_default=True)
+
+    # --- where things live -------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("histod-data"), description="holds prediction/, processed/, failed/, reports/, histod.db"
+    )
+    watch_dir: Path | None = Field(None, description="folder watched for new images (default <data_dir>/prediction)")
+    database_url: str | None = Field(None, description="SQLAlchemy URL (default sqlite:///<data_dir>/histod.db)")
+    model: Path | None = Field(None, description="a RUN_DIR written by `histod train`")
+
+    # --- classifying --------------------------------------------------------------------------------
+    engine: Literal["litert", "keras"] = Field(
+        "litert", description="litert serves model.tflite; keras loads TensorFlow"
+    )
+    threads: int = Field(2, ge=1, description="inference threads (LiteRT)")
+    batch_size: int = Field(8, ge=1, le=1024, description="images classified together in one call")
+    batch_timeout_ms: int = Field(200, ge=0, description="how long a partial batch waits for more files")
+    decode_workers: int = Field(2, ge=1, description="threads that read and decode images")
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images are refused (decompression bombs)")
+    max_file_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="larger files are refused")
+
+    # --- watching -----------------------------------------------------------------------------------
+    polling: bool = Field(False, description="use watchdog's polling observer (NFS/SMB shares)")
+    poll_interval_ms: int = Field(1000, ge=10, description="polling observer period")
+    stable_ms: int = Field(
+        1000,
+        ge=0,
+        description="a file without close-write counts as complete once its size and mtime are unchanged this long",
+    )
+    debounce_ms: int = Field(50, ge=0, description="events are gathered this long before they are looked at")
+    reconcile_interval_s: float = Field(60.0, gt=0, description="period of the safety-net scan of the watch folder")
+    extensions: list[str] = Field(list(IMAGE_EXTENSIONS), description="file suffixes taken (any letter case)")
+    ignore_patterns: list[str] = Field([".*", "*.part", "*.tmp", "~$*"], description="glob patterns never taken")
+
+    # --- reporting ----------------------------------------------------------------------------------
+    report_interval_s: float = Field(3600.0, gt=0, description="period of the summary report")
+
+    # --- logging ------------------------------------------------------------------------------------
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = Field(
+        "auto", description="auto: console on a terminal, JSON lines otherwise"
+    )
+
+    host: str = Field(default_factory=socket.gethostname, description="recorded with every result")
+
+    @field_validator("extensions")
+    @classmethod
+    def _normalise_extensions(cls, value: list[str]) -> list[str]:
+        return [("." + v.lower().lstrip(".")) for v in value]
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        sources: list[PydanticBaseSettingsSource] = [init_settings, env_settings]
+        toml = config_file()
+        if toml is not None:
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=toml))
+        return tuple(sources)
+
+    # --- derived paths ------------------------------------------------------------------------------
+    @property
+    def resolved_watch_dir(self) -> Path:
+        return self.watch_dir if self.watch_dir is not None else self.data_dir / "prediction"
+
+    @property
+    def processed_dir(self) -> Path:
+        return self.data_dir / "processed"
+
+    @property
+    def failed_dir(self) -> Path:
+        return self.data_dir / "failed"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+    @property
+    def resolved_database_url(self) -> str:
+        if self.database_url:
+            return self.database_url
+        return f"sqlite:///{(self.data_dir / 'histod.db').absolute()}"
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build Settings; ``None`` overrides (flags the user did not give) are dropped so lower layers apply."""
+    return Settings(**{k: v for k, v in overrides.items() if v is not None})
