@@ -1,0 +1,65 @@
+"""Alembic migrations for the results database, applied programmatically (``upgrade head``) at start.
+
+The scripts ship inside the package (``histod.db.migrations``), so an installed histod migrates without the
+repository. For a new revision during development::
+
+    .venv/bin/alembic -c db/alembic.ini revision --autogenerate -m "what changed"
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from histod.errors import DatabaseError
+
+SCRIPT_LOCATION = Path(__file__).resolve().parent
+
+
+def alembic_config(engine: Engine | None = None) -> object:
+    """An Alembic Config pointing at the packaged scripts; ``engine`` is handed to env.py."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(SCRIPT_LOCATION))
+    config.set_main_option("path_separator", "os")
+    if engine is not None:
+        config.attributes["engine"] = engine
+        config.set_main_option("sqlalchemy.url", engine.url.render_as_string(hide_password=False).replace("%", "%%"))
+    return config
+
+
+def upgrade(engine: Engine, revision: str = "head") -> None:
+    """Bring the schema at ``engine`` to ``revision``; idempotent. Raises DatabaseError."""
+    from alembic import command
+    from alembic.config import Config
+    from alembic.util import CommandError
+
+    config = alembic_config(engine)
+    assert isinstance(config, Config)
+    try:
+        command.upgrade(config, revision)
+    except (SQLAlchemyError, CommandError, OSError) as exc:
+        raise DatabaseError(f"cannot migrate the database {engine.url!r}: {exc}") from exc
+
+
+def current_revision(engine: Engine) -> str | None:
+    """The revision the database is at (None for an empty database)."""
+    from alembic.runtime.migration import MigrationContext
+
+    try:
+        with engine.connect() as connection:
+            return MigrationContext.configure(connection).get_current_revision()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot read the schema revision: {exc}") from exc
+
+
+def head_revision() -> str | None:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    config = alembic_config()
+    assert isinstance(config, Config)
+    return ScriptDirectory.from_config(config).get_current_head()

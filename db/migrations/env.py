@@ -1,0 +1,45 @@
+"""Alembic environment: runs migrations on the engine handed over in ``config.attributes["engine"]``
+(programmatic use, see histod.db.migrations.upgrade) or on ``sqlalchemy.url`` (the alembic CLI)."""
+
+from __future__ import annotations
+
+from alembic import context
+from sqlalchemy import Engine
+
+from histod.db.models import Base
+from histod.db.session import make_engine
+
+config = context.config
+target_metadata = Base.metadata
+
+
+def run_migrations_offline() -> None:
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"),
+        target_metadata=target_metadata,
+        literal_binds=True,
+        render_as_batch=True,
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+
+
+def run_migrations_online() -> None:
+    given = config.attributes.get("engine")
+    engine: Engine = given if isinstance(given, Engine) else make_engine(str(config.get_main_option("sqlalchemy.url")))
+    with engine.connect() as connection:
+        context.configure(
+            connection=connection,
+            target_metadata=target_metadata,
+            render_as_batch=connection.dialect.name == "sqlite",
+        )
+        with context.begin_transaction():
+            context.run_migrations()
+    if given is None:
+        engine.dispose()
+
+
+if context.is_offline_mode():
+    run_migrations_offline()
+else:
+    run_migrations_online()

@@ -1,0 +1,167 @@
+"""The results database: SQLAlchemy 2.0 typed tables.
+
+Rows are events and are never updated: a result row is written once, in the transaction that records its
+batch, with everything known about it (including where its file is to be moved). What happens to the file
+afterwards is another event, a :class:`Move` row. This keeps the tables ready to become append-only with a
+hash chain (the audit issue).
+
+Timestamps are timezone-aware UTC in Python; they are stored as naive UTC (portable across SQLite and
+PostgreSQL) by :class:`UTCDateTime`.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    DateTime,
+    Dialect,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+STATUS_CLASSIFIED = "classified"
+STATUS_FAILED = "failed"
+STATUSES = (STATUS_CLASSIFIED, STATUS_FAILED)
+
+# Stable constraint names, so that migrations (and batch mode on SQLite) can refer to them.
+NAMING = {
+    "ix": "ix_%(table_name)s_%(column_0_N_name)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """Aware UTC datetimes in Python, naive UTC in the database."""
+
+    impl = DateTime
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTC column; use datetime.now(UTC)")
+        return value.astimezone(UTC).replace(tzinfo=None)
+
+    def process_result_value(self, value: Any, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        assert isinstance(value, datetime)
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+
+
+class ModelRecord(Base):
+    """One model file the service has served (registered once per distinct sha256)."""
+
+    __tablename__ = "models"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    run_id: Mapped[str] = mapped_column(String(200))
+    run_path: Mapped[str] = mapped_column(Text)
+    engine: Mapped[str] = mapped_column(String(20))
+    image_size: Mapped[int] = mapped_column(Integer)
+    threshold: Mapped[float] = mapped_column(Float)
+    metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class Result(Base):
+    """One image event: a file taken from the watch folder and classified (or not, with the reason)."""
+
+    __tablename__ = "results"
+    __table_args__ = (
+        Index("ix_results_sha256", "sha256"),
+        Index("ix_results_original_path", "original_path"),
+        Index("ix_results_received_at", "received_at"),
+        Index("ix_results_status_label", "status", "label"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    original_path: Mapped[str] = mapped_column(Text)
+    name: Mapped[str] = mapped_column(Text)
+    sha256: Mapped[str | None] = mapped_column(String(64))
+    """of the bytes classified; None when the file could not be read at all (FIFO, symlink, no permission)"""
+    size_bytes: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    classified_at: Mapped[datetime] = mapped_column(UTCDateTime)
+    latency_ms: Mapped[float] = mapped_column(Float)
+    status: Mapped[str] = mapped_column(String(20))
+    label: Mapped[str | None] = mapped_column(String(40))
+    p_malignant: Mapped[float | None] = mapped_column(Float)
+    threshold: Mapped[float | None] = mapped_column(Float)
+    model_id: Mapped[int | None] = mapped_column(ForeignKey("models.id"))
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    run_id: Mapped[str | None] = mapped_column(String(200))
+    engine: Mapped[str | None] = mapped_column(String(20))
+    error_reason: Mapped[str | None] = mapped_column(String(40))
+    error: Mapped[str | None] = mapped_column(Text)
+    host: Mapped[str] = mapped_column(String(255))
+    duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
+    """the first result with the same sha256, when this content was seen before"""
+    stored_path: Mapped[str] = mapped_column(Text, unique=True)
+    """where the file is moved after this row is committed (see Move for where it actually went)"""
+
+    model: Mapped[ModelRecord | None] = relationship(lazy="raise")
+
+
+class Move(Base):
+    """What happened to a result's file after the result was committed: moved, or a failed attempt."""
+
+    __tablename__ = "moves"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), index=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    ok: Mapped[bool] = mapped_column(Boolean)
+    path: Mapped[str] = mapped_column(Text)
+    """where the file now is (ok) or was meant to go (not ok)"""
+    error: Mapped[str | None] = mapped_column(Text)
+
+
+class Report(Base):
+    """A periodic summary written by the service (also written as JSON into reports/)."""
+
+    __tablename__ = "reports"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    period_start: Mapped[datetime] = mapped_column(UTCDateTime)
+    period_end: Mapped[datetime] = mapped_column(UTCDateTime)
+    total: Mapped[int] = mapped_column(Integer)
+    classified: Mapped[int] = mapped_column(Integer)
+    failed: Mapped[int] = mapped_column(Integer)
+    benign: Mapped[int] = mapped_column(Integer)
+    malignant: Mapped[int] = mapped_column(Integer)
+    duplicates: Mapped[int] = mapped_column(Integer)
+    mean_p: Mapped[float | None] = mapped_column(Float)
+    median_p: Mapped[float | None] = mapped_column(Float)
+    latency_p50_ms: Mapped[float | None] = mapped_column(Float)
+    latency_p95_ms: Mapped[float | None] = mapped_column(Float)
+    throughput_per_s: Mapped[float | None] = mapped_column(Float)
+    model_sha256: Mapped[str | None] = mapped_column(String(64))
+    host: Mapped[str] = mapped_column(String(255))
+    summary: Mapped[dict[str, Any]] = mapped_column(JSON)
+    """the full summary as printed by `histod report --json`"""

@@ -1,0 +1,241 @@
+"""What the service, the CLI and the reports ask of the database. Functions take a Session; the caller owns
+the transaction (see histod.db.session.transaction). Result rows are inserted, never updated."""
+
+from __future__ import annotations
+
+import statistics
+from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import and_, exists, func, select
+from sqlalchemy.orm import Session
+
+from histod import LABELS
+from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, ModelRecord, Move, Report, Result
+
+
+def register_model(
+    session: Session,
+    *,
+    sha256: str,
+    run_id: str,
+    run_path: str,
+    engine: str,
+    image_size: int,
+    threshold: float,
+    metrics: dict[str, Any],
+) -> ModelRecord:
+    """The models row for this model file, inserted the first time it is served."""
+    found = session.scalars(select(ModelRecord).where(ModelRecord.sha256 == sha256)).first()
+    if found is not None:
+        return found
+    record = ModelRecord(
+        sha256=sha256,
+        run_id=run_id,
+        run_path=run_path,
+        engine=engine,
+        image_size=image_size,
+        threshold=threshold,
+        metrics=metrics,
+    )
+    session.add(record)
+    session.flush()
+    return record
+
+
+def first_results(session: Session, digests: Iterable[str]) -> dict[str, int]:
+    """For each sha256 already recorded, the id of the first result with that content."""
+    wanted = sorted(set(digests))
+    found: dict[str, int] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        rows = session.execute(
+            select(Result.sha256, func.min(Result.id)).where(Result.sha256.in_(chunk)).group_by(Result.sha256)
+        )
+        for digest, first in rows:
+            if digest is not None:
+                found[digest] = first
+    return found
+
+
+def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
+    """Insert ``results`` in order, setting ``duplicate_of`` (before insert) to the first result with the same
+    sha256: an earlier row in the database or an earlier one in this batch. Returns them with ids set."""
+    first = first_results(session, (r.sha256 for r in results if r.sha256 is not None))
+    for result in results:
+        if result.sha256 is not None and result.sha256 in first:
+            result.duplicate_of = first[result.sha256]
+        session.add(result)
+        session.flush()
+        if result.sha256 is not None:
+            first.setdefault(result.sha256, result.id)
+    return list(results)
+
+
+def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Result | None:
+    """The newest result for this path and content whose file has no successful move: the process stopped
+    between committing the row and moving the file. None means the file is a new event."""
+    same_content = Result.sha256.is_(None) if sha256 is None else Result.sha256 == sha256
+    newest = session.scalars(
+        select(Result).where(Result.original_path == original_path, same_content).order_by(Result.id.desc()).limit(1)
+    ).first()
+    if newest is None:
+        return None
+    moved = session.scalar(select(exists().where(and_(Move.result_id == newest.id, Move.ok.is_(True)))))
+    return None if moved else newest
+
+
+def stored_path_taken(session: Session, path: str) -> bool:
+    return bool(session.scalar(select(exists().where(Result.stored_path == path))))
+
+
+def record_moves(session: Session, moves: Iterable[Move]) -> None:
+    session.add_all(list(moves))
+
+
+def unmoved_results(session: Session, limit: int = 1000) -> list[Result]:
+    """Results with no successful move (their files are still in the watch folder, or were lost outside us)."""
+    moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
+    return list(session.scalars(select(Result).where(~moved).order_by(Result.id).limit(limit)))
+
+
+@dataclass(frozen=True)
+class ResultFilter:
+    since: datetime | None = None
+    until: datetime | None = None
+    label: str | None = None
+    status: str | None = None
+    limit: int | None = None
+
+
+def list_results(session: Session, filters: ResultFilter | None = None) -> list[Result]:
+    """Results received in [since, until), oldest first, optionally by label and status."""
+    filters = filters if filters is not None else ResultFilter()
+    query = select(Result).order_by(Result.id)
+    if filters.since is not None:
+        query = query.where(Result.received_at >= filters.since)
+    if filters.until is not None:
+        query = query.where(Result.received_at < filters.until)
+    if filters.label is not None:
+        query = query.where(func.lower(Result.label) == filters.label.lower())
+    if filters.status is not None:
+        query = query.where(Result.status == filters.status)
+    if filters.limit is not None:
+        query = query.limit(filters.limit)
+    return list(session.scalars(query))
+
+
+@dataclass
+class Summary:
+    """The numbers of one report window; `histod report --json` prints this."""
+
+    period_start: datetime
+    period_end: datetime
+    total: int = 0
+    classified: int = 0
+    failed: int = 0
+    by_label: dict[str, int] = field(default_factory=lambda: dict.fromkeys(LABELS, 0))
+    by_reason: dict[str, int] = field(default_factory=dict)
+    duplicates: int = 0
+    mean_p: float | None = None
+    median_p: float | None = None
+    latency_p50_ms: float | None = None
+    latency_p95_ms: float | None = None
+    throughput_per_s: float | None = None
+    """events over the span from the first receipt to the last classification in the window"""
+    models: list[str] = field(default_factory=list)
+    """sha256 of every model that classified in the window, most used first"""
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["period_start"] = self.period_start.isoformat()
+        data["period_end"] = self.period_end.isoformat()
+        return data
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Linear-interpolated percentile (q in 0..100) of ``values``; None when empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = (len(ordered) - 1) * q / 100
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
+def summary(session: Session, since: datetime, until: datetime) -> Summary:
+    """Summarise the results received in [since, until)."""
+    out = Summary(period_start=since, period_end=until)
+    rows = session.execute(
+        select(
+            Result.status,
+            Result.label,
+            Result.p_malignant,
+            Result.latency_ms,
+            Result.duplicate_of,
+            Result.error_reason,
+            Result.model_sha256,
+            Result.received_at,
+            Result.classified_at,
+        ).where(Result.received_at >= since, Result.received_at < until)
+    ).all()
+    probabilities: list[float] = []
+    latencies: list[float] = []
+    models: dict[str, int] = {}
+    first: datetime | None = None
+    last: datetime | None = None
+    for status, label, p, latency, duplicate_of, reason, model_sha, received, classified in rows:
+        out.total += 1
+        latencies.append(latency)
+        first = received if first is None else min(first, received)
+        last = classified if last is None else max(last, classified)
+        if duplicate_of is not None:
+            out.duplicates += 1
+        if status == STATUS_CLASSIFIED:
+            out.classified += 1
+            if label is not None:
+                out.by_label[label] = out.by_label.get(label, 0) + 1
+            if p is not None:
+                probabilities.append(p)
+            if model_sha is not None:
+                models[model_sha] = models.get(model_sha, 0) + 1
+        elif status == STATUS_FAILED:
+            out.failed += 1
+            out.by_reason[reason or "unknown"] = out.by_reason.get(reason or "unknown", 0) + 1
+    if probabilities:
+        out.mean_p = statistics.fmean(probabilities)
+        out.median_p = statistics.median(probabilities)
+    out.latency_p50_ms = percentile(latencies, 50)
+    out.latency_p95_ms = percentile(latencies, 95)
+    if first is not None and last is not None:
+        span = max((last - first).total_seconds(), 1e-3)
+        out.throughput_per_s = out.total / span
+    out.models = sorted(models, key=lambda k: -models[k])
+    return out
+
+
+def add_report(session: Session, summary: Summary, *, host: str, model_sha256: str | None) -> Report:
+    report = Report(
+        period_start=summary.period_start,
+        period_end=summary.period_end,
+        total=summary.total,
+        classified=summary.classified,
+        failed=summary.failed,
+        benign=summary.by_label.get(LABELS[0], 0),
+        malignant=summary.by_label.get(LABELS[1], 0),
+        duplicates=summary.duplicates,
+        mean_p=summary.mean_p,
+        median_p=summary.median_p,
+        latency_p50_ms=summary.latency_p50_ms,
+        latency_p95_ms=summary.latency_p95_ms,
+        throughput_per_s=summary.throughput_per_s,
+        model_sha256=model_sha256,
+        host=host,
+        summary=summary.to_json(),
+    )
+    session.add(report)
+    session.flush()
+    return report

@@ -1,0 +1,94 @@
+"""Open the results database: an engine for any SQLAlchemy URL, SQLite tuned for a writer plus readers.
+
+Nothing connects at import time. :func:`open_database` creates the engine, applies the migrations
+(``alembic upgrade head``) and returns a session factory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
+
+from histod.errors import DatabaseError
+
+BUSY_TIMEOUT_MS = 10_000
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute("PRAGMA synchronous = NORMAL")
+        cursor.execute("PRAGMA journal_mode = WAL")
+    finally:
+        cursor.close()
+
+
+def make_engine(url: str) -> Engine:
+    """An Engine for ``url``; for SQLite, the parent folder is created and WAL, busy timeout, foreign keys
+    and synchronous=NORMAL are set on every connection."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise DatabaseError(f"invalid database URL {url!r}: {exc}") from exc
+    is_sqlite = parsed.get_backend_name() == "sqlite"
+    kwargs: dict[str, Any] = {}
+    if is_sqlite:
+        database = parsed.database
+        if database and database != ":memory:" and not database.startswith("file:"):
+            try:
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise DatabaseError(f"cannot create the folder for {database}: {exc.strerror}") from exc
+        # The driver's own lock wait, in seconds; the pragma below sets the same on every connection.
+        kwargs["connect_args"] = {"timeout": BUSY_TIMEOUT_MS / 1000}
+    try:
+        engine = create_engine(parsed, **kwargs)
+    except (SQLAlchemyError, ImportError) as exc:
+        raise DatabaseError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from exc
+    if is_sqlite:
+        event.listen(engine, "connect", _sqlite_pragmas)
+    return engine
+
+
+def open_database(url: str, *, migrate: bool = True) -> sessionmaker[Session]:
+    """Create the engine, bring the schema to the newest revision, and return a session factory."""
+    engine = make_engine(url)
+    if migrate:
+        from histod.db.migrations import upgrade
+
+        upgrade(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+@contextmanager
+def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """One unit of work: commit on success, roll back and raise DatabaseError on a database failure."""
+    session = factory()
+    try:
+        with session.begin():
+            yield session
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"database write failed: {exc}") from exc
+    finally:
+        session.close()
+
+
+@contextmanager
+def reading(factory: sessionmaker[Session]) -> Iterator[Session]:
+    """A read-only session; database failures become DatabaseError."""
+    session = factory()
+    try:
+        yield session
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"database read failed: {exc}") from exc
+    finally:
+        session.close()

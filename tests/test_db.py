@@ -1,0 +1,184 @@
+"""The results database on a real SQLite file: migrations, pragmas, recording, duplicates, queries."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect, text
+from sqlalchemy.orm import Session, sessionmaker
+
+from histod.db import queries
+from histod.db.migrations import current_revision, head_revision, upgrade
+from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Move, Result
+from histod.db.session import make_engine, open_database, reading, transaction
+from histod.errors import DatabaseError
+
+T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
+
+
+def _url(path: Path) -> str:
+    return f"sqlite:///{path}"
+
+
+def _result(
+    name: str, sha: str | None, *, status: str = STATUS_CLASSIFIED, at: datetime = T0, p: float = 0.7
+) -> Result:
+    ok = status == STATUS_CLASSIFIED
+    return Result(
+        original_path=f"/watch/{name}",
+        name=name,
+        sha256=sha,
+        size_bytes=10,
+        received_at=at,
+        classified_at=at + timedelta(milliseconds=40),
+        latency_ms=40.0,
+        status=status,
+        label=("Malignant" if p >= 0.5 else "Benign") if ok else None,
+        p_malignant=p if ok else None,
+        threshold=0.5 if ok else None,
+        error_reason=None if ok else "corrupt",
+        error=None if ok else "corrupt: bad",
+        host="test",
+        stored_path=f"/data/processed/{name}-{sha}-{at.timestamp()}",
+    )
+
+
+@pytest.fixture
+def factory(tmp_path: Path) -> sessionmaker[Session]:
+    return open_database(_url(tmp_path / "db" / "histod.db"))
+
+
+def test_migrations_create_the_schema_on_an_empty_file_and_are_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "new" / "histod.db"
+    engine = make_engine(_url(path))
+    assert current_revision(engine) is None
+    upgrade(engine)
+    assert path.is_file()
+    assert current_revision(engine) == head_revision() is not None
+    tables = set(inspect(engine).get_table_names())
+    assert {"models", "results", "moves", "reports", "alembic_version"} <= tables
+    upgrade(engine)  # second time: nothing to do, nothing broken
+    open_database(_url(path))
+    assert current_revision(engine) == head_revision()
+    with engine.connect() as conn:
+        assert conn.execute(text("select count(*) from alembic_version")).scalar_one() == 1
+
+
+def test_sqlite_pragmas_are_set_on_every_connection(tmp_path: Path) -> None:
+    engine = make_engine(_url(tmp_path / "p.db"))
+    with engine.connect() as conn:
+        assert conn.execute(text("pragma journal_mode")).scalar_one() == "wal"
+        assert conn.execute(text("pragma foreign_keys")).scalar_one() == 1
+        assert conn.execute(text("pragma busy_timeout")).scalar_one() == 10_000
+        assert conn.execute(text("pragma synchronous")).scalar_one() == 1  # NORMAL
+
+
+def test_a_bad_url_is_a_database_error(tmp_path: Path) -> None:
+    with pytest.raises(DatabaseError):
+        make_engine("not a url")
+    with pytest.raises(DatabaseError):
+        open_database("nosuchdialect://x/y")
+
+
+def test_duplicates_point_at_the_first_result_in_the_db_and_in_the_batch(factory: sessionmaker[Session]) -> None:
+    with transaction(factory) as s:
+        (first,) = queries.record_results(s, [_result("a.png", "aaa")])
+    with transaction(factory) as s:
+        rows = queries.record_results(
+            s, [_result("b.png", "bbb"), _result("a2.png", "aaa"), _result("b2.png", "bbb"), _result("x", None)]
+        )
+    assert [r.duplicate_of for r in rows] == [None, first.id, rows[0].id, None]
+    with reading(factory) as s:
+        assert queries.first_results(s, ["aaa", "bbb", "ccc"]) == {"aaa": first.id, "bbb": rows[0].id}
+
+
+def test_find_unmoved_until_a_successful_move_is_recorded(factory: sessionmaker[Session]) -> None:
+    with transaction(factory) as s:
+        (row,) = queries.record_results(s, [_result("a.png", "aaa")])
+    with reading(factory) as s:
+        found = queries.find_unmoved(s, "/watch/a.png", "aaa")
+        assert found is not None and found.id == row.id
+        assert queries.find_unmoved(s, "/watch/a.png", "other") is None
+        assert queries.find_unmoved(s, "/watch/b.png", "aaa") is None
+        assert queries.stored_path_taken(s, row.stored_path)
+    with transaction(factory) as s:
+        queries.record_moves(s, [Move(result_id=row.id, ok=False, path=row.stored_path, error="disk full")])
+    with reading(factory) as s:
+        assert queries.find_unmoved(s, "/watch/a.png", "aaa") is not None
+        assert [r.id for r in queries.unmoved_results(s)] == [row.id]
+    with transaction(factory) as s:
+        queries.record_moves(s, [Move(result_id=row.id, ok=True, path=row.stored_path)])
+    with reading(factory) as s:
+        assert queries.find_unmoved(s, "/watch/a.png", "aaa") is None
+        assert queries.unmoved_results(s) == []
+
+
+def test_an_unreadable_file_without_a_digest_is_found_by_path(factory: sessionmaker[Session]) -> None:
+    with transaction(factory) as s:
+        queries.record_results(s, [_result("fifo.png", None, status=STATUS_FAILED)])
+    with reading(factory) as s:
+        assert queries.find_unmoved(s, "/watch/fifo.png", None) is not None
+
+
+def test_foreign_keys_are_enforced(factory: sessionmaker[Session]) -> None:
+    bad = _result("a.png", "aaa")
+    bad.model_id = 999
+    with pytest.raises(DatabaseError), transaction(factory) as s:
+        queries.record_results(s, [bad])
+    with reading(factory) as s:
+        assert queries.list_results(s) == []
+
+
+def test_summary_list_results_and_reports(factory: sessionmaker[Session]) -> None:
+    with transaction(factory) as s:
+        model = queries.register_model(
+            s,
+            sha256="m" * 64,
+            run_id="r1",
+            run_path="/runs/r1",
+            engine="litert",
+            image_size=64,
+            threshold=0.5,
+            metrics={"auc": 0.9},
+        )
+        again = queries.register_model(
+            s,
+            sha256="m" * 64,
+            run_id="r1",
+            run_path="/runs/r1",
+            engine="litert",
+            image_size=64,
+            threshold=0.5,
+            metrics={},
+        )
+        assert again.id == model.id
+        rows = [
+            _result("a", "1", p=0.9),
+            _result("b", "2", p=0.1, at=T0 + timedelta(seconds=1)),
+            _result("c", "1", p=0.8, at=T0 + timedelta(seconds=2)),
+            _result("d", "3", status=STATUS_FAILED, at=T0 + timedelta(seconds=3)),
+            _result("old", "4", p=0.2, at=T0 - timedelta(days=2)),
+        ]
+        for r in rows:
+            r.model_sha256 = model.sha256 if r.status == STATUS_CLASSIFIED else None
+        queries.record_results(s, rows)
+    with reading(factory) as s:
+        got = queries.summary(s, T0 - timedelta(hours=1), T0 + timedelta(hours=1))
+        assert (got.total, got.classified, got.failed, got.duplicates) == (4, 3, 1, 1)
+        assert got.by_label == {"Benign": 1, "Malignant": 2}
+        assert got.by_reason == {"corrupt": 1}
+        assert got.median_p == pytest.approx(0.8)
+        assert got.mean_p == pytest.approx(0.6)
+        assert got.latency_p50_ms == pytest.approx(40.0)
+        assert got.models == ["m" * 64]
+        assert got.throughput_per_s == pytest.approx(4 / 3.04)
+        assert [r.name for r in queries.list_results(s, queries.ResultFilter(since=T0))] == ["a", "b", "c", "d"]
+        assert [r.name for r in queries.list_results(s, queries.ResultFilter(label="benign"))] == ["b", "old"]
+        assert [r.name for r in queries.list_results(s, queries.ResultFilter(status="failed"))] == ["d"]
+        assert queries.list_results(s)[-1].received_at == T0 - timedelta(days=2)
+        assert queries.list_results(s)[-1].received_at.tzinfo is not None
+    with transaction(factory) as s:
+        report = queries.add_report(s, got, host="h", model_sha256=model.sha256)
+    assert report.id is not None and report.malignant == 2 and report.summary["total"] == 4
