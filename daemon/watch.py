@@ -1,0 +1,480 @@
+"""Watch one folder and yield batches of COMPLETE files, in the style of ``watchfiles.watch``.
+
+    watcher = Watcher.from_settings(settings)
+    for paths in watcher.watch(stop_event):      # list[Path], never empty, no repeats within a batch
+        handle(paths)
+
+When is a file complete?
+    * Linux (inotify): on close-after-write (``FileClosedEvent``; IN_CLOSE_WRITE is sent only for a file that
+      was opened for writing, so the service reading a file does not trigger it), or when it is renamed or moved
+      into the folder (the atomic-rename upload: write ``x.part``, rename to ``x.png``). A regular file seen being
+      written waits for its close; only if that never comes (events lost) is it taken once unchanged for
+      ``close_timeout_s``.
+    * Everywhere else, for the polling observer (NFS/SMB), for entries that are not regular files (symlinks,
+      FIFOs, directories), for hard links and for everything found by a reconcile scan: once its ``lstat``
+      (size, mtime, inode, type) is unchanged for ``stable_ms``.
+
+Reconcile: at start, after an observer restart, after an inotify queue overflow and every
+``reconcile_interval_s`` the folder is listed and every matching entry is queued (through the stability rule).
+Only the periodic scan re-yields a path that was already yielded and is unchanged and still there (so that a
+file the consumer could not move is retried); otherwise a path is yielded again only after it changed (new
+inode, size or mtime). The consumer must still tolerate repeats.
+
+Decisions:
+    * Subfolders are NOT watched: the service moves files to ``processed/`` and ``failed/`` beside the watch
+      folder, and a non-recursive watch cannot see them even when they are placed inside it.
+    * Symlinks, FIFOs, sockets and directories whose names pass the filter are yielded once stable, without
+      being followed or opened (only ``lstat``), so that the service can record them as failed with a reason
+      (``symlink``, ``not_a_file``) and move them aside. Nothing here ever opens a watched entry.
+    * The watch folder is resolved (``realpath``) once: yielded paths are under the resolved folder.
+    * The observer (and its emitter threads) is checked on every loop; when one died, ``watch.observer_died``
+      is logged, the observer is restarted and the folder reconciled; more than ``max_restarts`` deaths within
+      ``restart_window_s`` raise :class:`~histod.errors.WatchError`.
+    * If inotify cannot start (watch or instance limits), the polling observer is used instead, with a warning.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import queue
+import stat
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from watchdog.events import (
+    DirCreatedEvent,
+    DirDeletedEvent,
+    DirMovedEvent,
+    FileClosedEvent,
+    FileCreatedEvent,
+    FileDeletedEvent,
+    FileModifiedEvent,
+    FileMovedEvent,
+    FileSystemEvent,
+    FileSystemEventHandler,
+)
+
+from histod.daemon.filters import ImageFilter
+from histod.errors import WatchError
+from histod.logs import get_logger
+
+if TYPE_CHECKING:
+    from watchdog.observers.api import BaseObserver
+
+    from histod.settings import Settings
+
+PathFilter = Callable[[Path], bool]
+_Sig = tuple[int, int, int, int]  # (st_mode, st_ino, st_size, st_mtime_ns) from lstat
+
+_EVENTS: list[type[FileSystemEvent]] = [
+    FileCreatedEvent,
+    FileModifiedEvent,
+    FileClosedEvent,
+    FileMovedEvent,
+    FileDeletedEvent,
+    DirCreatedEvent,
+    DirMovedEvent,
+    DirDeletedEvent,
+]
+_OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
+_MAX_DRAIN = 100_000  # events handled per loop at most, so that stop_event is still looked at in a flood
+
+
+@dataclass
+class _Pending:
+    sig: _Sig | None
+    since: float  # monotonic time at which ``sig`` was first seen
+    needs_close: bool  # close-write mode: a regular file seen being written; wait for its close
+    rescan: bool  # queued by a reconcile scan: may be yielded again although already yielded
+
+
+class _QueueHandler(FileSystemEventHandler):
+    """Runs in the observer thread: only hands events over, so it cannot fail."""
+
+    def __init__(self, events: queue.SimpleQueue[FileSystemEvent]) -> None:
+        self._events = events
+
+    def dispatch(self, event: FileSystemEvent) -> None:
+        self._events.put(event)
+
+
+class _OverflowHook(logging.Handler):
+    """watchdog reports an inotify queue overflow only as a log warning; turn it into a flag."""
+
+    def __init__(self, flag: threading.Event) -> None:
+        super().__init__(level=logging.WARNING)
+        self._flag = flag
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "overflow" in record.getMessage().lower():
+            self._flag.set()
+
+
+def _lstat_sig(path: Path) -> tuple[_Sig, os.stat_result]:
+    st = os.lstat(path)
+    return (st.st_mode, st.st_ino, st.st_size, st.st_mtime_ns), st
+
+
+class Watcher:
+    """One stoppable watch loop over ``watch_dir`` (see the module documentation)."""
+
+    def __init__(
+        self,
+        watch_dir: Path,
+        filter: PathFilter,  # the watchfiles name, although it shadows a builtin
+        *,
+        polling: bool = False,
+        poll_interval_ms: int = 1000,
+        stable_ms: int = 1000,
+        debounce_ms: int = 50,
+        reconcile_interval_s: float = 60.0,
+        close_timeout_s: float = 120.0,
+        max_restarts: int = 5,
+        restart_window_s: float = 300.0,
+    ) -> None:
+        self.watch_dir = Path(os.path.realpath(watch_dir))
+        self.filter = filter
+        self.polling = polling
+        self.poll_interval_s = max(poll_interval_ms, 1) / 1000
+        self.stable_s = max(stable_ms, 0) / 1000
+        self.debounce_s = max(debounce_ms, 0) / 1000
+        self.reconcile_interval_s = reconcile_interval_s
+        self.close_timeout_s = close_timeout_s
+        self.max_restarts = max_restarts
+        self.restart_window_s = restart_window_s
+        self._log: Any = get_logger("histod.watch")
+        self._observer: BaseObserver | None = None
+        self._close_write = False  # the running observer reports close-after-write
+        self._events: queue.SimpleQueue[FileSystemEvent] = queue.SimpleQueue()
+        self._pending: dict[Path, _Pending] = {}
+        self._ready: dict[Path, bool] = {}  # path -> from a reconcile scan (may repeat a yielded path)
+        self._yielded: dict[Path, _Sig] = {}
+        self._restarts: deque[float] = deque()
+        self.restart_count = 0
+        """observer restarts since :meth:`watch` began (for tests and health reporting)"""
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Watcher:
+        return cls(
+            settings.resolved_watch_dir,
+            ImageFilter.from_settings(settings),
+            polling=settings.polling,
+            poll_interval_ms=settings.poll_interval_ms,
+            stable_ms=settings.stable_ms,
+            debounce_ms=settings.debounce_ms,
+            reconcile_interval_s=settings.reconcile_interval_s,
+        )
+
+    @property
+    def observer(self) -> BaseObserver | None:
+        """The watchdog observer now running (None outside :meth:`watch`)."""
+        return self._observer
+
+    @property
+    def mode(self) -> str:
+        """``inotify`` (close-write), ``polling``, ``native`` (another OS's observer) or ``stopped``."""
+        if self._observer is None:
+            return "stopped"
+        if self._close_write:
+            return "inotify"
+        return "polling" if "Polling" in type(self._observer).__name__ else "native"
+
+    # --- the loop -------------------------------------------------------------------------------------
+    def watch(self, stop_event: threading.Event) -> Iterator[list[Path]]:
+        """Yield non-empty batches of complete paths until ``stop_event`` is set (checked at least every 0.25 s
+        while the consumer is not holding the generator). Raises WatchError when the folder cannot be watched."""
+        if not self.watch_dir.is_dir():
+            raise WatchError(f"watch folder {self.watch_dir} does not exist or is not a directory")
+        self._reset()
+        overflow = threading.Event()
+        hook = _OverflowHook(overflow)
+        logging.getLogger(_OVERFLOW_LOGGER).addHandler(hook)
+        try:
+            self._start_observer_with_retries(stop_event, reason="start")
+            self._log.info(
+                "watch.started",
+                watch_dir=str(self.watch_dir),
+                mode=self.mode,
+                stable_ms=round(self.stable_s * 1000),
+                reconcile_interval_s=self.reconcile_interval_s,
+            )
+            self._reconcile("start")
+            next_reconcile = time.monotonic() + self.reconcile_interval_s
+            while not stop_event.is_set():
+                if not self._observer_alive():
+                    self._log.error("watch.observer_died", watch_dir=str(self.watch_dir), mode=self.mode)
+                    self._start_observer_with_retries(stop_event, reason="observer_died")
+                    if stop_event.is_set():
+                        break
+                    self._reconcile("restart")
+                self._gather()
+                if overflow.is_set():
+                    overflow.clear()
+                    self._log.warning("watch.overflow", watch_dir=str(self.watch_dir))
+                    for pending in self._pending.values():
+                        pending.needs_close = False  # its close-write may be among the lost events
+                    self._reconcile("overflow")
+                now = time.monotonic()
+                if now >= next_reconcile:
+                    self._reconcile("periodic")
+                    next_reconcile = now + self.reconcile_interval_s
+                self._check_pending(now)
+                batch = self._take_ready()
+                if batch:
+                    yield batch
+        finally:
+            logging.getLogger(_OVERFLOW_LOGGER).removeHandler(hook)
+            self._stop_observer()
+            self._log.info("watch.stopped", watch_dir=str(self.watch_dir))
+
+    def _reset(self) -> None:
+        self._events = queue.SimpleQueue()
+        self._pending.clear()
+        self._ready.clear()
+        self._yielded.clear()
+        self._restarts.clear()
+        self.restart_count = 0
+
+    # --- the observer ---------------------------------------------------------------------------------
+    def _make_observer(self, polling: bool) -> tuple[BaseObserver, bool]:
+        if polling:
+            from watchdog.observers.polling import PollingObserverVFS
+
+            # lstat: a symlink in the folder is seen as a link, never followed
+            return PollingObserverVFS(os.lstat, os.scandir, polling_interval=self.poll_interval_s), False
+        if sys.platform == "linux":
+            from watchdog.observers.inotify import InotifyObserver
+
+            # full events: a file moved in from outside arrives as a move (complete), not as a create
+            return InotifyObserver(generate_full_events=True), True
+        else:
+            from watchdog.observers import Observer
+
+            return Observer(), False
+
+    def _start_observer(self) -> None:
+        polling = self.polling
+        for attempt in range(2):
+            observer: BaseObserver | None = None
+            try:
+                observer, close_write = self._make_observer(polling)
+                self._events = queue.SimpleQueue()
+                observer.schedule(
+                    _QueueHandler(self._events), str(self.watch_dir), recursive=False, event_filter=_EVENTS
+                )
+                observer.start()
+            except OSError as exc:
+                if observer is not None:
+                    self._stop(observer)
+                limits = (errno.ENOSPC, errno.EMFILE, errno.ENFILE)
+                if attempt == 0 and not polling and exc.errno in limits:
+                    self._log.warning(
+                        "watch.inotify_unavailable",
+                        error=str(exc),
+                        hint="raise fs.inotify.max_user_watches / max_user_instances; using the polling observer",
+                    )
+                    polling = True
+                    continue
+                raise
+            self._observer, self._close_write = observer, close_write
+            return
+
+    def _start_observer_with_retries(self, stop_event: threading.Event, *, reason: str) -> None:
+        if self._observer is not None:
+            self._stop_observer()
+        while not stop_event.is_set():
+            if reason != "start":
+                now = time.monotonic()
+                self._restarts.append(now)
+                while self._restarts and now - self._restarts[0] > self.restart_window_s:
+                    self._restarts.popleft()
+                if len(self._restarts) > self.max_restarts:
+                    raise WatchError(
+                        f"the watcher of {self.watch_dir} died {len(self._restarts)} times within "
+                        f"{self.restart_window_s:.0f} s; giving up"
+                    )
+                self.restart_count += 1
+            if not self.watch_dir.is_dir():
+                raise WatchError(f"watch folder {self.watch_dir} disappeared or is not a directory")
+            try:
+                self._start_observer()
+            except OSError as exc:
+                if reason == "start":
+                    raise WatchError(f"cannot watch {self.watch_dir}: {exc}") from exc
+                self._log.error("watch.restart_failed", watch_dir=str(self.watch_dir), error=str(exc))
+                stop_event.wait(min(0.1 * 2 ** len(self._restarts), 5.0))
+                continue
+            if reason != "start":
+                self._log.warning("watch.observer_restarted", watch_dir=str(self.watch_dir), mode=self.mode)
+            return
+
+    def _observer_alive(self) -> bool:
+        observer = self._observer
+        if observer is None or not observer.is_alive():
+            return False
+        return all(emitter.is_alive() for emitter in list(observer.emitters))
+
+    @staticmethod
+    def _stop(observer: BaseObserver) -> None:
+        with contextlib.suppress(Exception):
+            observer.stop()
+        with contextlib.suppress(RuntimeError):
+            observer.join(timeout=2.0)
+
+    def _stop_observer(self) -> None:
+        if self._observer is not None:
+            self._stop(self._observer)
+        self._observer = None
+        self._close_write = False
+
+    # --- events ---------------------------------------------------------------------------------------
+    def _gather(self) -> None:
+        """Wait briefly for a first event, then gather for ``debounce_s`` and drain what is queued."""
+        tick = min(0.25, max(0.02, self.stable_s / 4))
+        try:
+            first = self._events.get(timeout=tick)
+        except queue.Empty:
+            return
+        self._on_event(first)
+        deadline = time.monotonic() + self.debounce_s
+        handled = 1
+        while handled < _MAX_DRAIN:
+            remaining = deadline - time.monotonic()
+            try:
+                event = self._events.get(timeout=remaining) if remaining > 0 else self._events.get_nowait()
+            except queue.Empty:
+                if remaining > 0:
+                    continue
+                return
+            self._on_event(event)
+            handled += 1
+
+    def _child(self, raw: bytes | str) -> Path | None:
+        if not raw:
+            return None
+        path = Path(os.fsdecode(raw))
+        return path if path.parent == self.watch_dir else None
+
+    def _on_event(self, event: FileSystemEvent) -> None:
+        src = self._child(event.src_path)
+        if isinstance(event, FileDeletedEvent | DirDeletedEvent):
+            if src is not None:
+                self._forget(src)
+        elif isinstance(event, FileMovedEvent | DirMovedEvent):
+            if src is not None:
+                self._forget(src)
+            dest = self._child(event.dest_path)
+            if dest is not None and self.filter(dest):
+                self._mark_ready(dest)  # a rename is atomic: what arrives by rename is complete
+        elif src is None or not self.filter(src):
+            return
+        elif isinstance(event, FileClosedEvent):
+            self._mark_ready(src)
+        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+            self._track(src, written=True, rescan=False)
+        elif isinstance(event, DirCreatedEvent):
+            self._track(src, written=False, rescan=False)
+
+    def _forget(self, path: Path) -> None:
+        self._pending.pop(path, None)
+        self._ready.pop(path, None)
+        self._yielded.pop(path, None)
+
+    def _mark_ready(self, path: Path, *, rescan: bool = False) -> None:
+        self._pending.pop(path, None)
+        self._ready[path] = self._ready.get(path, False) or rescan
+
+    def _track(self, path: Path, *, written: bool, rescan: bool) -> None:
+        """Queue ``path`` for the stability rule (or, in close-write mode, to wait for its close)."""
+        try:
+            sig, st = _lstat_sig(path)
+        except FileNotFoundError:
+            self._forget(path)
+            return
+        except OSError:
+            sig, st = None, None
+        # in close-write mode a regular, singly linked file being written will send its close
+        wait_close = written and self._close_write and st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+        if written and path in self._ready:
+            del self._ready[path]  # written again after its close: wait for the next close
+        elif path in self._ready:
+            self._ready[path] = self._ready[path] or rescan
+            return
+        pending = self._pending.get(path)
+        if pending is None:
+            self._pending[path] = _Pending(sig, time.monotonic(), wait_close, rescan)
+        else:
+            pending.needs_close = pending.needs_close or wait_close
+            pending.rescan = pending.rescan or rescan
+
+    def _check_pending(self, now: float) -> None:
+        for path, pending in list(self._pending.items()):
+            try:
+                sig, _ = _lstat_sig(path)
+            except FileNotFoundError:
+                self._forget(path)
+                continue
+            except OSError:
+                continue
+            if sig != pending.sig:
+                pending.sig, pending.since = sig, now
+                continue
+            quiet = now - pending.since
+            if pending.needs_close:
+                if quiet >= max(self.close_timeout_s, self.stable_s):
+                    self._log.warning("watch.close_write_missing", path=str(path), quiet_s=round(quiet, 1))
+                    self._mark_ready(path, rescan=pending.rescan)
+            elif quiet >= self.stable_s:
+                self._mark_ready(path, rescan=pending.rescan)
+
+    def _take_ready(self) -> list[Path]:
+        batch: list[Path] = []
+        for path, rescan in self._ready.items():
+            try:
+                sig, _ = _lstat_sig(path)
+            except OSError:
+                continue  # gone again (or unreachable): its next event or scan brings it back
+            if not rescan and self._yielded.get(path) == sig:
+                continue  # already yielded, unchanged and still there
+            self._yielded[path] = sig
+            batch.append(path)
+        self._ready.clear()
+        return batch
+
+    # --- reconcile ------------------------------------------------------------------------------------
+    def _reconcile(self, reason: str) -> None:
+        """List the folder; queue every matching entry (through the stability rule)."""
+        present: set[Path] = set()
+        try:
+            with os.scandir(self.watch_dir) as entries:
+                for entry in entries:
+                    path = self.watch_dir / entry.name
+                    if self.filter(path):
+                        present.add(path)
+        except OSError as exc:
+            self._log.warning("watch.reconcile_failed", watch_dir=str(self.watch_dir), error=str(exc))
+            return
+        # only the periodic scan repeats paths already yielded and unchanged (a retry for files the consumer
+        # could not move); after a start, restart or overflow, new and changed entries are enough
+        rescan = reason == "periodic"
+        queued = 0
+        for path in present:
+            if path in self._pending:
+                self._pending[path].rescan |= rescan
+            elif path in self._ready:
+                self._ready[path] |= rescan
+            else:
+                self._track(path, written=False, rescan=rescan)
+                queued += 1
+        for path in [p for p in self._yielded if p not in present]:
+            del self._yielded[path]
+        self._log.debug("watch.reconcile", reason=reason, found=len(present), queued=queued)

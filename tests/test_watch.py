@@ -1,0 +1,324 @@
+"""The watcher on a real folder with a real observer (inotify, and watchdog's polling observer).
+
+No bare sleeps: every wait is on a condition with a deadline. A check that something does NOT happen waits a
+bounded time for it (several stability windows) and asserts it did not come.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from structlog.testing import capture_logs
+
+from histod.daemon.filters import ImageFilter
+from histod.daemon.watch import Watcher
+from histod.errors import WatchError
+from histod.settings import load_settings
+
+pytestmark = pytest.mark.timeout(30)
+
+STABLE_MS = 100
+QUIET_S = 0.5  # five stability windows: long enough to be sure nothing more comes
+linux_only = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="close-write needs inotify (Linux)")
+
+
+class Running:
+    """A watcher running in a thread; records every batch with each file's size when it was yielded."""
+
+    def __init__(self, watcher: Watcher) -> None:
+        self.watcher = watcher
+        self.stop = threading.Event()
+        self.batches: list[list[Path]] = []
+        self.sizes: dict[Path, list[int]] = {}
+        self.error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            for batch in self.watcher.watch(self.stop):
+                with self._cond:
+                    self.batches.append(batch)
+                    for path in batch:
+                        size = path.lstat().st_size if os.path.lexists(path) else -1
+                        self.sizes.setdefault(path, []).append(size)
+                    self._cond.notify_all()
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            with self._cond:
+                self._cond.notify_all()
+
+    def __enter__(self) -> Running:
+        self._thread.start()
+        assert self.wait_for(lambda: self.watcher.observer is not None or self.error is not None), "never started"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self._thread.join(timeout=5)
+        assert not self._thread.is_alive(), "the watch loop did not stop"
+
+    @property
+    def yielded(self) -> list[Path]:
+        with self._cond:
+            return [p for batch in self.batches for p in batch]
+
+    def count(self, path: Path) -> int:
+        return self.yielded.count(path)
+
+    def wait_for(self, predicate: Callable[[], bool], timeout: float = 5.0) -> bool:
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not predicate():
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or (self.error is not None and not self._thread.is_alive()):
+                    return predicate()
+                self._cond.wait(timeout=min(remaining, 0.05))
+        return True
+
+    def stays(self, predicate: Callable[[], bool], duration: float = QUIET_S) -> bool:
+        """True when ``predicate`` holds during the whole of ``duration``."""
+        return not self.wait_for(lambda: not predicate(), timeout=duration)
+
+
+@pytest.fixture
+def folder(tmp_path: Path) -> Path:
+    path = tmp_path / "prediction"
+    path.mkdir()
+    return path
+
+
+def make_watcher(folder: Path, **kwargs: object) -> Watcher:
+    options: dict[str, object] = {
+        "polling": False,
+        "poll_interval_ms": 50,
+        "stable_ms": STABLE_MS,
+        "debounce_ms": 20,
+        "reconcile_interval_s": 3600.0,
+    }
+    options.update(kwargs)
+    return Watcher(folder, ImageFilter([".png", ".jpg"]), **options)  # type: ignore[arg-type]
+
+
+@pytest.fixture(params=["inotify", "polling"] if sys.platform.startswith("linux") else ["polling"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def running(folder: Path, mode: str) -> Iterator[Running]:
+    with Running(make_watcher(folder, polling=mode == "polling")) as run:
+        assert run.watcher.mode == mode
+        yield run
+
+
+def test_file_present_before_start_is_yielded(folder: Path, mode: str) -> None:
+    old = folder / "old.png"
+    old.write_bytes(b"before")
+    with Running(make_watcher(folder, polling=mode == "polling")) as run:
+        assert run.wait_for(lambda: old in run.yielded)
+        assert run.stays(lambda: run.count(old) == 1)
+
+
+def test_new_file_is_yielded_once(running: Running, folder: Path) -> None:
+    new = folder / "new.png"
+    new.write_bytes(b"x" * 1000)
+    assert running.wait_for(lambda: new in running.yielded)
+    assert running.stays(lambda: running.count(new) == 1)
+    assert running.sizes[new] == [1000]
+
+
+@linux_only
+def test_slow_write_is_yielded_once_after_close(folder: Path) -> None:
+    """Pauses between chunks are longer than stable_ms: only close-after-write may complete the file."""
+    path = folder / "slow.png"
+    with Running(make_watcher(folder)) as run, path.open("wb") as fh:
+        for _ in range(3):
+            fh.write(b"a" * 4096)
+            fh.flush()
+            os.fsync(fh.fileno())
+            assert run.stays(lambda: path not in run.yielded, duration=3 * STABLE_MS / 1000)
+        fh.write(b"end")
+        fh.close()
+        assert run.wait_for(lambda: path in run.yielded)
+        assert run.stays(lambda: run.count(path) == 1)
+        assert run.sizes[path] == [3 * 4096 + 3]
+
+
+def test_chunked_write_within_stable_window_is_yielded_complete(running: Running, folder: Path) -> None:
+    """Any observer: a writer quicker than stable_ms between chunks is taken once, complete."""
+    path = folder / "chunks.png"
+    with path.open("wb") as fh:
+        for _ in range(5):
+            fh.write(b"b" * 1000)
+            fh.flush()
+            running.wait_for(lambda: False, timeout=STABLE_MS / 1000 / 5)
+    assert running.wait_for(lambda: path in running.yielded)
+    assert running.stays(lambda: running.count(path) == 1)
+    assert running.sizes[path] == [5000]
+
+
+def test_atomic_rename_from_part(running: Running, folder: Path) -> None:
+    part = folder / "upload.png.part"
+    with part.open("wb") as fh:
+        fh.write(b"c" * 2048)
+    assert running.stays(lambda: not running.yielded, duration=3 * STABLE_MS / 1000)
+    final = folder / "upload.png"
+    part.rename(final)
+    assert running.wait_for(lambda: final in running.yielded)
+    assert running.stays(lambda: running.yielded == [final])
+
+
+def test_moved_in_from_outside(running: Running, folder: Path, tmp_path: Path) -> None:
+    outside = tmp_path / "elsewhere.jpg"
+    outside.write_bytes(b"d" * 10)
+    inside = folder / "elsewhere.jpg"
+    outside.rename(inside)
+    assert running.wait_for(lambda: inside in running.yielded)
+    assert running.stays(lambda: running.count(inside) == 1)
+
+
+def test_hidden_temporary_and_other_names_are_ignored(running: Running, folder: Path) -> None:
+    for name in (".hidden.png", "x.tmp", "x.png.tmp", "~$report.png", "notes.txt", "y.part", "png"):
+        (folder / name).write_bytes(b"ignored")
+    (folder / "sub").mkdir()
+    (folder / "sub" / "inner.png").write_bytes(b"not watched: subfolders are not")
+    marker = folder / "UPPER.PNG"
+    marker.write_bytes(b"taken")
+    assert running.wait_for(lambda: marker in running.yielded)
+    assert running.stays(lambda: running.yielded == [marker])
+
+
+def test_deleted_and_recreated_is_yielded_again(running: Running, folder: Path) -> None:
+    path = folder / "again.png"
+    path.write_bytes(b"first")
+    assert running.wait_for(lambda: running.count(path) == 1)
+    path.unlink()
+    path.write_bytes(b"second version")
+    assert running.wait_for(lambda: running.count(path) == 2)
+    assert running.stays(lambda: running.count(path) == 2)
+
+
+def test_periodic_reconcile_repeats_files_still_present(folder: Path) -> None:
+    stuck = folder / "stuck.png"
+    stuck.write_bytes(b"the consumer could not move me")
+    with Running(make_watcher(folder, reconcile_interval_s=0.2)) as run:
+        assert run.wait_for(lambda: run.count(stuck) >= 2)
+
+
+def test_special_entries_are_yielded_unfollowed(running: Running, folder: Path, tmp_path: Path) -> None:
+    target = tmp_path / "secret.png"
+    target.write_bytes(b"outside the watch folder")
+    link = folder / "link.png"
+    link.symlink_to(target)
+    dangling = folder / "dangling.png"
+    dangling.symlink_to(tmp_path / "nothing-here.png")
+    directory = folder / "x.jpg"
+    directory.mkdir()
+    fifo = folder / "pipe.png"
+    os.mkfifo(fifo)  # nothing ever writes: opening it for reading would block forever
+    expected = {link, dangling, directory, fifo}
+    assert running.wait_for(lambda: expected <= set(running.yielded))
+    assert running.stays(lambda: sorted(running.yielded) == sorted(expected))
+
+
+def test_stop_event_stops_promptly(folder: Path, mode: str) -> None:
+    run = Running(make_watcher(folder, polling=mode == "polling", stable_ms=1000, poll_interval_ms=1000))
+    with run:
+        (folder / "busy.png").write_bytes(b"pending when we stop")
+        started = time.monotonic()
+        run.stop.set()
+        run._thread.join(timeout=5)
+        assert time.monotonic() - started < 1.0
+    assert run.error is None
+    assert run.watcher.observer is None
+
+
+def test_dead_observer_is_restarted(running: Running, folder: Path) -> None:
+    with capture_logs() as logs:
+        observer = running.watcher.observer
+        assert observer is not None
+        observer.stop()  # its thread ends, as if it had crashed
+        assert running.wait_for(lambda: running.watcher.restart_count == 1)
+        assert running.wait_for(lambda: running.watcher.observer is not observer)
+        after = folder / "after-restart.png"
+        after.write_bytes(b"still taken")
+        assert running.wait_for(lambda: after in running.yielded)
+    events = [entry["event"] for entry in logs]
+    assert "watch.observer_died" in events
+    assert "watch.observer_restarted" in events
+
+
+def test_file_written_while_observer_was_dead_is_found(folder: Path) -> None:
+    run = Running(make_watcher(folder))
+    with run:
+        observer = run.watcher.observer
+        assert observer is not None
+        observer.stop()
+        observer.join()
+        lost = folder / "lost-event.png"
+        lost.write_bytes(b"written while nobody watched")
+        assert run.wait_for(lambda: lost in run.yielded)
+
+
+def test_observer_that_keeps_dying_raises_watch_error(folder: Path) -> None:
+    run = Running(make_watcher(folder, max_restarts=1))
+    with run:
+        for expected in (1, 2):
+            observer = run.watcher.observer
+            assert observer is not None
+            observer.stop()
+            assert run.wait_for(lambda n=expected: run.watcher.restart_count >= n or run.error is not None)  # type: ignore[misc]
+            if run.error is None:
+                assert run.wait_for(lambda o=observer: run.watcher.observer is not o)  # type: ignore[misc]
+        assert run.wait_for(lambda: run.error is not None)
+    assert isinstance(run.error, WatchError)
+
+
+def test_watch_folder_removed_raises_watch_error(folder: Path, mode: str) -> None:
+    run = Running(make_watcher(folder, polling=mode == "polling"))
+    with run:
+        shutil.rmtree(folder)
+        assert run.wait_for(lambda: run.error is not None)
+    assert isinstance(run.error, WatchError)
+
+
+def test_missing_folder_raises_watch_error(tmp_path: Path) -> None:
+    watcher = make_watcher(tmp_path / "absent")
+    with pytest.raises(WatchError, match="does not exist"):
+        next(watcher.watch(threading.Event()))
+
+
+@linux_only
+def test_inotify_overflow_triggers_reconcile(running: Running, folder: Path) -> None:
+    if running.watcher.mode != "inotify":
+        pytest.skip("inotify only")
+    with capture_logs() as logs:
+        # what watchdog logs when the kernel queue overflowed (we cannot make the kernel drop events here)
+        logging.getLogger("watchdog.observers.inotify_c").warning(
+            "Inotify queue overflowed; filesystem events were lost"
+        )
+        assert running.wait_for(
+            lambda: any(e.get("event") == "watch.reconcile" and e.get("reason") == "overflow" for e in logs)
+        )
+    assert any(entry["event"] == "watch.overflow" for entry in logs)
+
+
+def test_from_settings(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=tmp_path, polling=True, poll_interval_ms=250, stable_ms=300, debounce_ms=10)
+    watcher = Watcher.from_settings(settings)
+    assert watcher.watch_dir == Path(os.path.realpath(tmp_path / "prediction"))
+    assert watcher.polling is True
+    assert watcher.poll_interval_s == 0.25
+    assert watcher.stable_s == 0.3
+    assert watcher.debounce_s == 0.01
+    assert watcher.filter(Path("a.TIFF")) and not watcher.filter(Path(".a.png"))
