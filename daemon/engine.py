@@ -1,0 +1,183 @@
+"""Serve a RUN_DIR's model behind one call: ``engine.predict(batch) -> p(malignant)``.
+
+    engine = load_engine(run_dir)                    # LiteRT: model.tflite, no TensorFlow in the process
+    p = engine.predict(images)                       # uint8 (N, S, S, 3) -> float32 (N,)
+    labels = np.where(p >= engine.threshold, ...)
+
+``litert`` (the default) runs ``model.tflite`` with ``ai_edge_litert``; this module never imports TensorFlow
+for it. ``keras`` loads ``model.keras`` (importing TensorFlow/Keras then, lazily), for parity checks. Both
+check the served file against the sha256 recorded in ``model.json`` and raise :class:`ModelError` on any
+mismatch or missing file. When the run says ``tta``, p is the mean over the image and its horizontal flip.
+
+An engine is safe to call from several threads (calls are serialised); the service calls it from one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+from numpy.typing import NDArray
+
+from histod.errors import ConfigError, ModelError
+from histod.logs import get_logger
+from histod.runs import KERAS_FILE, TFLITE_FILE, RunInfo, load_run
+
+EngineKind = Literal["litert", "keras"]
+MAX_CHUNK = 64
+"""Images per interpreter call at most: bounds the input tensor's memory whatever batch the caller sends."""
+
+_log = get_logger("histod.engine")
+
+
+class Engine(ABC):
+    """One served model. ``predict`` takes uint8 RGB (N, S, S, 3), S = ``image_size``; returns float32 (N,)."""
+
+    name: str
+    """``litert`` or ``keras``"""
+
+    def __init__(self, run_dir: Path, run: RunInfo, model_path: Path, sha256: str) -> None:
+        self.run_dir = run_dir
+        self.run = run
+        self.model_path = model_path
+        self.sha256 = sha256
+        """of the model file served (equal to model.json's record, checked at load)"""
+        self.image_size = run.image_size
+        self.threshold = run.threshold
+        self._lock = threading.Lock()
+
+    def predict(self, batch: NDArray[Any]) -> NDArray[np.float32]:
+        """p(malignant) for each image of ``batch`` (uint8, or float in 0..255), shape (N,)."""
+        x = self._check(batch)
+        if x.shape[0] == 0:
+            return np.zeros((0,), dtype=np.float32)
+        n = x.shape[0]
+        if self.run.tta:
+            x = np.concatenate([x, x[:, :, ::-1, :]])  # horizontal flip: width is axis 2 in NHWC
+        with self._lock:
+            out = np.concatenate([self._infer(x[i : i + MAX_CHUNK]) for i in range(0, len(x), MAX_CHUNK)])
+        if out.shape != (len(x),):
+            raise ModelError(f"{self.model_path} returned {out.shape[0]} values for {len(x)} images")
+        if not np.all(np.isfinite(out)):
+            raise ModelError(f"{self.model_path} returned non-finite probabilities")
+        p = (out[:n] + out[n:]) / 2 if self.run.tta else out
+        return np.asarray(np.clip(p, 0.0, 1.0), dtype=np.float32)
+
+    def _check(self, batch: NDArray[Any]) -> NDArray[np.float32]:
+        shape = getattr(batch, "shape", None)
+        s = self.image_size
+        if shape is None or len(shape) != 4 or tuple(shape[1:]) != (s, s, 3):
+            raise ValueError(f"expected a batch of shape (N, {s}, {s}, 3), got {shape}")
+        return np.ascontiguousarray(batch, dtype=np.float32)
+
+    @abstractmethod
+    def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        """Raw model output for a float32 (n, S, S, 3) chunk, flattened to (n,)."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(run_id={self.run.run_id!r}, sha256={self.sha256[:12]}, size={self.image_size})"
+
+
+class LiteRTEngine(Engine):
+    """``model.tflite`` in ``ai_edge_litert``'s Interpreter; the input is resized when the batch size changes."""
+
+    name = "litert"
+
+    def __init__(self, run_dir: Path, run: RunInfo, threads: int = 2) -> None:
+        path = run_dir / TFLITE_FILE
+        data = _read_checked(path, run.tflite_sha256)
+        super().__init__(run_dir, run, path, run.tflite_sha256)
+        from ai_edge_litert.interpreter import Interpreter
+
+        try:
+            # from the bytes we hashed: the file cannot be swapped between the check and the load
+            self._interp: Any = Interpreter(model_content=data, num_threads=max(1, threads))
+            detail = self._interp.get_input_details()[0]
+            self._input = int(detail["index"])
+            self._output = int(self._interp.get_output_details()[0]["index"])
+        except (ValueError, RuntimeError, IndexError, KeyError) as exc:
+            raise ModelError(f"cannot load the LiteRT model {path}: {exc}") from exc
+        shape = [int(v) for v in detail["shape"]]
+        if len(shape) != 4 or shape[1:] != [run.image_size, run.image_size, 3]:
+            raise ModelError(f"{path} takes input {shape}; model.json says image_size {run.image_size}")
+        if np.dtype(detail["dtype"]) != np.float32:
+            raise ModelError(f"{path} takes {np.dtype(detail['dtype'])} input; histod serves float32 models")
+        self._batch = -1
+        self.threads = max(1, threads)
+
+    def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        if x.shape[0] != self._batch:
+            try:
+                self._interp.resize_tensor_input(self._input, list(x.shape), strict=False)
+                self._interp.allocate_tensors()
+            except (ValueError, RuntimeError) as exc:
+                self._batch = -1
+                raise ModelError(f"{self.model_path}: cannot resize the input to {list(x.shape)}: {exc}") from exc
+            self._batch = x.shape[0]
+        self._interp.set_tensor(self._input, x)
+        self._interp.invoke()
+        return np.asarray(self._interp.get_tensor(self._output), dtype=np.float32).reshape(-1)
+
+
+class KerasEngine(Engine):
+    """``model.keras`` with Keras 3 (imports TensorFlow): for parity checks against the LiteRT engine."""
+
+    name = "keras"
+
+    def __init__(self, run_dir: Path, run: RunInfo) -> None:
+        path = run_dir / KERAS_FILE
+        _read_checked(path, run.keras_sha256)
+        super().__init__(run_dir, run, path, run.keras_sha256)
+        import keras
+
+        try:
+            self._model: Any = keras.models.load_model(path, compile=False)
+        except Exception as exc:  # Keras raises many types for a bad archive
+            raise ModelError(f"cannot load the Keras model {path}: {exc}") from exc
+
+    def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
+        return np.asarray(self._model(x, training=False), dtype=np.float32).reshape(-1)
+
+
+def _read_checked(path: Path, expected: str) -> bytes:
+    """The bytes of ``path`` after checking their sha256 against model.json's record."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ModelError(f"{path} is missing from the run directory") from exc
+    except OSError as exc:
+        raise ModelError(f"cannot read {path}: {exc.strerror}") from exc
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != expected.lower():
+        raise ModelError(
+            f"{path} has sha256 {actual}, but model.json records {expected}: "
+            "the model file was changed or replaced after training"
+        )
+    return data
+
+
+def load_engine(run_dir: Path, kind: EngineKind = "litert", threads: int = 2) -> Engine:
+    """Load the model of ``run_dir`` (a RUN_DIR written by ``histod train``) for serving."""
+    run = load_run(run_dir)
+    engine: Engine
+    if kind == "litert":
+        engine = LiteRTEngine(run_dir, run, threads=threads)
+    elif kind == "keras":
+        engine = KerasEngine(run_dir, run)
+    else:
+        raise ConfigError(f"unknown engine {kind!r}: use 'litert' or 'keras'")
+    _log.info(
+        "engine.loaded",
+        engine=engine.name,
+        run_id=run.run_id,
+        model=str(engine.model_path),
+        sha256=engine.sha256,
+        image_size=engine.image_size,
+        threshold=engine.threshold,
+        tta=run.tta,
+    )
+    return engine
