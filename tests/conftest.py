@@ -1,0 +1,53 @@
+"""Shared fixtures: a small synthetic labelled data set and one tiny trained run directory for the whole session.
+
+``tiny_run_dir`` trains once (a few tens of seconds on 2 CPU cores) with random weights, alpha 0.35, 48x48 input,
+one head epoch and one fine-tuning epoch. Its model is NOT expected to be accurate; it is a valid RUN_DIR
+(model.keras, model.tflite, model.json, metrics.json, config.json, reports) for tests of everything that
+reads one. Tests must not modify it: copy it first (shutil.copytree) when a test needs to change files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from histod.synthetic import make_dataset
+
+TINY_IMAGE_SIZE = 48
+
+
+def tiny_config(data_dir: Path, out: Path, **overrides: object) -> object:
+    """The TrainConfig of the tiny test runs (weights none, alpha 0.35, 48 px, 1 + 1 epochs)."""
+    from histod.trainer.config import TrainConfig
+
+    values: dict[str, object] = {
+        "data_dir": data_dir,
+        "out": out,
+        "weights": "none",
+        "alpha": 0.35,
+        "image_size": TINY_IMAGE_SIZE,
+        "head_epochs": 1,
+        "epochs": 1,
+        "batch_size": 16,
+        "seed": 7,
+    }
+    values.update(overrides)
+    return TrainConfig.model_validate(values)
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A labelled folder: benign/ and malignant/ PNG tiles from 12 IDC-named patients (120 files). Read-only."""
+    return make_dataset(tmp_path_factory.mktemp("synthetic") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset: Path) -> Path:
+    """A complete RUN_DIR trained on ``synthetic_dataset``. Read-only: copy it before changing anything."""
+    from histod.trainer.api import train
+    from histod.trainer.config import TrainConfig
+
+    cfg = tiny_config(synthetic_dataset, tmp_path_factory.mktemp("runs") / "tiny")
+    assert isinstance(cfg, TrainConfig)
+    return train(cfg)

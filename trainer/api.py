@@ -1,0 +1,200 @@
+"""What the CLI (and other code) calls: train(cfg) -> RUN_DIR, evaluate_folder(run_dir, data_dir), predict_paths.
+
+train() reads top to bottom: find data -> decode -> split -> build -> fit -> score -> export -> write artefacts.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histod import LABELS, imaging
+from histod.errors import ConfigError, DatasetError, ImageError, ModelError
+from histod.logs import get_logger
+from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, RunInfo, load_run
+from histod.trainer import artefacts, data
+from histod.trainer.config import TrainConfig
+from histod.trainer.evaluate import choose_threshold, metrics, report_text
+
+log = get_logger("histod.trainer")
+
+
+def _prepare_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out} exists and is not a folder")
+    if (out / MODEL_INFO).exists() or (out / KERAS_FILE).exists():
+        raise ConfigError(f"--out {out} already holds a trained run; choose a new folder")
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _log_skipped(skipped: Sequence[data.Skipped]) -> None:
+    for s in skipped:
+        log.warning("image_skipped", path=str(s.path), reason=s.reason, error=s.message)
+    if skipped:
+        log.warning("images_skipped", count=len(skipped))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train, evaluate and export one model; return the run directory (cfg.out)."""
+    started = time.monotonic()
+    samples = data.discover(cfg.data_dir, cfg.group_pattern)  # fails early on a bad folder
+    _prepare_out(cfg.out)
+    cfg.save(cfg.out)
+    log.info("dataset", data_dir=str(cfg.data_dir), **data.counts(samples))
+
+    images, labels, kept, skipped = data.load_images(samples, cfg.image_size)
+    _log_skipped(skipped)
+    for label, name in enumerate(data.CLASS_DIRS):
+        if not np.any(labels == label):
+            raise DatasetError(f"no readable {name} images in {cfg.data_dir} ({len(skipped)} unreadable files)")
+    split = data.split(kept, cfg.val_split, cfg.seed)
+    index = {s.path: i for i, s in enumerate(kept)}
+    train_idx = np.array([index[s.path] for s in split.train])
+    val_idx = np.array([index[s.path] for s in split.val])
+    x_train, y_train = images[train_idx], labels[train_idx]
+    x_val, y_val = images[val_idx], labels[val_idx]
+    log.info("split", train=data.counts(split.train), val=data.counts(split.val), skipped=len(skipped))
+
+    import keras
+
+    from histod.trainer.export import export, keras_predict, write_run_info
+    from histod.trainer.fit import fit
+    from histod.trainer.model import build_model
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(cfg)
+    result = fit(model, cfg, x_train, y_train, x_val, y_val)
+
+    p_val = keras_predict(model, x_val)
+    threshold = choose_threshold(y_val, p_val, cfg.target_sensitivity)
+    scores = metrics(y_val, p_val, threshold)
+    log.info("validation", **{k: scores[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
+
+    diff, n_checked = export(model, cfg.out, x_val)
+    info = write_run_info(cfg.out, image_size=cfg.image_size, threshold=threshold, alpha=cfg.alpha)
+
+    run = cfg.out
+    rule = "max_balanced_accuracy" if cfg.target_sensitivity is None else f"sensitivity>={cfg.target_sensitivity}"
+    artefacts.write_metrics(
+        run,
+        {
+            **scores,
+            "split": "validation",
+            "threshold_rule": rule,
+            "run_id": info.run_id,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.phases),
+            "stopped_early": result.stopped_early,
+            "history": {**result.history, "phase": result.phases},
+            "counts": {
+                "train": data.counts(split.train),
+                "val": data.counts(split.val),
+                "found": data.counts(samples),
+                "skipped": len(skipped),
+            },
+            "groups": {"train": len({s.group for s in split.train}), "val": len({s.group for s in split.val})},
+            "skipped": [{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
+            "seed": cfg.seed,
+            "versions": artefacts.versions(),
+            "sha256": {KERAS_FILE: info.keras_sha256, TFLITE_FILE: info.tflite_sha256},
+            "parity": {"max_abs_diff": diff, "images": n_checked},
+            "wall_time_s": round(time.monotonic() - started, 1),
+            "config": cfg.model_dump(mode="json"),
+        },
+    )
+    (run / "classification_report.txt").write_text(report_text(y_val, p_val, threshold))
+    (run / "model_summary.txt").write_text(artefacts.model_summary(model))
+    artefacts.write_split(run / "split.csv", cfg.data_dir, {"train": split.train, "val": split.val}, skipped)
+    artefacts.plot_confusion(
+        run / "confusion_matrix.png", scores["confusion_matrix"], LABELS, f"validation (threshold {threshold:.3f})"
+    )
+    artefacts.plot_curves(run / "training_curves.png", result.history, result.phases, result.best_epoch)
+    log.info("run_written", run_dir=str(run), wall_time_s=round(time.monotonic() - started, 1))
+    return run
+
+
+# --- using a trained run ---------------------------------------------------------------------------------------
+
+
+def _litert(run_dir: Path) -> tuple[RunInfo, Any]:
+    from histod.trainer.litert import LiteRTModel
+
+    info = load_run(run_dir)
+    path = run_dir / TFLITE_FILE
+    if not path.is_file():
+        raise ModelError(f"{run_dir} has no {TFLITE_FILE}")
+    return info, LiteRTModel(path)
+
+
+def evaluate_folder(run_dir: Path, data_dir: Path, out: Path | None = None) -> dict[str, Any]:
+    """Score a labelled folder (benign/, malignant/) with the run's LiteRT model and stored threshold.
+
+    Files are written only when ``out`` is given: metrics.json, classification_report.txt, confusion_matrix.png.
+    """
+    info, model = _litert(run_dir)
+    samples = data.discover(data_dir)
+    images, labels, kept, skipped = data.load_images(samples, info.image_size)
+    _log_skipped(skipped)
+    if len(kept) == 0:
+        raise DatasetError(f"no readable images in {data_dir}")
+    p = model.predict(images)
+    result = metrics(labels, p, info.threshold)
+    result.update(
+        run_id=info.run_id,
+        data_dir=str(data_dir),
+        skipped=[{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        artefacts.write_json(out / "metrics.json", result)
+        (out / "classification_report.txt").write_text(report_text(labels, p, info.threshold))
+        artefacts.plot_confusion(
+            out / "confusion_matrix.png", result["confusion_matrix"], LABELS, f"{data_dir.name} ({info.run_id})"
+        )
+    return result
+
+
+@dataclass(frozen=True)
+class Prediction:
+    path: Path
+    p_malignant: float | None  # None when the image could not be read
+    label: str | None
+    error: ImageError | None = None
+
+
+def expand(paths: Sequence[Path]) -> list[Path]:
+    """Files as given; folders become their image files (recursively, sorted)."""
+    out: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            out += sorted(p for p in path.rglob("*") if p.is_file() and data.is_image(p))
+        else:
+            out.append(path)
+    return out
+
+
+def predict_paths(run_dir: Path, paths: Sequence[Path], batch_size: int = 32) -> Iterator[Prediction]:
+    """Classify images with the run's LiteRT model; unreadable files yield a Prediction with ``error`` set."""
+    info, model = _litert(run_dir)
+    files = expand(paths)
+    for start in range(0, len(files), batch_size):
+        chunk = files[start : start + batch_size]
+        decoded: list[tuple[Path, Any]] = []
+        for path in chunk:
+            try:
+                decoded.append((path, imaging.load(path, info.image_size)))
+            except ImageError as exc:
+                decoded.append((path, exc))
+        good = [img for _, img in decoded if not isinstance(img, ImageError)]
+        probs = iter(model.predict(np.stack(good)) if good else [])
+        for path, img in decoded:
+            if isinstance(img, ImageError):
+                yield Prediction(path, None, None, img)
+            else:
+                p = float(next(probs))
+                yield Prediction(path, p, LABELS[int(p >= info.threshold)])

@@ -1,0 +1,79 @@
+"""Every hyper-parameter of a training run, in one place. Defaults follow the paper (MobileNetV2, 224x224x3,
+batch 8, Adam 1e-5 for fine-tuning) plus the standard Keras transfer-learning recipe (train the head first).
+
+The whole object is written to RUN_DIR/config.json, so a run can always be reproduced from its directory.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from histod.errors import ConfigError
+from histod.runs import CONFIG_FILE
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    # --- where ---------------------------------------------------------------------------------------
+    data_dir: Path  # holds benign/ and malignant/ (any letter case)
+    out: Path  # the RUN_DIR to write (created; may exist but must then be empty of model files)
+
+    # --- schedule ------------------------------------------------------------------------------------
+    head_epochs: int = Field(5, ge=0)  # phase 1: base frozen, only the new head learns
+    epochs: int = Field(20, ge=0)  # phase 2: the last `fine_tune_layers` base layers learn too
+    batch_size: int = Field(8, ge=1)
+
+    # --- model ---------------------------------------------------------------------------------------
+    image_size: int = Field(224, ge=32)  # square input side; MobileNetV2 is fully convolutional
+    alpha: float = Field(1.0, gt=0)  # MobileNetV2 width multiplier (0.35, 0.5, 0.75, 1.0, 1.3, 1.4)
+    weights: str = "imagenet"  # "imagenet", "none" (random init) or the path of an .h5 file of base weights
+    fine_tune_layers: int = Field(30, ge=0)  # how many of the base's last layers are unfrozen in phase 2
+    dropout: float = Field(0.4, ge=0, lt=1)  # in the head, before the final Dense
+
+    # --- optimiser -----------------------------------------------------------------------------------
+    head_learning_rate: float = Field(1e-3, gt=0)  # Adam, phase 1
+    learning_rate: float = Field(1e-5, gt=0)  # Adam, phase 2 (the paper's rate)
+    patience: int = Field(5, ge=1)  # EarlyStopping on val_loss; best weights restored
+    lr_patience: int = Field(3, ge=1)  # ReduceLROnPlateau on val_loss ...
+    lr_factor: float = Field(0.5, gt=0, lt=1)  # ... multiplies the rate by this
+    class_weights: bool = True  # weight the loss by inverse class frequency (imbalanced data)
+
+    # --- data ----------------------------------------------------------------------------------------
+    seed: int = 42  # split, weights init, augmentation and shuffling
+    val_split: float = Field(0.2, gt=0, lt=1)  # share held out; the split is stratified and patient-grouped
+    group_pattern: str | None = None  # regex with a named group `group` (patient/slide id); None: built-ins
+    augment: bool = True  # rotation 20°, zoom 0.2, shear, horizontal flip on the training split only
+
+    # --- decision threshold --------------------------------------------------------------------------
+    target_sensitivity: float | None = Field(None, gt=0, le=1)  # None: maximise balanced accuracy
+
+    @field_validator("weights")
+    @classmethod
+    def _check_weights(cls, value: str) -> str:
+        if value in ("imagenet", "none"):
+            return value
+        path = Path(value)
+        if path.suffix.lower() != ".h5":
+            raise ValueError(f"weights must be 'imagenet', 'none' or an .h5 file, not {value!r}")
+        return value
+
+    @property
+    def weights_path(self) -> Path | None:
+        return None if self.weights in ("imagenet", "none") else Path(self.weights)
+
+    def save(self, run_dir: Path) -> Path:
+        path = run_dir / CONFIG_FILE
+        path.write_text(self.model_dump_json(indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, run_dir: Path) -> TrainConfig:
+        path = run_dir / CONFIG_FILE
+        try:
+            return cls.model_validate(json.loads(path.read_text()))
+        except (OSError, ValueError) as exc:
+            raise ConfigError(f"cannot read {path}: {exc}") from exc

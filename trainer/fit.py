@@ -1,0 +1,157 @@
+"""Fitting, in the standard Keras transfer-learning order:
+
+1. head only: the base is frozen and the new head learns at ``head_learning_rate``;
+2. fine-tuning: the last ``fine_tune_layers`` layers of the base are unfrozen and everything trainable learns at
+   the low ``learning_rate`` (the base's BatchNorm stays in inference mode, see trainer.model).
+
+Both phases use Adam, binary cross-entropy, class weights, EarlyStopping (best weights restored) and
+ReduceLROnPlateau on the validation loss. Augmentation runs in the tf.data pipeline of the training split only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+from histod.logs import get_logger
+from histod.trainer.config import TrainConfig
+from histod.trainer.model import freeze_base, unfreeze_top
+
+log = get_logger("histod.trainer")
+
+HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+
+
+@dataclass
+class FitResult:
+    history: dict[str, list[float]] = field(default_factory=lambda: {k: [] for k in HISTORY_KEYS})
+    phases: list[str] = field(default_factory=list)  # per epoch: "head" or "fine_tune"
+    best_epoch: int = 0  # 1-based index into history: the epoch whose weights the model holds
+    stopped_early: list[bool] = field(default_factory=list)
+
+
+def class_weights(labels: NDArray[np.int64]) -> dict[int, float]:
+    """Inverse-frequency weights, n / (2 * n_c): a balanced data set gets 1.0 for both classes."""
+    counts = np.bincount(labels, minlength=2)
+    n = float(labels.size)
+    return {c: (n / (2.0 * counts[c]) if counts[c] else 1.0) for c in range(2)}
+
+
+def augmenter(seed: int) -> Any:
+    """Rotation 20°, zoom 0.2, shear 0.2, horizontal flip; nearest fill (the paper's ImageDataGenerator)."""
+    import keras
+
+    return keras.Sequential(
+        [
+            keras.layers.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
+            keras.layers.RandomZoom(0.2, fill_mode="nearest", seed=seed + 1),
+            keras.layers.RandomShear(x_factor=0.2, y_factor=0.2, fill_mode="nearest", seed=seed + 2),
+            keras.layers.RandomFlip("horizontal", seed=seed + 3),
+        ],
+        name="augment",
+    )
+
+
+def datasets(
+    cfg: TrainConfig,
+    x_train: NDArray[np.uint8],
+    y_train: NDArray[np.int64],
+    x_val: NDArray[np.uint8],
+    y_val: NDArray[np.int64],
+) -> tuple[Any, Any]:
+    """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented."""
+    import tensorflow as tf
+
+    train = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
+    train = train.shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+    train = train.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if cfg.augment:
+        aug = augmenter(cfg.seed)
+        train = train.map(
+            lambda x, y: (tf.clip_by_value(aug(x, training=True), 0.0, 255.0), y),
+            num_parallel_calls=tf.data.AUTOTUNE,
+        )
+    val = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32))).batch(cfg.batch_size)
+    val = val.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
+
+
+def _epoch_logger(phase: str, total: int) -> Any:
+    import keras
+
+    class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = logs or {}
+            log.info(
+                "epoch",
+                phase=phase,
+                epoch=f"{epoch + 1}/{total}",
+                **{k: round(float(v), 5) for k, v in logs.items() if k in HISTORY_KEYS},
+            )
+
+    return EpochLog()
+
+
+def _phase(
+    model: Any, cfg: TrainConfig, name: str, epochs: int, rate: float, train: Any, val: Any, weights: Any
+) -> tuple[dict[str, list[float]], bool]:
+    import keras
+
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=rate),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+    )
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
+    callbacks = [
+        stop,
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience),
+        _epoch_logger(name, epochs),
+    ]
+    hist = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, callbacks=callbacks, verbose=0)
+    return {k: [float(v) for v in vs] for k, vs in hist.history.items()}, bool(stop.stopped_epoch > 0)
+
+
+def fit(
+    model: Any,
+    cfg: TrainConfig,
+    x_train: NDArray[np.uint8],
+    y_train: NDArray[np.int64],
+    x_val: NDArray[np.uint8],
+    y_val: NDArray[np.int64],
+) -> FitResult:
+    """Run both phases; the model ends up holding the best (lowest val_loss) weights of the last phase run."""
+    import keras
+
+    keras.utils.set_random_seed(cfg.seed)
+    train, val = datasets(cfg, x_train, y_train, x_val, y_val)
+    weights = class_weights(y_train) if cfg.class_weights else None
+    result = FitResult()
+    phases = [("head", cfg.head_epochs, cfg.head_learning_rate), ("fine_tune", cfg.epochs, cfg.learning_rate)]
+    last_start = 0
+    for name, epochs, rate in phases:
+        if epochs <= 0:
+            continue
+        if name == "head":
+            freeze_base(model)
+        else:
+            unfreeze_top(model, cfg.fine_tune_layers)
+        trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
+        log.info("phase", phase=name, epochs=epochs, learning_rate=rate, trainable_params=trainable)
+        hist, stopped = _phase(model, cfg, name, epochs, rate, train, val, weights)
+        last_start = len(result.history["loss"])
+        n = len(hist.get("loss", []))
+        for k in HISTORY_KEYS:
+            values = hist.get(k, [math.nan] * n)
+            result.history[k].extend(values)
+        result.phases.extend([name] * n)
+        result.stopped_early.append(stopped)
+    val_loss = result.history["val_loss"][last_start:]
+    if val_loss:
+        finite = [v if math.isfinite(v) else math.inf for v in val_loss]
+        result.best_epoch = last_start + int(np.argmin(finite)) + 1
+    return result

@@ -1,0 +1,100 @@
+"""The network: raw RGB 0..255 -> MobileNetV2's own scaling to [-1, 1] -> MobileNetV2 base -> small head.
+
+The scaling is a layer of the saved model, so training, `histod evaluate`, `histod predict` and the service all
+feed the same raw pixels and cannot disagree. Augmentation is NOT part of the model (see trainer.fit).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from histod.errors import ConfigError, ModelError
+from histod.trainer.config import TrainConfig
+
+BASE_NAME = "mobilenetv2_base"
+HEAD_LAYERS = ("pool", "head_bn", "head_dropout", "p_malignant")
+
+
+def build_base(cfg: TrainConfig) -> Any:
+    """MobileNetV2 without its classifier, with ImageNet weights, no weights, or an .h5 file of base weights."""
+    import keras
+
+    shape = (cfg.image_size, cfg.image_size, 3)
+    path = cfg.weights_path
+    if path is not None and not path.is_file():
+        raise ConfigError(f"--weights {path}: no such file")
+    try:
+        base = keras.applications.MobileNetV2(
+            input_shape=shape,
+            alpha=cfg.alpha,
+            include_top=False,
+            weights="imagenet" if cfg.weights == "imagenet" else None,
+            name=BASE_NAME,
+        )
+    except ValueError as exc:  # unsupported alpha for ImageNet weights, and the like
+        raise ConfigError(f"cannot build MobileNetV2 (alpha {cfg.alpha}, weights {cfg.weights}): {exc}") from exc
+    except OSError as exc:  # weights could not be downloaded (offline)
+        raise ConfigError(
+            f"cannot fetch ImageNet weights for MobileNetV2 alpha {cfg.alpha} ({exc}); "
+            "pass --weights PATH to a local .h5 file, or --weights none"
+        ) from exc
+    if path is not None:
+        try:
+            base.load_weights(str(path))
+        except Exception as exc:  # h5py/keras raise many types for a wrong file
+            raise ConfigError(
+                f"--weights {path} does not fit MobileNetV2 alpha {cfg.alpha} without top: {exc}"
+            ) from exc
+    return base
+
+
+def build_model(cfg: TrainConfig) -> Any:
+    """The full keras.Model: (N, S, S, 3) float32 in 0..255 -> (N, 1) p(malignant)."""
+    import keras
+
+    base = build_base(cfg)
+    inputs = keras.Input(shape=(cfg.image_size, cfg.image_size, 3), dtype="float32", name="rgb_0_255")
+    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="mobilenet_v2_scaling")(inputs)
+    if cfg.weights == "none":
+        # a randomly initialised base has no statistics worth keeping: its BatchNorm layers must learn them, and
+        # quickly (MobileNetV2's momentum 0.999 would need thousands of steps before inference mode is usable)
+        for layer in base.layers:
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.momentum = 0.9
+        x = base(x)
+    else:
+        # training=False: the pretrained base's BatchNorm layers stay in inference mode even when unfrozen for
+        # fine-tuning, so small batches cannot wreck the ImageNet statistics (the Keras transfer-learning guide)
+        x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
+    x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name="p_malignant")(x)
+    return keras.Model(inputs, outputs, name="histod_mobilenetv2")
+
+
+def base_of(model: Any) -> Any:
+    return model.get_layer(BASE_NAME)
+
+
+def freeze_base(model: Any) -> None:
+    """Phase 1: only the head learns."""
+    base_of(model).trainable = False
+
+
+def unfreeze_top(model: Any, n_layers: int) -> None:
+    """Phase 2: the last ``n_layers`` layers of the base learn too (BatchNorm stays in inference mode)."""
+    base = base_of(model)
+    base.trainable = True
+    cut = max(0, len(base.layers) - n_layers)
+    for i, layer in enumerate(base.layers):
+        layer.trainable = i >= cut
+
+
+def load_keras(path: Any) -> Any:
+    import keras
+
+    try:
+        return keras.models.load_model(path)
+    except Exception as exc:
+        raise ModelError(f"cannot load the Keras model {path}: {exc}") from exc
