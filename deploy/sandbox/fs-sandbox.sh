@@ -11,7 +11,9 @@
 #   empty tmpfs on /tmp and /var/tmp                        PrivateTmp=yes
 #   empty, inaccessible /home, /root, /run/user             ProtectHome=yes
 #   /dev with null zero full random urandom tty only        PrivateDevices=yes
-#   /proc with hidepid=invisible,subset=pid                 ProtectProc=invisible, ProcSubset=pid
+#   /proc with hidepid=invisible                            ProtectProc=invisible
+#   ... and subset=pid when SANDBOX_PROC_SUBSET=pid          ProcSubset=pid (NOT in the unit: it hides
+#                                                           /proc/cpuinfo, and LiteRT then runs without XNNPACK)
 #   (the caller's --net namespace: loopback only, down)     PrivateNetwork=yes
 set -eu
 state=$1
@@ -57,7 +59,11 @@ ln -s /proc/self/fd/0 /dev/stdin
 ln -s /proc/self/fd/1 /dev/stdout
 ln -s /proc/self/fd/2 /dev/stderr
 
-# ProtectProc=invisible + ProcSubset=pid (this is a new PID namespace: a fresh proc may be mounted)
-mount -t proc -o nosuid,nodev,noexec,hidepid=invisible,subset=pid proc /proc
+# ProtectProc=invisible (+ ProcSubset=pid on request); this is a new PID namespace: a fresh proc may be mounted
+if [ "${SANDBOX_PROC_SUBSET:-all}" = pid ]; then
+    mount -t proc -o nosuid,nodev,noexec,hidepid=invisible,subset=pid proc /proc
+else
+    mount -t proc -o nosuid,nodev,noexec,hidepid=invisible proc /proc
+fi
 
 exec "$@"

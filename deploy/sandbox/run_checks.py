@@ -45,15 +45,22 @@ class Config:
     namespaces: bool = False
     user: bool = False
     used_by_unit: bool = True
+    proc_subset_pid: bool = False
 
 
 CONFIGS = [
     Config("no restriction (root, host view)", used_by_unit=False),
     Config("User= (uid without passwd entry), NoNewPrivileges=yes, CapabilityBoundingSet=", user=True),
     Config(
-        "ProtectSystem=strict ProtectHome PrivateTmp PrivateDevices ProtectProc=invisible ProcSubset=pid "
+        "ProtectSystem=strict ProtectHome PrivateTmp PrivateDevices ProtectProc=invisible "
         "ProtectKernelTunables ProtectControlGroups PrivateNetwork StateDirectory",
         namespaces=True,
+    ),
+    Config(
+        "... plus ProcSubset=pid (not in the unit: hides /proc/cpuinfo)",
+        namespaces=True,
+        proc_subset_pid=True,
+        used_by_unit=False,
     ),
     Config("MemoryDenyWriteExecute=yes", seccomp=["--mdwe"]),
     Config(
@@ -126,6 +133,8 @@ def run(cfg: Config, python: str, model: Path, uid: int, workdir: Path) -> dict[
             "unshare", "--mount", "--net", "--pid", "--fork", "--propagation", "private", "--",
             "sh", str(HERE / "fs-sandbox.sh"), str(state), "--", *cmd,
         ]  # fmt: skip
+    if cfg.proc_subset_pid:
+        env["SANDBOX_PROC_SUBSET"] = "pid"  # read by fs-sandbox.sh before it execs the workload
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd="/", check=False)
     steps = {}
     for line in proc.stdout.splitlines():
