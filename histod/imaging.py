@@ -25,7 +25,6 @@ import errno
 import io
 import os
 import stat
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +37,10 @@ DEFAULT_MAX_PIXELS = 50_000_000
 """About 7,000 x 7,000: far above a histology tile, far below a decompression bomb."""
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
 
-# We enforce our own pixel cap before decoding; Pillow's global guard stays as a second line.
+# We enforce our own pixel cap (``max_pixels``) from the header, before any pixel is decoded. Pillow's global guard
+# stays as a second line for sizes only known while loading (GIF frames, TIFF tiles): it raises
+# DecompressionBombError above twice this value. Its DecompressionBombWarning is NOT turned into an error with
+# warnings.catch_warnings(): that is not thread-safe, and decode() runs in a thread pool.
 Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
 
 _BACKGROUND = (255, 255, 255)  # slides are white where they are empty: transparent pixels become white
@@ -62,7 +64,11 @@ def read_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks
         raise ImageError("not_a_file", f"{path} is a directory") from exc
     except OSError as exc:
         if exc.errno == errno.ELOOP:
+            if follow_symlinks:
+                raise ImageError("symlink", f"{path}: too many levels of symbolic links") from exc
             raise ImageError("symlink", f"{path} is a symbolic link; links are not followed") from exc
+        if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):  # a socket, or a device without a driver
+            raise ImageError("not_a_file", f"{path} is not a regular file ({exc.strerror})") from exc
         raise ImageError("unreadable", f"cannot open {path}: {exc.strerror}") from exc
     try:
         st = os.fstat(fd)
@@ -104,15 +110,17 @@ def decode(
     if not data:
         raise ImageError("empty", f"{name} is empty (0 bytes)")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data))
     except UnidentifiedImageError as exc:
+        fmt = _signature(data)
+        if fmt is not None:  # an image that starts right but whose header is cut short or damaged
+            raise ImageError("corrupt", f"{name} starts like a {fmt} file but its header cannot be read") from exc
         raise ImageError("not_an_image", f"{name} is not an image in a format we can read") from exc
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+    except Image.DecompressionBombError as exc:
         raise ImageError("too_many_pixels", f"{name}: {exc}") from exc
     except Exception as exc:  # Pillow's plugins raise many types on hostile headers
-        raise ImageError("corrupt", f"{name}: cannot read the image header ({exc})") from exc
+        reason = "truncated" if _looks_truncated(exc) else "corrupt"
+        raise ImageError(reason, f"{name}: cannot read the image header ({exc})") from exc
     with img:
         width, height = img.size
         if width < 1 or height < 1:
@@ -126,18 +134,15 @@ def decode(
             img.seek(0)
             if size is not None and img.format == "JPEG":
                 img.draft("RGB", (size, size))  # let libjpeg decode at a reduced scale: much faster
-            with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                img.load()
-                out = _to_rgb(ImageOps.exif_transpose(img) or img)
+            img.load()
+            out = _to_rgb(_oriented(img))
         except ImageError:
             raise
-        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        except Image.DecompressionBombError as exc:
             raise ImageError("too_many_pixels", f"{name}: {exc}") from exc
-        except OSError as exc:
-            text = str(exc)
-            reason = "truncated" if "truncated" in text or "broken data stream" in text else "corrupt"
-            raise ImageError(reason, f"{name}: {text}") from exc
+        except (OSError, EOFError) as exc:
+            reason = "truncated" if _looks_truncated(exc) else "corrupt"
+            raise ImageError(reason, f"{name}: {exc or type(exc).__name__}") from exc
         except Exception as exc:
             raise ImageError("corrupt", f"{name}: the decoder failed ({type(exc).__name__}: {exc})") from exc
     if size is not None and out.size != (size, size):
@@ -161,13 +166,53 @@ def load(
     return decode(data, size, max_pixels=max_pixels, name=str(path))
 
 
+_SIGNATURES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"),
+    (b"\xff\xd8\xff", "JPEG"),
+    (b"GIF87a", "GIF"),
+    (b"GIF89a", "GIF"),
+    (b"II*\x00", "TIFF"),
+    (b"MM\x00*", "TIFF"),
+    (b"BM", "BMP"),
+)
+
+
+def _signature(data: bytes) -> str | None:
+    """The format whose magic bytes ``data`` starts with, if any."""
+    return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _looks_truncated(exc: BaseException) -> bool:
+    text = str(exc).lower()
+    return isinstance(exc, EOFError) or "truncated" in text or "broken data stream" in text
+
+
+def _oriented(img: Image.Image) -> Image.Image:
+    """A copy turned upright by its EXIF orientation. Orientation is metadata: if the EXIF block is too damaged
+    to apply it, the pixels are still good, so the image is used as stored rather than refused."""
+    try:
+        return ImageOps.exif_transpose(img)
+    except Exception:
+        return img.copy()
+
+
+def _full_scale(mode: str, peak: float) -> float:
+    """The value that maps to 255 for a high-bit-depth mode."""
+    if mode == "F":
+        return 1.0 if peak <= 1.0 else 255.0
+    return 65535.0 if peak <= 65535.0 else peak
+
+
 def _to_rgb(img: Image.Image) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
-        values = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if mode.startswith("I;16") else max(float(values.max()), 1.0)
+        # Fixed scales, never per-image contrast stretching (training and serving must map a value alike):
+        # 16-bit and 32-bit integers as 16-bit (above that, the largest value), floats as 0..1 (or 0..255).
+        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        peak = float(values.max()) if values.size else 0.0
+        top = _full_scale(mode, peak)
         scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(scaled, mode="L").convert("RGB")
     if mode == "P" and "transparency" in img.info:
