@@ -1,7 +1,180 @@
-"""`histod train`, `histod evaluate`, `histod predict`. TensorFlow is imported inside the commands only."""
+"""`histod train`, `histod evaluate`, `histod predict`. TensorFlow is imported inside the commands only.
+
+Each command is thin: parse flags, call histod.trainer.api (or the serving engine), print. Domain errors
+(histod.errors) are turned into messages and exit codes by the group in histod.cli.
+"""
 
 from __future__ import annotations
 
+import json
+import os
+from pathlib import Path
+from typing import Any
+
 import click
 
+from histod.errors import ConfigError
+from histod.settings import load_settings
+
 COMMANDS: list[click.Command] = []
+
+_METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1")
+
+
+def _quiet_tensorflow() -> None:
+    """TensorFlow's C++ start-up chatter is noise in a CLI; users can still set TF_CPP_MIN_LOG_LEVEL."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+def _run_dir(model: Path | None) -> Path:
+    resolved = load_settings(model=model).model
+    if resolved is None:
+        raise ConfigError("no model: pass --model RUN_DIR (a folder written by `histod train`) or set HISTOD_MODEL")
+    return resolved
+
+
+def _fmt(value: Any) -> str:
+    return "n/a" if value is None else f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _print_metrics(result: dict[str, Any]) -> None:
+    for key in _METRICS:
+        click.echo(f"  {key.replace('_', ' '):<18} {_fmt(result.get(key))}")
+    click.echo(f"  {'threshold':<18} {_fmt(result.get('threshold'))}")
+    (tn, fp), (fn, tp) = result["confusion_matrix"]
+    click.echo("  confusion matrix   predicted Benign  predicted Malignant")
+    click.echo(f"    true Benign      {tn:>16}  {fp:>19}")
+    click.echo(f"    true Malignant   {fn:>16}  {tp:>19}")
+
+
+# --- train -----------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--out", type=click.Path(path_type=Path), required=True, help="RUN_DIR to write (new or empty)")
+@click.option("--epochs", type=int, default=None, help="fine-tuning epochs (default 20)")
+@click.option("--head-epochs", type=int, default=None, help="head-only epochs with the base frozen (default 5)")
+@click.option("--batch-size", type=int, default=None, help="default 8")
+@click.option("--image-size", type=int, default=None, help="square input side in pixels (default 224)")
+@click.option("--alpha", type=float, default=None, help="MobileNetV2 width multiplier (default 1.0)")
+@click.option(
+    "--weights", default=None, help="imagenet | none | PATH to an .h5 file of base weights (default imagenet)"
+)
+@click.option("--fine-tune-layers", type=int, default=None, help="base layers unfrozen for fine-tuning (default 30)")
+@click.option("--learning-rate", type=float, default=None, help="Adam rate for fine-tuning (default 1e-5)")
+@click.option("--head-learning-rate", type=float, default=None, help="Adam rate for the head phase (default 1e-3)")
+@click.option("--dropout", type=float, default=None, help="head dropout (default 0.4)")
+@click.option("--patience", type=int, default=None, help="EarlyStopping patience on val_loss (default 5)")
+@click.option("--lr-patience", type=int, default=None, help="ReduceLROnPlateau patience (default 3)")
+@click.option("--lr-factor", type=float, default=None, help="ReduceLROnPlateau factor (default 0.5)")
+@click.option("--class-weights/--no-class-weights", default=None, help="inverse-frequency loss weights (default on)")
+@click.option("--augment/--no-augment", default=None, help="augment the training split (default on)")
+@click.option("--seed", type=int, default=None, help="default 42")
+@click.option("--val-split", type=float, default=None, help="validation share, patient-grouped (default 0.2)")
+@click.option("--group-pattern", default=None, help="regex with a named group `group` (patient id in file names)")
+@click.option(
+    "--target-sensitivity", type=float, default=None, help="pick the threshold reaching this sensitivity on validation"
+)
+def train(data_dir: Path, out: Path, **flags: Any) -> None:
+    """Train a Benign/Malignant classifier on DATA_DIR (benign/ and malignant/ folders) into --out RUN_DIR."""
+    from pydantic import ValidationError
+
+    from histod.trainer.config import TrainConfig
+
+    values = {k: v for k, v in flags.items() if v is not None}
+    try:
+        cfg = TrainConfig(data_dir=data_dir, out=out, **values)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(problems) from exc
+    _quiet_tensorflow()
+    from histod.runs import load_metrics
+    from histod.trainer.api import train as run_training
+
+    run = run_training(cfg)
+    m = load_metrics(run)
+    counts: Any = m.get("counts", {})
+    click.echo(
+        f"validation ({m.get('n')} images; train {sum(counts.get('train', {}).values())}, "
+        f"skipped {counts.get('skipped', 0)}), threshold {_fmt(m.get('threshold'))}:"
+    )
+    click.echo(
+        f"  balanced accuracy {_fmt(m.get('balanced_accuracy'))}  ROC AUC {_fmt(m.get('roc_auc'))}  "
+        f"sensitivity {_fmt(m.get('sensitivity'))}  specificity {_fmt(m.get('specificity'))}"
+    )
+    click.echo(f"  epochs {m.get('epochs_run')} (best {m.get('best_epoch')}), wall time {m.get('wall_time_s')} s")
+    click.echo(f"run: {run}")
+
+
+# --- evaluate --------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
+@click.option("--json", "as_json", is_flag=True, help="print the metrics as one JSON object")
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write metrics, report and plots here")
+@click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
+def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None, threads: int) -> None:
+    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold."""
+    from histod.daemon.engine import load_engine
+    from histod.trainer.api import evaluate_folder
+
+    run_dir = _run_dir(model)
+    result = evaluate_folder(run_dir, data_dir, out=out, scorer=load_engine(run_dir, "litert", threads=threads))
+    if as_json:
+        click.echo(json.dumps(result))
+        return
+    skipped = result["skipped"]
+    click.echo(f"{data_dir}: {result['n']} images ({result['n_benign']} benign, {result['n_malignant']} malignant)")
+    _print_metrics(result)
+    for s in skipped:
+        click.echo(f"skipped {s['path']}: {s['reason']}: {s['message']}", err=True)
+    if out is not None:
+        click.echo(f"written: {out}")
+
+
+# --- predict ---------------------------------------------------------------------------------------------------
+
+
+@click.command()
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
+@click.pass_context
+def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_json: bool, threads: int) -> None:
+    """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image."""
+    from histod.daemon.engine import load_engine
+    from histod.trainer.api import expand, predict_paths
+
+    run_dir = _run_dir(model)
+    if not expand(list(paths)):
+        raise ConfigError(f"no image files in {', '.join(map(str, paths))}")
+    engine = load_engine(run_dir, "litert", threads=threads)
+    failed = total = 0
+    for pred in predict_paths(run_dir, list(paths), scorer=engine):
+        total += 1
+        if pred.error is not None:
+            failed += 1
+            if as_json:
+                click.echo(
+                    json.dumps({"path": str(pred.path), "error": pred.error.reason, "message": pred.error.args[0]})
+                )
+            else:
+                click.echo(f"{pred.path} => error ({pred.error.reason}): {pred.error.args[0]}")
+            continue
+        assert pred.p_malignant is not None
+        if as_json:
+            click.echo(
+                json.dumps({"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)})
+            )
+        else:
+            click.echo(f"{pred.path} => {pred.label} (p_malignant={pred.p_malignant:.2f})")
+    if failed:
+        click.secho(f"error: {failed} of {total} images could not be read", err=True, fg="red")
+        ctx.exit(1)
+
+
+COMMANDS += [train, evaluate, predict]

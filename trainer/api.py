@@ -9,14 +9,15 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
+from numpy.typing import NDArray
 
 from histod import LABELS, imaging
 from histod.errors import ConfigError, DatasetError, ImageError, ModelError
 from histod.logs import get_logger
-from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, RunInfo, load_run
+from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
 from histod.trainer import artefacts, data
 from histod.trainer.config import TrainConfig
 from histod.trainer.evaluate import choose_threshold, metrics, report_text
@@ -121,41 +122,61 @@ def train(cfg: TrainConfig) -> Path:
 # --- using a trained run ---------------------------------------------------------------------------------------
 
 
-def _litert(run_dir: Path) -> tuple[RunInfo, Any]:
+class Scorer(Protocol):
+    """What scoring needs from a loaded model; histod.daemon.engine.Engine fits, and so does trainer.litert."""
+
+    image_size: int
+    threshold: float
+
+    def predict(self, batch: NDArray[Any]) -> NDArray[np.float32]: ...
+
+
+def load_scorer(run_dir: Path) -> Scorer:
+    """The run's model.tflite through the trainer's own LiteRT helper (the trainer never imports the daemon)."""
     from histod.trainer.litert import LiteRTModel
 
     info = load_run(run_dir)
     path = run_dir / TFLITE_FILE
     if not path.is_file():
         raise ModelError(f"{run_dir} has no {TFLITE_FILE}")
-    return info, LiteRTModel(path)
+    model = LiteRTModel(path)
+    if model.image_size != info.image_size:
+        raise ModelError(f"{path} takes {model.image_size} px input; {MODEL_INFO} says {info.image_size}")
+    model.threshold = info.threshold
+    return model
 
 
-def evaluate_folder(run_dir: Path, data_dir: Path, out: Path | None = None) -> dict[str, Any]:
-    """Score a labelled folder (benign/, malignant/) with the run's LiteRT model and stored threshold.
+def evaluate_folder(
+    run_dir: Path, data_dir: Path, out: Path | None = None, scorer: Scorer | None = None
+) -> dict[str, Any]:
+    """Score a labelled folder (benign/, malignant/) with the run's model and its stored threshold.
 
-    Files are written only when ``out`` is given: metrics.json, classification_report.txt, confusion_matrix.png.
+    ``scorer`` defaults to the run's LiteRT model. Files are written only when ``out`` is given:
+    metrics.json, classification_report.txt, confusion_matrix.png and predictions.csv.
     """
-    info, model = _litert(run_dir)
+    info = load_run(run_dir)
+    model = scorer if scorer is not None else load_scorer(run_dir)
     samples = data.discover(data_dir)
-    images, labels, kept, skipped = data.load_images(samples, info.image_size)
+    images, labels, kept, skipped = data.load_images(samples, model.image_size)
     _log_skipped(skipped)
     if len(kept) == 0:
         raise DatasetError(f"no readable images in {data_dir}")
     p = model.predict(images)
-    result = metrics(labels, p, info.threshold)
+    result = metrics(labels, p, model.threshold)
     result.update(
         run_id=info.run_id,
+        run_dir=str(run_dir),
         data_dir=str(data_dir),
         skipped=[{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         artefacts.write_json(out / "metrics.json", result)
-        (out / "classification_report.txt").write_text(report_text(labels, p, info.threshold))
+        (out / "classification_report.txt").write_text(report_text(labels, p, model.threshold))
         artefacts.plot_confusion(
             out / "confusion_matrix.png", result["confusion_matrix"], LABELS, f"{data_dir.name} ({info.run_id})"
         )
+        artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), model.threshold)
     return result
 
 
@@ -168,7 +189,8 @@ class Prediction:
 
 
 def expand(paths: Sequence[Path]) -> list[Path]:
-    """Files as given; folders become their image files (recursively, sorted)."""
+    """Files as given; folders become their image files (recursively, sorted). A missing path stays in the
+    list, so that it gets its own error line."""
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
@@ -178,23 +200,25 @@ def expand(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
-def predict_paths(run_dir: Path, paths: Sequence[Path], batch_size: int = 32) -> Iterator[Prediction]:
-    """Classify images with the run's LiteRT model; unreadable files yield a Prediction with ``error`` set."""
-    info, model = _litert(run_dir)
+def predict_paths(
+    run_dir: Path, paths: Sequence[Path], scorer: Scorer | None = None, batch_size: int = 32
+) -> Iterator[Prediction]:
+    """Classify image files and folders; an unreadable file yields a Prediction with ``error`` set, never raises."""
+    model = scorer if scorer is not None else load_scorer(run_dir)
     files = expand(paths)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        decoded: list[tuple[Path, Any]] = []
+        decoded: list[tuple[Path, NDArray[np.uint8] | ImageError]] = []
         for path in chunk:
             try:
-                decoded.append((path, imaging.load(path, info.image_size)))
+                decoded.append((path, imaging.load(path, model.image_size)))
             except ImageError as exc:
                 decoded.append((path, exc))
         good = [img for _, img in decoded if not isinstance(img, ImageError)]
-        probs = iter(model.predict(np.stack(good)) if good else [])
+        probs = iter(model.predict(np.stack(good)).tolist() if good else [])
         for path, img in decoded:
             if isinstance(img, ImageError):
                 yield Prediction(path, None, None, img)
             else:
                 p = float(next(probs))
-                yield Prediction(path, p, LABELS[int(p >= info.threshold)])
+                yield Prediction(path, p, LABELS[int(p >= model.threshold)])

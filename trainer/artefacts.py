@@ -7,7 +7,7 @@ import csv
 import json
 import math
 import platform
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,19 @@ def write_split(path: Path, data_dir: Path, splits: dict[str, Sequence[Sample]],
             sample = labels.get(sk.path)
             label = CLASS_DIRS[sample.label] if sample else sk.path.parent.name.lower()
             writer.writerow([_rel(sk.path, data_dir), label, sample.group if sample else "", "skipped", sk.reason])
+    return path
+
+
+def write_predictions(
+    path: Path, data_dir: Path, samples: Sequence[Sample], p: Iterable[float], threshold: float
+) -> Path:
+    """predictions.csv of an evaluation: path, true label, p(malignant), predicted label."""
+    with path.open("w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["path", "label", "p_malignant", "predicted"])
+        for s, prob in zip(samples, p, strict=True):
+            predicted = CLASS_DIRS[int(float(prob) >= threshold)]
+            writer.writerow([_rel(s.path, data_dir), CLASS_DIRS[s.label], f"{float(prob):.6f}", predicted])
     return path
 
 

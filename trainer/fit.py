@@ -19,7 +19,7 @@ from numpy.typing import NDArray
 
 from histod.logs import get_logger
 from histod.trainer.config import TrainConfig
-from histod.trainer.model import freeze_base, unfreeze_top
+from histod.trainer.model import calibrate_batchnorm, freeze_base, unfreeze_top
 
 log = get_logger("histod.trainer")
 
@@ -128,6 +128,8 @@ def fit(
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
+    if cfg.weights == "none":
+        calibrate_batchnorm(model, x_train[: max(cfg.batch_size, 64)])
     train, val = datasets(cfg, x_train, y_train, x_val, y_val)
     weights = class_weights(y_train) if cfg.class_weights else None
     result = FitResult()

@@ -30,6 +30,7 @@ class LiteRTModel:
         self._output = int(self._interp.get_output_details()[0]["index"])
         self.image_size = int(detail["shape"][1])
         self._batch = -1
+        self.threshold = 0.5  # set by the caller from model.json
 
     def predict(self, images: NDArray[Any], batch_size: int = 32) -> NDArray[np.float32]:
         out = np.empty((len(images),), dtype=np.float32)

@@ -73,6 +73,24 @@ def build_model(cfg: TrainConfig) -> Any:
     return keras.Model(inputs, outputs, name="histod_mobilenetv2")
 
 
+def calibrate_batchnorm(model: Any, images: Any) -> None:
+    """Data-dependent start for a randomly initialised base: set every BatchNorm's moving statistics to those of
+    ``images`` (one forward pass with momentum 0), so that the base in inference mode gives usable features
+    instead of activations that shrink to nothing through 150 layers. Only for ``weights none``."""
+    import keras
+
+    layers = [layer for layer in base_of(model).layers if isinstance(layer, keras.layers.BatchNormalization)]
+    momenta = [layer.momentum for layer in layers]
+    for layer in layers:
+        layer.momentum = 0.0
+    try:
+        base_of(model).trainable = True
+        model(keras.ops.convert_to_tensor(images, dtype="float32"), training=True)
+    finally:
+        for layer, momentum in zip(layers, momenta, strict=True):
+            layer.momentum = momentum
+
+
 def base_of(model: Any) -> Any:
     return model.get_layer(BASE_NAME)
 
