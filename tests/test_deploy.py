@@ -14,6 +14,7 @@ groups and modes are read back.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import stat
@@ -167,3 +168,49 @@ def test_sysusers_and_tmpfiles(tmp_path: Path) -> None:
     for sub in ("processed", "failed", "reports"):
         assert owner(f"var/lib/histod/{sub}") == (uid, gid, 0o2750)
     assert owner("etc/histod") == (0, gid, 0o750)
+
+
+def _env_file(text: str, uncomment: bool) -> dict[str, str]:
+    """KEY=value lines as systemd's EnvironmentFile= reads them (one level of single or double quotes)."""
+    out: dict[str, str] = {}
+    for raw in text.splitlines():
+        line = raw.strip()
+        if uncomment and re.match(r"^#HISTOD_[A-Z_]+=", line):
+            line = line[1:]
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":
+            value = value[1:-1]
+        out[key] = value
+    return out
+
+
+def test_env_example_documents_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    from histod.settings import Settings
+
+    text = (DEPLOY / "histod.env.example").read_text()
+    assert _env_file(text, uncomment=False) == {}, "the example must set nothing until uncommented"
+    values = _env_file(text, uncomment=True)
+    expected = {f"HISTOD_{name.upper()}" for name in Settings.model_fields} | {"HISTOD_CONFIG"}
+    assert set(values) == expected
+
+    # Uncommented, every line parses, and the documented values are the defaults (or the unit's own values).
+    for key in list(os.environ):
+        if key.startswith("HISTOD_"):
+            monkeypatch.delenv(key)
+    for key, value in values.items():
+        if key != "HISTOD_CONFIG":
+            monkeypatch.setenv(key, value)
+    settings = Settings()
+    defaults = Settings.model_construct()
+    unit_values = {"data_dir", "watch_dir", "database_url", "model", "log_format", "host"}
+    for name in Settings.model_fields:
+        if name not in unit_values:
+            assert getattr(settings, name) == getattr(defaults, name), name
+    unit = (DEPLOY / "histod.service").read_text()
+    assert f"Environment=HISTOD_DATA_DIR={settings.data_dir}" in unit
+    assert f"Environment=HISTOD_MODEL={settings.model}" in unit
+    assert f"Environment=HISTOD_LOG_FORMAT={settings.log_format}" in unit
+    assert settings.resolved_watch_dir == settings.data_dir / "prediction"
+    assert settings.resolved_database_url == f"sqlite:///{settings.data_dir / 'histod.db'}"
