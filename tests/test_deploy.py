@@ -187,7 +187,7 @@ def _env_file(text: str, uncomment: bool) -> dict[str, str]:
 
 
 def test_env_example_documents_every_setting(monkeypatch: pytest.MonkeyPatch) -> None:
-    from histod.settings import Settings
+    from histod.settings import Settings, load_settings
 
     text = (DEPLOY / "histod.env.example").read_text()
     assert _env_file(text, uncomment=False) == {}, "the example must set nothing until uncommented"
@@ -202,7 +202,7 @@ def test_env_example_documents_every_setting(monkeypatch: pytest.MonkeyPatch) ->
     for key, value in values.items():
         if key != "HISTOD_CONFIG":
             monkeypatch.setenv(key, value)
-    settings = Settings()
+    settings = load_settings()
     defaults = Settings.model_construct()
     unit_values = {"data_dir", "watch_dir", "database_url", "model", "log_format", "host"}
     for name in Settings.model_fields:
