@@ -1,7 +1,276 @@
-"""`histod serve`, `histod report`, `histod results`, `histod demo`."""
+"""`histod serve`, `histod report`, `histod results`, `histod demo`: thin commands over histod.daemon and
+histod.db. Everything heavy is imported inside the command, so `histod --help` stays fast."""
 
 from __future__ import annotations
 
+import csv
+import io
+import json
+import re
+import signal
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
 import click
 
-COMMANDS: list[click.Command] = []
+from histod.errors import ConfigError
+from histod.settings import Settings, load_settings
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_when(value: str, now: datetime) -> datetime:
+    """``24h``, ``30m``, ``7d``, ``90s``, ``2w`` (that long before ``now``) or an ISO date/time (UTC if naive)."""
+    match = _DURATION.match(value)
+    if match:
+        amount, unit = float(match.group(1)), match.group(2).lower()
+        return now - timedelta(**{_UNITS[unit]: amount})
+    try:
+        when = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise ConfigError(f"{value!r} is neither a duration (24h, 30m, 7d) nor an ISO date/time") from exc
+    return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
+
+
+def common(func: F) -> F:
+    """The flags every service command shares."""
+    options = [
+        click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="default: HISTOD_DATA_DIR"),
+        click.option("--watch", "watch_dir", type=click.Path(path_type=Path), default=None, help="watched folder"),
+        click.option(
+            "--db", "database_url", default=None, help="SQLAlchemy URL (default sqlite:///<data-dir>/histod.db)"
+        ),
+        click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR from `histod train`"),
+    ]
+    for option in reversed(options):
+        func = option(func)
+    return func
+
+
+def _settings(**flags: Any) -> Settings:
+    return load_settings(**flags)
+
+
+@contextmanager
+def _stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM/SIGINT set the event (stop taking files, finish the batch in flight); a second one aborts."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: Any) -> None:
+        if stop.is_set():
+            raise KeyboardInterrupt
+        click.echo(f"histod: {signal.Signals(signum).name}, finishing the batch in flight", err=True)
+        stop.set()
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+@click.command()
+@common
+@click.option("--engine", type=click.Choice(["litert", "keras"]), default=None, help="default: litert")
+@click.option("--once", is_flag=True, help="process what is in the folder, write a report and exit")
+def serve(once: bool, **flags: Any) -> None:
+    """Watch a folder; classify, record and move every image dropped into it."""
+    from histod.daemon.app import serve as run
+
+    settings = _settings(**flags)
+    with _stop_on_signals() as stop:
+        result = run(settings, stop, once=once)
+    if once:
+        _print_report(settings, result.started, result.stopped, as_json=False)
+
+
+def _open(settings: Settings) -> Any:
+    from histod.db.session import open_database
+
+    return open_database(settings.resolved_database_url)
+
+
+def _print_report(settings: Settings, since: datetime, until: datetime, *, as_json: bool) -> None:
+    from histod.daemon.reports import format_summary, summarise
+
+    summary = summarise(_open(settings), since, until)
+    click.echo(json.dumps(summary.to_json(), indent=2) if as_json else format_summary(summary))
+
+
+@click.command()
+@common
+@click.option("--since", default="24h", show_default=True, help="a duration (24h, 7d) or an ISO date/time")
+@click.option("--until", default=None, help="default: now")
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def report(since: str, until: str | None, as_json: bool, **flags: Any) -> None:
+    """Summarise the results of a time window from the database."""
+    now = datetime.now(UTC)
+    _print_report(_settings(**flags), parse_when(since, now), parse_when(until, now) if until else now, as_json=as_json)
+
+
+COLUMNS = (
+    "id",
+    "received_at",
+    "name",
+    "status",
+    "label",
+    "p_malignant",
+    "threshold",
+    "error_reason",
+    "duplicate_of",
+    "sha256",
+    "model_sha256",
+    "original_path",
+    "stored_path",
+)
+
+
+@click.command()
+@common
+@click.option("--since", default=None, help="a duration (24h, 7d) or an ISO date/time; default: everything")
+@click.option("--until", default=None)
+@click.option("--label", default=None, help="Benign or Malignant")
+@click.option("--status", type=click.Choice(["classified", "failed"]), default=None)
+@click.option("--limit", type=click.IntRange(min=1), default=None)
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
+def results(
+    since: str | None,
+    until: str | None,
+    label: str | None,
+    status: str | None,
+    limit: int | None,
+    fmt: str,
+    **flags: Any,
+) -> None:
+    """List recorded results for audit, oldest first."""
+    from histod.db.queries import ResultFilter, list_results
+    from histod.db.session import reading
+
+    now = datetime.now(UTC)
+    filters = ResultFilter(
+        since=parse_when(since, now) if since else None,
+        until=parse_when(until, now) if until else None,
+        label=label,
+        status=status,
+        limit=limit,
+    )
+    with reading(_open(_settings(**flags))) as session:
+        rows = [{c: _value(getattr(r, c)) for c in COLUMNS} for r in list_results(session, filters)]
+    click.echo(format_rows(rows, fmt), nl=fmt != "csv")
+
+
+def _value(value: Any) -> Any:
+    return value.isoformat() if isinstance(value, datetime) else value
+
+
+def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2)
+    if fmt == "csv":
+        out = io.StringIO()
+        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(rows)
+        return out.getvalue()
+    shown = ("id", "received_at", "status", "label", "p_malignant", "error_reason", "duplicate_of", "name")
+    table = [list(shown)] + [[_cell(r[c], c) for c in shown] for r in rows]
+    widths = [max(len(row[i]) for row in table) for i in range(len(shown))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
+    lines.append(f"({len(rows)} rows)")
+    return "\n".join(lines)
+
+
+def _cell(value: Any, column: str) -> str:
+    if value is None:
+        return "-"
+    if column == "p_malignant":
+        return f"{value:.4f}"
+    if column == "received_at":
+        return str(value)[:19].replace("T", " ")
+    return str(value).replace("\n", "\\n")
+
+
+@click.command()
+@click.option("--dir", "folder", type=click.Path(path_type=Path), default=None, help="default: a temporary folder")
+@click.option("--images", type=click.IntRange(min=1), default=40, show_default=True, help="images dropped in")
+@click.option("--epochs", type=click.IntRange(min=0), default=4, show_default=True)
+def demo(folder: Path | None, images: int, epochs: int) -> None:
+    """Generate synthetic tiles, train a tiny model, serve a folder, drop images in and print the report."""
+    with _stop_on_signals() as stop:
+        _run_demo(folder, images=images, epochs=epochs, stop=stop)
+
+
+def _run_demo(folder: Path | None, *, images: int, epochs: int, stop: threading.Event) -> None:
+    import tempfile
+    import time
+
+    from histod.daemon.app import serve as run
+    from histod.synthetic import SyntheticSpec, make_dataset, write_images
+    from histod.trainer.api import train
+    from histod.trainer.config import TrainConfig
+
+    root = folder if folder is not None else Path(tempfile.mkdtemp(prefix="histod-demo-"))
+    root.mkdir(parents=True, exist_ok=True)
+    click.echo(f"[1/4] synthetic dataset in {root / 'dataset'}")
+    dataset = make_dataset(root / "dataset", SyntheticSpec(patients=24, tiles_per_patient=10, size=64))
+    click.echo(f"[2/4] training a tiny model into {root / 'run'} (a minute or two on 2 cores)")
+    config = TrainConfig(data_dir=dataset, out=root / "run", **DEMO_TRAINING, epochs=epochs)
+    run_dir = train(config)
+    settings = load_settings(data_dir=root / "data", model=run_dir, stable_ms=200)
+    click.echo(f"[3/4] serving {settings.resolved_watch_dir}; dropping {images} images into it")
+    failure: list[BaseException] = []
+    outcome: list[Any] = []
+
+    def service() -> None:
+        try:
+            outcome.append(run(settings, stop))
+        except BaseException as exc:
+            failure.append(exc)
+            stop.set()
+
+    thread = threading.Thread(target=service, name="histod-demo-serve")
+    thread.start()
+    staging = root / "staging"
+    for path in write_images(staging, images, size=64, seed=7):
+        settings.resolved_watch_dir.mkdir(parents=True, exist_ok=True)
+        path.rename(settings.resolved_watch_dir / path.name)  # the atomic-rename upload
+    deadline = time.monotonic() + 300
+    while not stop.is_set() and time.monotonic() < deadline:
+        done = sum(1 for d in (settings.processed_dir, settings.failed_dir) for p in d.rglob("*") if p.is_file())
+        if done >= images:
+            break
+        stop.wait(0.2)
+    stop.set()
+    thread.join()
+    if failure:
+        raise failure[0]
+    click.echo("[4/4] report")
+    result = outcome[0]
+    _print_report(settings, result.started, result.stopped, as_json=False)
+    click.echo(f"\nresults: histod results --data-dir {settings.data_dir}")
+    click.echo(f"again:   histod serve --data-dir {settings.data_dir} --model {run_dir}")
+
+
+DEMO_TRAINING: dict[str, Any] = {
+    "image_size": 64,
+    "alpha": 0.35,
+    "weights": "none",
+    "head_epochs": 0,
+    "fine_tune_layers": 1000,
+    "learning_rate": 1e-3,
+    "batch_size": 8,
+    "augment": False,
+    "patience": 3,
+}
+"""A model that learns the synthetic tiles in seconds: small, random start, every layer trained."""
+
+
+COMMANDS: list[click.Command] = [serve, report, results, demo]

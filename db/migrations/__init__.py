@@ -8,6 +8,8 @@ repository. For a new revision during development::
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -16,6 +18,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from histod.errors import DatabaseError
 
 SCRIPT_LOCATION = Path(__file__).resolve().parent
+_LOCK = threading.Lock()
+"""Alembic's command API keeps its context in module globals: one migration at a time per process."""
 
 
 def alembic_config(engine: Engine | None = None) -> object:
@@ -37,12 +41,15 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
     from alembic.config import Config
     from alembic.util import CommandError
 
+    if revision == "head" and current_revision(engine) == head_revision():
+        return  # the common case: nothing to do, and no Alembic environment to set up
     config = alembic_config(engine)
     assert isinstance(config, Config)
-    try:
-        command.upgrade(config, revision)
-    except (SQLAlchemyError, CommandError, OSError) as exc:
-        raise DatabaseError(f"cannot migrate the database {engine.url!r}: {exc}") from exc
+    with _LOCK:
+        try:
+            command.upgrade(config, revision)
+        except (SQLAlchemyError, CommandError, OSError) as exc:
+            raise DatabaseError(f"cannot migrate the database {engine.url!r}: {exc}") from exc
 
 
 def current_revision(engine: Engine) -> str | None:
@@ -56,7 +63,9 @@ def current_revision(engine: Engine) -> str | None:
         raise DatabaseError(f"cannot read the schema revision: {exc}") from exc
 
 
+@functools.cache
 def head_revision() -> str | None:
+    """The newest revision among the packaged scripts."""
     from alembic.config import Config
     from alembic.script import ScriptDirectory
 

@@ -1,0 +1,161 @@
+"""Start and stop the service: open the database (migrating it), load the model, register it, run the loop
+(or one pass with ``once``), write reports, talk to systemd. The CLI installs the signal handlers that set
+``stop``; nothing here imports TensorFlow unless the keras engine is chosen."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from histod.daemon.filters import ImageFilter
+from histod.daemon.notify import notify, watchdog_period
+from histod.daemon.reports import write_report
+from histod.daemon.service import Served, Service, run_loop, run_once
+from histod.db import queries
+from histod.db.models import utcnow
+from histod.db.session import open_database, transaction
+from histod.errors import ConfigError, WatchError
+from histod.logs import get_logger
+from histod.runs import load_metrics
+
+if TYPE_CHECKING:
+    from sqlalchemy.orm import Session, sessionmaker
+
+    from histod.settings import Settings
+
+log: Any = get_logger("histod.service")
+
+
+@dataclass(frozen=True)
+class ServeResult:
+    files: int
+    started: datetime
+    stopped: datetime
+
+
+def _prepare_folders(settings: Settings) -> Path:
+    watch_dir = settings.resolved_watch_dir
+    for folder in (settings.data_dir, watch_dir, settings.processed_dir, settings.failed_dir, settings.reports_dir):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"cannot create {folder}: {exc.strerror}") from exc
+    if not watch_dir.is_dir():
+        raise WatchError(f"watch folder {watch_dir} is not a directory")
+    return Path(os.path.realpath(watch_dir))
+
+
+def _register(factory: sessionmaker[Session], engine: Any, run_dir: Path, kind: str) -> Served:
+    with transaction(factory) as session:
+        record = queries.register_model(
+            session,
+            sha256=engine.sha256,
+            run_id=engine.run.run_id,
+            run_path=str(run_dir.resolve()),
+            engine=kind,
+            image_size=int(engine.image_size),
+            threshold=float(engine.threshold),
+            metrics=load_metrics(run_dir),
+        )
+        return Served(record.id, record.sha256, record.run_id, kind, float(engine.threshold))
+
+
+class _Reporter:
+    """Writes a report every ``interval`` seconds (and a last one at shutdown)."""
+
+    def __init__(self, factory: sessionmaker[Session], settings: Settings, model_sha256: str) -> None:
+        self.factory = factory
+        self.settings = settings
+        self.model_sha256 = model_sha256
+        self.since = utcnow()
+        self.due = time.monotonic() + settings.report_interval_s
+
+    def write(self) -> None:
+        until = utcnow()
+        write_report(
+            self.factory,
+            self.settings.reports_dir,
+            self.since,
+            until,
+            host=self.settings.host,
+            model_sha256=self.model_sha256,
+        )
+        self.since = until
+        self.due = time.monotonic() + self.settings.report_interval_s
+
+    def tick(self) -> None:
+        if time.monotonic() >= self.due:
+            self.write()
+
+
+def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> ServeResult:
+    """Run the service until ``stop`` is set (or, with ``once``, until the folder has been processed)."""
+    started = utcnow()
+    if settings.model is None:
+        raise ConfigError("no model: pass --model RUN_DIR or set HISTOD_MODEL (train one with `histod train`)")
+    watch_dir = _prepare_folders(settings)
+    factory = open_database(settings.resolved_database_url)
+
+    from histod.daemon.engine import load_engine
+
+    engine = load_engine(settings.model, kind=settings.engine, threads=settings.threads)
+    served = _register(factory, engine, settings.model, settings.engine)
+    reporter = _Reporter(factory, settings, served.sha256)
+    log.info(
+        "service.started",
+        watch_dir=str(watch_dir),
+        database=settings.resolved_database_url,
+        model=served.sha256[:12],
+        run_id=served.run_id,
+        engine=settings.engine,
+        threshold=served.threshold,
+        once=once,
+    )
+    with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="histod-decode") as pool:
+        service = Service(settings, factory, engine, served, pool)
+        try:
+            if once:
+                run_once(service, watch_dir, ImageFilter.from_settings(settings), stop)
+            else:
+                _run_forever(service, settings, watch_dir, stop, reporter)
+        finally:
+            notify("STOPPING=1")
+            try:
+                reporter.write()
+            finally:
+                if service.retrying:
+                    log.warning("service.moves_pending", files=sorted(str(p) for p in service.retrying))
+    stopped = utcnow()
+    log.info("service.stopped", files=service.files, seconds=round((stopped - started).total_seconds(), 2))
+    return ServeResult(service.files, started, stopped)
+
+
+def _run_forever(
+    service: Service, settings: Settings, watch_dir: Path, stop: threading.Event, reporter: _Reporter
+) -> None:
+    from histod.daemon.watch import Watcher
+
+    watcher = Watcher.from_settings(settings.model_copy(update={"watch_dir": watch_dir}))
+    period = min(watchdog_period() or 2.0, 2.0)
+    last_ping = 0.0
+    ready = False
+
+    def tick() -> None:
+        nonlocal last_ping, ready
+        now = time.monotonic()
+        if not ready and watcher.observer is not None:
+            ready = True
+            notify("READY=1")
+            log.info("service.ready", watch_dir=str(watch_dir), mode=watcher.mode)
+        if now - last_ping >= period:
+            notify("WATCHDOG=1")
+            last_ping = now
+        reporter.tick()
+
+    run_loop(service, watcher.watch, stop, on_tick=tick)

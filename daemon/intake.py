@@ -1,0 +1,76 @@
+"""Intake: take one file from the watch folder, read its bytes once and hash them.
+
+The same bytes are later decoded and classified, so the recorded sha256 is exactly what the model saw.
+Nothing here follows a symbolic link or blocks on a FIFO (histod.imaging.read_file).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+from histod.errors import ImageError
+from histod.imaging import read_file
+
+
+@dataclass(frozen=True)
+class Taken:
+    """One file taken for classification: its bytes, or why they could not be read."""
+
+    path: Path
+    received_at: datetime
+    data: bytes | None
+    sha256: str | None
+    size_bytes: int | None
+    error: ImageError | None = None
+
+
+def take(path: Path, received_at: datetime, *, max_bytes: int) -> Taken | None:
+    """Read ``path``; None when it no longer exists (already moved, or removed by its owner)."""
+    try:
+        data = read_file(path, max_bytes=max_bytes, follow_symlinks=False)
+    except ImageError as exc:
+        if exc.reason == "missing":
+            return None
+        sha: str | None = None
+        size: int | None = None
+        if exc.reason == "empty":
+            sha, size = hashlib.sha256(b"").hexdigest(), 0
+        elif exc.reason == "too_large":
+            size = _size(path)
+        return Taken(path, received_at, None, sha, size, exc)
+    return Taken(path, received_at, data, hashlib.sha256(data).hexdigest(), len(data))
+
+
+def _size(path: Path) -> int | None:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def scan(folder: Path, accept: object, *, settle_s: float, now: float) -> list[Path]:
+    """The entries of ``folder`` (not recursive) that ``accept(path)`` takes and that have not changed for
+    ``settle_s`` seconds (by lstat mtime, so a file still being written is left for the next run), sorted."""
+    assert callable(accept)
+    found: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return []
+    for entry in entries:
+        path = Path(entry.path)
+        if not accept(path):
+            continue
+        try:
+            mtime = entry.stat(follow_symlinks=False).st_mtime
+        except OSError:
+            continue
+        if now - mtime >= settle_s:
+            found.append(path)
+    return sorted(found)

@@ -1,0 +1,113 @@
+"""Move a recorded file to processed/ or failed/YYYY-MM-DD/, never overwriting anything.
+
+Targets are chosen before the result row is committed (the row stores them) and are unique: a name is
+free when nothing is at that path and no other result claims it. The move itself is a hard link to the
+target (which fails rather than replace) followed by removing the original, so a crash between the two
+leaves both names on one inode, which :func:`move_file` recognises and finishes. Across filesystems the
+file is copied to a hidden temporary name, linked into place and the original removed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import stat
+from collections.abc import Callable
+from datetime import datetime
+from pathlib import Path
+
+_NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+
+def dated_dir(root: Path, when: datetime) -> Path:
+    return root / when.strftime("%Y-%m-%d")
+
+
+def candidates(folder: Path, name: str) -> Callable[[int], Path]:
+    """``name``, then ``stem-1.ext``, ``stem-2.ext``, ... in ``folder``."""
+    dot = name.rfind(".")
+    stem, suffix = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+
+    def nth(n: int) -> Path:
+        return folder / (name if n == 0 else f"{stem}-{n}{suffix}")
+
+    return nth
+
+
+def plan_target(folder: Path, name: str, claimed: Callable[[Path], bool]) -> Path:
+    """The first free name for ``name`` in ``folder``: nothing on disk there and not ``claimed``."""
+    nth = candidates(folder, name)
+    n = 0
+    while True:
+        path = nth(n)
+        if not os.path.lexists(path) and not claimed(path):
+            return path
+        n += 1
+
+
+def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
+    return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
+
+
+def _same_content(src: Path, dst: Path) -> bool:
+    try:
+        with src.open("rb") as a, dst.open("rb") as b:
+            while True:
+                x, y = a.read(1 << 20), b.read(1 << 20)
+                if x != y:
+                    return False
+                if not x:
+                    return True
+    except OSError:
+        return False
+
+
+def move_file(src: Path, dst: Path) -> Path:
+    """Move ``src`` to ``dst`` without overwriting; return where it went (``dst``, or the next free name when
+    an unrelated file is already at ``dst``). Raises OSError (permissions, disk full); ``src`` is then intact."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    src_st = os.lstat(src)
+    if os.path.lexists(dst):
+        dst_st = os.lstat(dst)
+        regular = stat.S_ISREG(src_st.st_mode) and stat.S_ISREG(dst_st.st_mode)
+        if _same_file(src_st, dst_st) or (
+            regular
+            and src_st.st_size == dst_st.st_size
+            and src_st.st_mtime_ns == dst_st.st_mtime_ns
+            and _same_content(src, dst)
+        ):
+            src.unlink()  # an earlier move got as far as the link (or copy): finish it
+            return dst
+        dst = plan_target(dst.parent, dst.name, lambda _p: False)
+    if stat.S_ISDIR(src_st.st_mode):
+        src.rename(dst)  # a folder with an image's name: links are not possible; dst was free just now
+        return dst
+    try:
+        os.link(src, dst, follow_symlinks=False)
+    except OSError as exc:
+        if exc.errno == errno.EXDEV:
+            return _copy_across(src, dst, src_st)
+        if exc.errno in _NO_HARD_LINKS and not os.path.lexists(dst):
+            src.rename(dst)
+            return dst
+        raise
+    src.unlink()
+    return dst
+
+
+def _copy_across(src: Path, dst: Path, src_st: os.stat_result) -> Path:
+    if not stat.S_ISREG(src_st.st_mode):
+        raise OSError(errno.EXDEV, f"cannot move {src} (not a regular file) across filesystems")
+    tmp = dst.with_name(f".{dst.name}.histod-{os.getpid()}.tmp")
+    try:
+        shutil.copy2(src, tmp, follow_symlinks=False)
+        with tmp.open("rb") as fh:
+            os.fsync(fh.fileno())
+        os.link(tmp, dst)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    src.unlink()
+    return dst

@@ -1,0 +1,389 @@
+"""`histod serve`: watch -> intake -> batch -> decode -> infer -> record -> move -> log, one line per file.
+
+Each step is a function of its inputs; :class:`Service` holds the little state that spans batches (names
+claimed for moves in flight, moves to retry) and :func:`serve` strings it all together.
+
+Exactly once: a file's row is committed before the file is moved, and the row already names the target.
+If the process dies after the commit and before the move, the file is still in the watch folder; when it
+is seen again, intake finds the row for the same path and the same sha256 with no successful move, and
+only moves it. Content seen before under any path is a new event, recorded with ``duplicate_of``.
+A move that fails (permissions, disk full) is recorded as a failed Move; the file stays and is retried.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy.orm import Session, sessionmaker
+
+from histod import LABELS
+from histod.daemon.intake import Taken, scan, take
+from histod.daemon.mover import dated_dir, move_file, plan_target
+from histod.db import queries
+from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
+from histod.db.session import reading, transaction
+from histod.errors import DatabaseError, ImageError, WatchError
+from histod.imaging import decode
+from histod.logs import get_logger
+
+if TYPE_CHECKING:
+    from histod.settings import Settings
+
+log: Any = get_logger("histod.service")
+
+RECORD_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0)
+"""seconds to wait before each new attempt when the database refuses a batch (locked past the busy timeout)"""
+MOVE_RETRY_S = (5.0, 15.0, 60.0, 300.0)
+
+
+class Predictor(Protocol):
+    image_size: int
+    threshold: float
+
+    def predict(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]: ...
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model the service is using, as registered in the `models` table."""
+
+    model_id: int
+    sha256: str
+    run_id: str
+    engine: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    taken: Taken
+    classified_at: datetime
+    p: float | None
+    error: ImageError | None
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    result_id: int
+    source: Path
+    target: Path
+    line: dict[str, Any]
+    """the file's canonical log line, completed once the move is done"""
+
+
+# --- the steps -------------------------------------------------------------------------------------------
+def intake(
+    arrivals: Sequence[tuple[Path, datetime]], factory: sessionmaker[Session], *, max_bytes: int
+) -> tuple[list[Taken], list[PlannedMove]]:
+    """Read and hash each file; files already recorded but not moved come back as moves only."""
+    fresh: list[Taken] = []
+    recover: list[PlannedMove] = []
+    with reading(factory) as session:
+        for path, received in arrivals:
+            taken = take(path, received, max_bytes=max_bytes)
+            if taken is None:
+                continue
+            row = queries.find_unmoved(session, str(path), taken.sha256)
+            if row is None:
+                fresh.append(taken)
+            else:
+                line = {"result_id": row.id, "status": row.status, "label": row.label, "recovered": True}
+                recover.append(PlannedMove(row.id, path, Path(row.stored_path), line))
+    return fresh, recover
+
+
+def classify(
+    batch: Sequence[Taken], predictor: Predictor, pool: ThreadPoolExecutor, *, max_pixels: int
+) -> list[Outcome]:
+    """Decode in the pool, then one predict call for every image that decoded."""
+
+    def one(taken: Taken) -> NDArray[np.uint8] | ImageError:
+        if taken.error is not None or taken.data is None:
+            return taken.error or ImageError("unreadable", f"{taken.path} could not be read")
+        try:
+            return decode(taken.data, predictor.image_size, max_pixels=max_pixels, name=str(taken.path))
+        except ImageError as exc:
+            return exc
+
+    decoded = list(pool.map(one, batch))
+    good: dict[int, NDArray[np.uint8]] = {i: d for i, d in enumerate(decoded) if not isinstance(d, ImageError)}
+    probabilities: dict[int, float] = {}
+    if good:
+        stack = np.stack(list(good.values())).astype(np.uint8)
+        p = np.asarray(predictor.predict(stack), dtype=np.float32).reshape(-1)
+        probabilities = {i: float(p[k]) for k, i in enumerate(good)}
+    done = utcnow()
+    outcomes = []
+    for i, taken in enumerate(batch):
+        d = decoded[i]
+        outcomes.append(Outcome(taken, done, probabilities.get(i), d if isinstance(d, ImageError) else None))
+    return outcomes
+
+
+def to_result(outcome: Outcome, served: Served, host: str, stored: Path) -> Result:
+    taken = outcome.taken
+    ok = outcome.error is None and outcome.p is not None
+    p = outcome.p if ok else None
+    return Result(
+        original_path=str(taken.path),
+        name=taken.path.name,
+        sha256=taken.sha256,
+        size_bytes=taken.size_bytes,
+        received_at=taken.received_at,
+        classified_at=outcome.classified_at,
+        latency_ms=(outcome.classified_at - taken.received_at).total_seconds() * 1000,
+        status=STATUS_CLASSIFIED if ok else STATUS_FAILED,
+        label=(LABELS[1] if p >= served.threshold else LABELS[0]) if p is not None else None,
+        p_malignant=p,
+        threshold=served.threshold,
+        model_id=served.model_id,
+        model_sha256=served.sha256,
+        run_id=served.run_id,
+        engine=served.engine,
+        error_reason=outcome.error.reason if outcome.error is not None else None,
+        error=str(outcome.error.args[0]) if outcome.error is not None else None,
+        host=host,
+        stored_path=str(stored),
+    )
+
+
+def record(
+    factory: sessionmaker[Session],
+    outcomes: Sequence[Outcome],
+    *,
+    served: Served,
+    host: str,
+    processed_dir: Path,
+    failed_dir: Path,
+    claimed: set[Path],
+    retries: Sequence[float] = RECORD_RETRIES,
+) -> list[PlannedMove]:
+    """One transaction: a row per outcome, each naming its unique target. Retried while the database is
+    locked; raises DatabaseError when it stays unavailable (the files are then still in the watch folder)."""
+    for attempt in range(len(retries) + 1):
+        try:
+            with transaction(factory) as session:
+                planned: list[tuple[Result, Path]] = []
+                taken_here: set[Path] = set()
+
+                def is_claimed(path: Path, s: Session = session, mine: set[Path] = taken_here) -> bool:
+                    return path in claimed or path in mine or queries.stored_path_taken(s, str(path))
+
+                for o in outcomes:
+                    root = processed_dir if o.error is None and o.p is not None else failed_dir
+                    target = plan_target(dated_dir(root, o.taken.received_at), o.taken.path.name, is_claimed)
+                    taken_here.add(target)
+                    planned.append((to_result(o, served, host, target), target))
+                rows = queries.record_results(session, [r for r, _ in planned])
+                moves = [
+                    PlannedMove(row.id, Path(row.original_path), target, _line(row))
+                    for row, (_, target) in zip(rows, planned, strict=True)
+                ]
+            claimed.update(m.target for m in moves)
+            return moves
+        except DatabaseError as exc:
+            if attempt == len(retries):
+                raise
+            log.warning("record.retry", attempt=attempt + 1, files=len(outcomes), error=str(exc))
+            time.sleep(retries[attempt])
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _line(row: Result) -> dict[str, Any]:
+    return {
+        "result_id": row.id,
+        "status": row.status,
+        "label": row.label,
+        "p": None if row.p_malignant is None else round(row.p_malignant, 4),
+        "ms": round(row.latency_ms, 1),
+        "reason": row.error_reason,
+        "duplicate_of": row.duplicate_of,
+    }
+
+
+def move(planned: PlannedMove) -> Move:
+    """Move one file; the outcome is a Move event (never raises for an OS error)."""
+    try:
+        where = move_file(planned.source, planned.target)
+    except FileNotFoundError as exc:
+        if exc.filename is not None and Path(exc.filename) == planned.source:
+            return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error="source vanished")
+        return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error=str(exc))
+    except OSError as exc:
+        return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error=str(exc))
+    return Move(result_id=planned.result_id, ok=True, path=str(where), error=None)
+
+
+def save_moves(factory: sessionmaker[Session], moves: Sequence[Move]) -> None:
+    """Best effort: the files are where they are; a lost Move row only means a later sighting re-checks."""
+    if not moves:
+        return
+    try:
+        with transaction(factory) as session:
+            queries.record_moves(session, moves)
+    except DatabaseError as exc:
+        log.warning("moves.not_recorded", count=len(moves), error=str(exc))
+
+
+@dataclass
+class _Retry:
+    planned: PlannedMove
+    attempts: int
+    due: float
+
+
+class Service:
+    """The state that spans batches; :meth:`process` runs one batch through every step."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        factory: sessionmaker[Session],
+        predictor: Predictor,
+        served: Served,
+        pool: ThreadPoolExecutor,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.settings = settings
+        self.factory = factory
+        self.predictor = predictor
+        self.served = served
+        self.pool = pool
+        self.clock = clock
+        self.claimed: set[Path] = set()
+        self.retrying: dict[Path, _Retry] = {}
+        self.files = 0
+
+    def process(self, arrivals: Sequence[tuple[Path, datetime]]) -> int:
+        """Run one batch; returns how many files were recorded or moved."""
+        first: dict[Path, datetime] = {}
+        for path, received in arrivals:
+            if path not in self.retrying:
+                first.setdefault(path, received)
+        arrivals = list(first.items())
+        if not arrivals:
+            return 0
+        fresh, recover = intake(arrivals, self.factory, max_bytes=self.settings.max_file_bytes)
+        planned = list(recover)
+        if fresh:
+            outcomes = classify(fresh, self.predictor, self.pool, max_pixels=self.settings.max_pixels)
+            planned += record(
+                self.factory,
+                outcomes,
+                served=self.served,
+                host=self.settings.host,
+                processed_dir=self.settings.processed_dir,
+                failed_dir=self.settings.failed_dir,
+                claimed=self.claimed,
+            )
+        self._move(planned, attempts=0)
+        self.files += len(planned)
+        return len(planned)
+
+    def retry_moves(self, *, force: bool = False) -> None:
+        now = self.clock()
+        due = [r for r in self.retrying.values() if force or r.due <= now]
+        for r in due:
+            del self.retrying[r.planned.source]
+        for r in due:
+            self._move([r.planned], attempts=r.attempts)
+
+    def _move(self, planned: Sequence[PlannedMove], *, attempts: int) -> None:
+        moves = [move(p) for p in planned]
+        save_moves(self.factory, moves)
+        for p, m in zip(planned, moves, strict=True):
+            line = {"path": str(p.source), **p.line}
+            if m.ok:
+                self.claimed.discard(p.target)
+                log.info("image", **line, stored=m.path)
+            elif m.error == "source vanished":
+                self.claimed.discard(p.target)
+                log.warning("image.vanished", **line, stored=None)
+            else:
+                wait = MOVE_RETRY_S[min(attempts, len(MOVE_RETRY_S) - 1)]
+                self.retrying[p.source] = _Retry(p, attempts + 1, self.clock() + wait)
+                log.error("image.move_failed", **line, target=m.path, error=m.error, retry_in_s=wait)
+
+
+# --- the loop --------------------------------------------------------------------------------------------
+def collect(
+    inbox: queue.Queue[tuple[Path, datetime]], size: int, timeout_s: float, wait_s: float = 0.5
+) -> list[tuple[Path, datetime]]:
+    """Up to ``size`` arrivals: wait up to ``wait_s`` for the first, then up to ``timeout_s`` for the rest."""
+    try:
+        batch = [inbox.get(timeout=wait_s)]
+    except queue.Empty:
+        return []
+    deadline = time.monotonic() + timeout_s
+    while len(batch) < size:
+        left = deadline - time.monotonic()
+        try:
+            batch.append(inbox.get(timeout=left) if left > 0 else inbox.get_nowait())
+        except queue.Empty:
+            break
+    return batch
+
+
+def run_loop(
+    service: Service,
+    watch: Callable[[threading.Event], Any],
+    stop: threading.Event,
+    *,
+    on_tick: Callable[[], None],
+) -> None:
+    """Feed the watcher's batches through ``service`` until ``stop`` is set; the batch in flight finishes."""
+    inbox: queue.Queue[tuple[Path, datetime]] = queue.Queue()
+    died: list[BaseException] = []
+    feeder_stop = threading.Event()
+
+    def feed() -> None:
+        try:
+            for paths in watch(feeder_stop):
+                now = utcnow()
+                for path in paths:
+                    inbox.put((path, now))
+        except BaseException as exc:
+            died.append(exc)
+
+    thread = threading.Thread(target=feed, name="histod-watch", daemon=True)
+    thread.start()
+    settings = service.settings
+    try:
+        while not stop.is_set():
+            on_tick()
+            if died or not thread.is_alive():
+                error = died[0] if died else None
+                raise WatchError(f"the watcher stopped: {error}") from error
+            batch = collect(inbox, settings.batch_size, settings.batch_timeout_ms / 1000)
+            if batch and not stop.is_set():
+                service.process(batch)
+            elif batch:
+                break  # stopping: what was not started stays in the watch folder for the next start
+            service.retry_moves()
+    finally:
+        feeder_stop.set()
+        thread.join(timeout=5)
+
+
+def run_once(service: Service, watch_dir: Path, accept: Callable[[Path], bool], stop: threading.Event) -> int:
+    """Process what is in the watch folder now (entries unchanged for stable_ms); returns files handled."""
+    settings = service.settings
+    paths = scan(watch_dir, accept, settle_s=settings.stable_ms / 1000, now=time.time())
+    handled = 0
+    for start in range(0, len(paths), settings.batch_size):
+        if stop.is_set():
+            break
+        now = utcnow()
+        handled += service.process([(p, now) for p in paths[start : start + settings.batch_size]])
+    service.retry_moves(force=True)
+    return handled

@@ -1,0 +1,237 @@
+"""The service on real folders, a real SQLite file and the real tiny model (tiny_run_dir)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import threading
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from histod.daemon import service as svc
+from histod.daemon.app import serve
+from histod.daemon.engine import load_engine
+from histod.daemon.mover import move_file, plan_target
+from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, utcnow
+from histod.settings import Settings
+from histod.synthetic import write_images
+from tests.test_service_support import (
+    factory_for,
+    files_under,
+    hostile_files,
+    moves,
+    row_count,
+    rows,
+    service_settings,
+    wait_for,
+)
+
+
+def _once(settings: Settings) -> None:
+    serve(settings, threading.Event(), once=True)
+
+
+# --- moving without overwriting ---------------------------------------------------------------------------
+def test_plan_target_skips_names_on_disk_and_claimed(tmp_path: Path) -> None:
+    (tmp_path / "a.png").write_bytes(b"x")
+    claimed = {tmp_path / "a-1.png"}
+    assert plan_target(tmp_path, "a.png", claimed.__contains__) == tmp_path / "a-2.png"
+    assert plan_target(tmp_path, "noext", claimed.__contains__) == tmp_path / "noext"
+    assert plan_target(tmp_path, ".hidden", lambda _p: False) == tmp_path / ".hidden"
+
+
+def test_move_file_never_overwrites_and_finishes_a_half_done_move(tmp_path: Path) -> None:
+    src, dst = tmp_path / "in" / "a.png", tmp_path / "out" / "a.png"
+    src.parent.mkdir()
+    dst.parent.mkdir()
+    src.write_bytes(b"new")
+    dst.write_bytes(b"someone else's")
+    where = move_file(src, dst)
+    assert where == tmp_path / "out" / "a-1.png" and where.read_bytes() == b"new" and not src.exists()
+    assert dst.read_bytes() == b"someone else's"
+    # a crash after link() and before unlink(): both names on one inode
+    src.write_bytes(b"again")
+    target = tmp_path / "out" / "b.png"
+    os.link(src, target)
+    assert move_file(src, target) == target
+    assert not src.exists() and target.read_bytes() == b"again"
+
+
+# --- one pass over the folder ------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def once_run(tiny_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Settings, dict[str, str]]:
+    """serve --once over 6 good tiles, a copy of one of them, and three hostile files."""
+    root = tmp_path_factory.mktemp("once")
+    settings = service_settings(root, tiny_run_dir)
+    watch = settings.resolved_watch_dir
+    good = write_images(watch, 6, size=48)
+    shutil.copyfile(good[0], watch / "copy of first.png")
+    expected = hostile_files(watch, good[1])
+    _once(settings)
+    return settings, expected
+
+
+def test_files_present_before_start_are_classified_and_moved(once_run: tuple[Settings, dict[str, str]]) -> None:
+    settings, _ = once_run
+    recorded = rows(settings)
+    assert len(recorded) == 10
+    assert files_under(settings.resolved_watch_dir) == []
+    classified = [r for r in recorded if r.status == STATUS_CLASSIFIED]
+    assert len(classified) == 7
+    for r in classified:
+        assert r.label in ("Benign", "Malignant") and r.p_malignant is not None and 0 <= r.p_malignant <= 1
+        assert r.model_sha256 and r.run_id and r.engine == "litert" and r.host == "test-host"
+        assert Path(r.stored_path).is_file() and Path(r.stored_path).parent.parent == settings.processed_dir
+        assert r.latency_ms >= 0 and r.classified_at >= r.received_at
+    assert len(files_under(settings.processed_dir)) == 7
+    assert all(m.ok for m in moves(settings)) and len(moves(settings)) == 10
+
+
+def test_corrupt_and_empty_files_fail_with_reasons(once_run: tuple[Settings, dict[str, str]]) -> None:
+    settings, expected = once_run
+    failed = {r.name: r for r in rows(settings) if r.status == STATUS_FAILED}
+    assert set(failed) == set(expected)
+    for name, reason in expected.items():
+        accepted = {"truncated", "corrupt"} if reason == "truncated" else {reason}
+        assert failed[name].error_reason in accepted, (name, failed[name].error_reason)
+        assert failed[name].error and failed[name].label is None and failed[name].p_malignant is None
+        assert Path(failed[name].stored_path).parent.parent == settings.failed_dir
+    assert sorted(p.name for p in files_under(settings.failed_dir)) == sorted(expected)
+
+
+def test_duplicate_content_is_a_new_event_marked_duplicate(once_run: tuple[Settings, dict[str, str]]) -> None:
+    settings, _ = once_run
+    by_name = {r.name: r for r in rows(settings)}
+    copy, first = by_name["copy of first.png"], by_name["tile_1_00000.png"]
+    assert copy.sha256 == first.sha256 and copy.id != first.id
+    assert {copy.duplicate_of, first.duplicate_of} == {None, min(copy.id, first.id)}
+    assert Counter(r.duplicate_of is not None for r in rows(settings))[True] == 1
+
+
+def test_same_name_again_is_stored_under_a_new_name(once_run: tuple[Settings, dict[str, str]]) -> None:
+    settings, _ = once_run
+    first = next(r for r in rows(settings) if r.name == "tile_1_00001.png")
+    shutil.copyfile(first.stored_path, settings.resolved_watch_dir / "tile_1_00001.png")
+    _once(settings)
+    again = [r for r in rows(settings) if r.name == "tile_1_00001.png"]
+    assert len(again) == 2 and again[1].duplicate_of == first.id
+    assert again[1].stored_path != first.stored_path
+    assert Path(again[1].stored_path).is_file() and Path(first.stored_path).is_file()
+
+
+# --- crashes between commit and move, and failed moves -----------------------------------------------------
+def _record_without_moving(settings: Settings, paths: list[Path]) -> None:
+    """What a process that dies right after the commit leaves behind: rows, and the files still in place."""
+    factory = factory_for(settings)
+    engine = load_engine(settings.model or Path(), threads=1)
+    from histod.daemon.app import _register
+
+    served = _register(factory, engine, settings.model or Path(), "litert")
+    now = utcnow()
+    fresh, recover = svc.intake([(p, now) for p in paths], factory, max_bytes=settings.max_file_bytes)
+    assert len(fresh) == len(paths) and recover == []
+    with ThreadPoolExecutor(1) as pool:
+        outcomes = svc.classify(fresh, engine, pool, max_pixels=settings.max_pixels)
+    svc.record(
+        factory,
+        outcomes,
+        served=served,
+        host=settings.host,
+        processed_dir=settings.processed_dir,
+        failed_dir=settings.failed_dir,
+        claimed=set(),
+    )
+
+
+def test_restart_after_commit_before_move_neither_loses_nor_reclassifies(tiny_run_dir: Path, tmp_path: Path) -> None:
+    settings = service_settings(tmp_path, tiny_run_dir)
+    watch = settings.resolved_watch_dir
+    paths = [*write_images(watch, 3, size=48), *[watch / n for n in hostile_files(watch, watch / "tile_1_00000.png")]]
+    _record_without_moving(settings, paths)
+    before = rows(settings)
+    assert len(before) == 6 and moves(settings) == []
+    # a half-done move too: the link was made, the unlink was not
+    os.link(paths[0], _mkparent(Path(before[0].stored_path)))
+    _once(settings)
+    after = rows(settings)
+    assert [r.id for r in after] == [r.id for r in before]  # nothing classified again
+    assert files_under(watch) == []
+    assert sorted(str(p) for p in [*files_under(settings.processed_dir), *files_under(settings.failed_dir)]) == sorted(
+        r.stored_path for r in after
+    )
+    assert sorted(m.result_id for m in moves(settings) if m.ok) == [r.id for r in after]
+
+
+def _mkparent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def test_a_failed_move_keeps_the_file_records_it_and_is_retried(
+    tiny_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = service_settings(tmp_path, tiny_run_dir)
+    (path,) = write_images(settings.resolved_watch_dir, 1, size=48)
+    real_link = os.link
+
+    def full_disk(src: object, dst: object, **kwargs: object) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "link", full_disk)  # the OS boundary: the disk is full
+    _once(settings)
+    (row,) = rows(settings)
+    failed_moves = moves(settings)  # the pass tries once more before it ends
+    assert failed_moves and all(not m.ok and "No space" in (m.error or "") for m in failed_moves)
+    assert path.is_file()
+    assert files_under(settings.processed_dir) == []
+    monkeypatch.setattr(os, "link", real_link)
+    _once(settings)  # the next pass only moves it
+    assert [r.id for r in rows(settings)] == [row.id]
+    assert not path.exists() and Path(row.stored_path).is_file()
+    assert [m.ok for m in moves(settings)] == [False] * len(failed_moves) + [True]
+
+
+# --- the watching service ----------------------------------------------------------------------------------
+def test_watching_service_takes_files_before_and_after_start_and_stops_cleanly(
+    tiny_run_dir: Path, tmp_path: Path
+) -> None:
+    settings = service_settings(tmp_path, tiny_run_dir, stable_ms=100, reconcile_interval_s=30)
+    watch = settings.resolved_watch_dir
+    write_images(watch, 3, size=48, seed=1)
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve(settings, stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    try:
+        wait_for(lambda: row_count(settings) == 3, 60, what="the 3 files present at start")
+        staging = tmp_path / "staging"
+        slow_bytes = write_images(staging, 1, size=48, seed=3)[0].read_bytes()
+        with (watch / "slow.png").open("wb") as slow:
+            slow.write(slow_bytes[:100])  # a writer that has not finished
+            slow.flush()
+            for p in write_images(staging, 5, size=48, seed=2):
+                p.rename(watch / p.name)  # atomic-rename upload
+            wait_for(lambda: row_count(settings) == 8, 60, what="the files dropped while running")
+            assert "slow.png" not in {r.name for r in rows(settings)}
+            slow.write(slow_bytes[100:])
+        wait_for(lambda: row_count(settings) == 9, 60, what="the slow file once complete")
+        wait_for(lambda: files_under(watch) == [], 30, what="the watch folder to empty")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert not thread.is_alive() and errors == []
+    (slow_row,) = [r for r in rows(settings) if r.name == "slow.png"]
+    assert slow_row.status == STATUS_CLASSIFIED and slow_row.size_bytes == len(slow_bytes)
+    assert len(files_under(settings.processed_dir)) == 9 and files_under(settings.failed_dir) == []
+    assert list(settings.reports_dir.glob("report-*.json"))
