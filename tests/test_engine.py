@@ -1,4 +1,5 @@
-"""The serving engines on a real tiny RUN_DIR: LiteRT (no TensorFlow) against Keras, batch sizes, TTA, checks."""
+"""The serving engines on the real tiny RUN_DIR of tests/conftest.py (``tiny_run_dir``, read-only: copied before
+any change): LiteRT (no TensorFlow) against Keras, batch sizes, TTA, sha256 and file checks."""
 
 from __future__ import annotations
 
@@ -21,67 +22,36 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny RUN_DIR (stand-in until tests/conftest.py provides tiny_run_dir)."""
-    import keras
-    import tensorflow as tf
-
-    from histod.runs import RunInfo, sha256_file
-
-    size = 32
-    keras.utils.set_random_seed(0)
-    inputs = keras.Input((size, size, 3))
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
-    x = keras.layers.Conv2D(4, 3, activation="relu")(x)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid")(x)
-    model = keras.Model(inputs, outputs)
-    path = tmp_path_factory.mktemp("run")
-    model.save(path / KERAS_FILE)
-    (path / TFLITE_FILE).write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-    RunInfo(
-        run_id="test",
-        created="2026-01-01T00:00:00Z",
-        image_size=size,
-        threshold=0.5,
-        alpha=1.0,
-        keras_sha256=sha256_file(path / KERAS_FILE),
-        tflite_sha256=sha256_file(path / TFLITE_FILE),
-    ).write(path)
-    return path
+def litert(tiny_run_dir: Path) -> Engine:
+    return load_engine(tiny_run_dir, "litert", threads=1)
 
 
 @pytest.fixture(scope="module")
-def litert(run_dir: Path) -> Engine:
-    return load_engine(run_dir, "litert", threads=1)
-
-
-@pytest.fixture(scope="module")
-def keras_engine(run_dir: Path) -> Engine:
-    return load_engine(run_dir, "keras")
+def keras_engine(tiny_run_dir: Path) -> Engine:
+    return load_engine(tiny_run_dir, "keras")
 
 
 def images(n: int, size: int, seed: int = 0) -> NDArray[np.uint8]:
     return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), dtype=np.uint8)
 
 
-def copy_run(run_dir: Path, dest: Path, **changes: object) -> Path:
-    shutil.copytree(run_dir, dest)
+def copy_run(tiny_run_dir: Path, dest: Path, **changes: object) -> Path:
+    shutil.copytree(tiny_run_dir, dest)
     info = json.loads((dest / MODEL_INFO).read_text())
     info.update(changes)
     (dest / MODEL_INFO).write_text(json.dumps(info))
     return dest
 
 
-def test_engine_attributes(litert: Engine, run_dir: Path) -> None:
-    run = load_run(run_dir)
+def test_engine_attributes(litert: Engine, tiny_run_dir: Path) -> None:
+    run = load_run(tiny_run_dir)
     assert isinstance(litert, LiteRTEngine)
     assert litert.name == "litert"
     assert litert.image_size == run.image_size
     assert litert.threshold == run.threshold
     assert litert.run == run
     assert litert.sha256 == run.tflite_sha256
-    assert litert.model_path == run_dir / TFLITE_FILE
+    assert litert.model_path == tiny_run_dir / TFLITE_FILE
 
 
 def test_litert_matches_keras(litert: Engine, keras_engine: Engine) -> None:
@@ -117,18 +87,32 @@ def test_wrong_shape_is_refused(litert: Engine) -> None:
 
 
 @pytest.mark.parametrize("kind", ["litert", "keras"])
-def test_tta_averages_over_horizontal_flip(run_dir: Path, tmp_path: Path, kind: str, litert: Engine) -> None:
-    engine = load_engine(copy_run(run_dir, tmp_path / "tta", tta=True), kind)  # type: ignore[arg-type]
+def test_tta_averages_over_horizontal_flip(
+    tiny_run_dir: Path, tmp_path: Path, kind: str, litert: Engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    engine = load_engine(copy_run(tiny_run_dir, tmp_path / "tta", tta=True), kind)  # type: ignore[arg-type]
     assert engine.run.tta
     batch = images(3, engine.image_size, seed=3)
-    expected = (litert.predict(batch) + litert.predict(batch[:, :, ::-1, :].copy())) / 2
-    np.testing.assert_allclose(engine.predict(batch), expected, atol=1e-4)
-    assert not np.allclose(litert.predict(batch), expected, atol=1e-6), "the flip should change something"
+    seen: list[NDArray[np.float32]] = []
+    infer = engine._infer
+
+    def spy(x: NDArray[np.float32]) -> NDArray[np.float32]:
+        seen.append(x.copy())
+        return infer(x)
+
+    monkeypatch.setattr(engine, "_infer", spy)
+    p = engine.predict(batch)
+    given = np.concatenate(seen)
+    assert given.shape[0] == 6, "the image and its flip, in one call"
+    np.testing.assert_array_equal(given[:3], batch)
+    np.testing.assert_array_equal(given[3:], batch[:, :, ::-1, :])  # flipped left-right
+    expected = (litert.predict(batch) + litert.predict(np.ascontiguousarray(batch[:, :, ::-1, :]))) / 2
+    np.testing.assert_allclose(p, expected, atol=1e-4)
 
 
 @pytest.mark.parametrize(("kind", "file"), [("litert", TFLITE_FILE), ("keras", KERAS_FILE)])
-def test_sha_mismatch_is_a_model_error(run_dir: Path, tmp_path: Path, kind: str, file: str) -> None:
-    copied = copy_run(run_dir, tmp_path / "tampered")
+def test_sha_mismatch_is_a_model_error(tiny_run_dir: Path, tmp_path: Path, kind: str, file: str) -> None:
+    copied = copy_run(tiny_run_dir, tmp_path / "tampered")
     with (copied / file).open("ab") as fh:
         fh.write(b"\0")
     with pytest.raises(ModelError, match="sha256"):
@@ -136,8 +120,8 @@ def test_sha_mismatch_is_a_model_error(run_dir: Path, tmp_path: Path, kind: str,
 
 
 @pytest.mark.parametrize(("kind", "file"), [("litert", TFLITE_FILE), ("keras", KERAS_FILE)])
-def test_missing_model_file_is_a_model_error(run_dir: Path, tmp_path: Path, kind: str, file: str) -> None:
-    copied = copy_run(run_dir, tmp_path / "incomplete")
+def test_missing_model_file_is_a_model_error(tiny_run_dir: Path, tmp_path: Path, kind: str, file: str) -> None:
+    copied = copy_run(tiny_run_dir, tmp_path / "incomplete")
     (copied / file).unlink()
     with pytest.raises(ModelError, match="missing"):
         load_engine(copied, kind)  # type: ignore[arg-type]
@@ -150,24 +134,24 @@ def test_missing_run_dir_and_model_json(tmp_path: Path) -> None:
         load_engine(tmp_path)
 
 
-def test_image_size_disagreeing_with_model_json(run_dir: Path, tmp_path: Path) -> None:
-    copied = copy_run(run_dir, tmp_path / "resized", image_size=load_run(run_dir).image_size * 2)
+def test_image_size_disagreeing_with_model_json(tiny_run_dir: Path, tmp_path: Path) -> None:
+    copied = copy_run(tiny_run_dir, tmp_path / "resized", image_size=load_run(tiny_run_dir).image_size * 2)
     with pytest.raises(ModelError, match="image_size"):
         load_engine(copied)
 
 
-def test_unknown_kind(run_dir: Path) -> None:
+def test_unknown_kind(tiny_run_dir: Path) -> None:
     with pytest.raises(ConfigError):
-        load_engine(run_dir, "onnx")  # type: ignore[arg-type]
+        load_engine(tiny_run_dir, "onnx")  # type: ignore[arg-type]
 
 
-def test_litert_never_imports_tensorflow(run_dir: Path) -> None:
+def test_litert_never_imports_tensorflow(tiny_run_dir: Path) -> None:
     code = (
         "import sys\n"
         "from pathlib import Path\n"
         "import numpy as np\n"
         "import histod.daemon.engine as e\n"
-        f"engine = e.load_engine(Path({str(run_dir)!r}))\n"
+        f"engine = e.load_engine(Path({str(tiny_run_dir)!r}))\n"
         "s = engine.image_size\n"
         "p = engine.predict(np.zeros((2, s, s, 3), np.uint8))\n"
         "assert p.shape == (2,), p.shape\n"
