@@ -112,7 +112,9 @@ def _phase(
         keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience),
         _epoch_logger(name, epochs),
     ]
-    hist = model.fit(train, validation_data=val, epochs=epochs, class_weight=weights, callbacks=callbacks, verbose=0)
+    hist = model.fit(
+        train, validation_data=val, epochs=epochs, class_weight=weights, callbacks=callbacks, verbose=0, shuffle=False
+    )
     return {k: [float(v) for v in vs] for k, vs in hist.history.items()}, bool(stop.stopped_epoch > 0)
 
 

@@ -1,0 +1,167 @@
+"""trainer.model and trainer.export: preprocessing inside the model, base weights from files, LiteRT parity."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from histod.errors import ConfigError, ExportParityError
+from histod.trainer.config import TrainConfig
+from histod.trainer.export import parity
+
+SHARED_WEIGHTS = (
+    Path(__file__).resolve().parents[2]
+    / "shared"
+    / "weights"
+    / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
+)
+
+
+def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
+    values: dict[str, object] = {
+        "data_dir": tmp_path,
+        "out": tmp_path / "run",
+        "weights": "none",
+        "alpha": 0.35,
+        "image_size": 32,
+    }
+    values.update(kw)
+    return TrainConfig.model_validate(values)
+
+
+def test_scaling_to_minus_one_one_is_inside_the_model(tmp_path: Path) -> None:
+    import keras
+
+    from histod.trainer.model import build_model
+
+    model = build_model(_cfg(tmp_path))
+    scaling = model.get_layer("mobilenet_v2_scaling")
+    probe = keras.Model(model.inputs, scaling.output)
+    x = np.zeros((1, 32, 32, 3), dtype=np.float32)
+    x[0, 0, 0] = [0.0, 127.5, 255.0]
+    out = np.asarray(probe(x))
+    assert out[0, 0, 0] == pytest.approx([-1.0, 0.0, 1.0], abs=1e-6)
+    assert out.min() >= -1.0
+    assert out.max() <= 1.0
+    assert model.input_shape == (None, 32, 32, 3)
+    assert model.output_shape == (None, 1)
+
+
+def test_the_saved_model_takes_raw_pixels(tiny_run_dir: Path) -> None:
+    import keras
+
+    model = keras.models.load_model(tiny_run_dir / "model.keras", compile=False)
+    types = [type(layer).__name__ for layer in model.layers]
+    assert types[:3] == ["InputLayer", "Rescaling", "Functional"]
+    scaling = model.get_layer("mobilenet_v2_scaling")
+    assert float(scaling.scale) == pytest.approx(1 / 127.5)
+    assert float(scaling.offset) == pytest.approx(-1.0)
+    assert [layer.name for layer in model.layers[-4:]] == ["pool", "head_bn", "head_dropout", "p_malignant"]
+
+
+def test_unfreeze_top_unfreezes_exactly_the_last_layers(tmp_path: Path) -> None:
+    from histod.trainer.model import base_of, build_model, freeze_base, unfreeze_top
+
+    model = build_model(_cfg(tmp_path))
+    freeze_base(model)
+    assert not base_of(model).trainable
+    unfreeze_top(model, 30)
+    flags = [layer.trainable for layer in base_of(model).layers]
+    assert sum(flags) == 30
+    assert all(flags[-30:])
+    assert not any(flags[:-30])
+
+
+def test_base_weights_from_an_h5_file(tmp_path: Path) -> None:
+    from histod.trainer.model import base_of, build_base, build_model
+
+    source = build_base(_cfg(tmp_path, seed=1))
+    path = tmp_path / "base.weights.h5"
+    source.save_weights(path)
+    model = build_model(_cfg(tmp_path, weights=str(path)))
+    for a, b in zip(source.get_weights(), base_of(model).get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.filterwarnings("ignore:Skipping nested container")  # Keras warns before it fails on the mismatch
+def test_weights_that_do_not_fit_are_a_config_error(tmp_path: Path) -> None:
+    from histod.trainer.model import build_base, build_model
+
+    path = tmp_path / "base.weights.h5"
+    build_base(_cfg(tmp_path)).save_weights(path)
+    with pytest.raises(ConfigError, match=r"does not fit MobileNetV2 alpha 0\.5"):
+        build_model(_cfg(tmp_path, weights=str(path), alpha=0.5))
+    with pytest.raises(ConfigError, match="no such file"):
+        build_model(_cfg(tmp_path, weights=str(tmp_path / "missing.h5")))
+
+
+def test_weights_must_be_imagenet_none_or_h5(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="imagenet"):
+        _cfg(tmp_path, weights="resnet")
+
+
+@pytest.mark.shared
+@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason=f"shared weights file absent: {SHARED_WEIGHTS}")
+def test_shared_imagenet_weights_load(tmp_path: Path) -> None:
+    import keras
+
+    from histod.trainer.model import base_of, build_model
+
+    model = build_model(_cfg(tmp_path, weights=str(SHARED_WEIGHTS), image_size=96))
+    base = base_of(model)
+    assert base.count_params() == 410_208
+    reference = keras.applications.MobileNetV2(
+        input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=str(SHARED_WEIGHTS)
+    )
+    for a, b in zip(reference.get_weights(), base.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    p = np.asarray(model(np.full((2, 96, 96, 3), 200.0, dtype=np.float32)))
+    assert p.shape == (2, 1)
+    assert np.all(np.isfinite(p))
+
+
+# --- export ------------------------------------------------------------------------------------------------------
+
+
+def test_parity_check_fails_loudly() -> None:
+    a = np.array([0.1, 0.5, 0.9], dtype=np.float32)
+    assert parity(a, a + 5e-5) <= 1e-4
+    with pytest.raises(ExportParityError, match="disagrees"):
+        parity(a, a + np.array([0, 0, 2e-4], dtype=np.float32))
+    with pytest.raises(ExportParityError):
+        parity(a, np.array([0.1, np.nan, 0.9], dtype=np.float32))
+    with pytest.raises(ExportParityError, match="shape"):
+        parity(a, a[:2])
+
+
+def test_litert_matches_keras_at_any_batch_size(tiny_run_dir: Path, synthetic_dataset: Path) -> None:
+    import keras
+
+    from histod import imaging
+    from histod.trainer.litert import LiteRTModel
+
+    files = (
+        sorted((synthetic_dataset / "benign").glob("*.png"))[:4]
+        + sorted((synthetic_dataset / "malignant").glob("*.png"))[:4]
+    )
+    images = np.stack([imaging.load(f, 48) for f in files])
+    model = keras.models.load_model(tiny_run_dir / "model.keras", compile=False)
+    expected = np.asarray(model(images.astype(np.float32), training=False)).reshape(-1)
+    lite = LiteRTModel(tiny_run_dir / "model.tflite", threads=1)
+    assert lite.image_size == 48
+    for batch_size in (1, 3, 8):
+        got = lite.predict(images, batch_size=batch_size)
+        assert np.max(np.abs(got - expected)) <= 1e-4
+    assert np.ptp(expected) > 1e-3  # the model really responds to its input: the comparison means something
+
+
+def test_tflite_has_a_dynamic_batch_dimension(tiny_run_dir: Path) -> None:
+    from ai_edge_litert.interpreter import Interpreter
+
+    interp = Interpreter(model_path=os.fspath(tiny_run_dir / "model.tflite"))
+    detail = interp.get_input_details()[0]
+    assert list(detail["shape_signature"]) == [-1, 48, 48, 3]
+    assert np.dtype(detail["dtype"]) == np.float32
