@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -54,23 +55,28 @@ def _size(path: Path) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def scan(folder: Path, accept: object, *, settle_s: float, now: float) -> list[Path]:
+def scan(
+    folder: Path, accept: Callable[[Path], bool], *, settle_s: float, now: float
+) -> tuple[list[Path], float | None]:
     """The entries of ``folder`` (not recursive) that ``accept(path)`` takes and that have not changed for
-    ``settle_s`` seconds (by lstat mtime, so a file still being written is left for the next run), sorted."""
-    assert callable(accept)
-    found: list[Path] = []
+    ``settle_s`` seconds (by lstat mtime: a file still being written is not taken), sorted; and in how many
+    seconds the newest of the others will have settled (None when there are none)."""
+    ready: list[Path] = []
+    wait: float | None = None
     try:
         entries = list(os.scandir(folder))
     except FileNotFoundError:
-        return []
+        return [], None
     for entry in entries:
         path = Path(entry.path)
         if not accept(path):
             continue
         try:
-            mtime = entry.stat(follow_symlinks=False).st_mtime
+            age = now - entry.stat(follow_symlinks=False).st_mtime
         except OSError:
             continue
-        if now - mtime >= settle_s:
-            found.append(path)
-    return sorted(found)
+        if age >= settle_s:
+            ready.append(path)
+        else:
+            wait = max(wait or 0.0, settle_s - age)
+    return sorted(ready), wait

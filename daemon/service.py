@@ -375,15 +375,21 @@ def run_loop(
         thread.join(timeout=5)
 
 
-def run_once(service: Service, watch_dir: Path, accept: Callable[[Path], bool], stop: threading.Event) -> int:
-    """Process what is in the watch folder now (entries unchanged for stable_ms); returns files handled."""
+def run_once(
+    service: Service, watch_dir: Path, accept: Callable[[Path], bool], stop: threading.Event, rounds: int = 5
+) -> int:
+    """Process what is in the watch folder now; files written in the last stable_ms are waited for (a few
+    rounds at most, so a folder that never stops changing still ends). Returns the files handled."""
     settings = service.settings
-    paths = scan(watch_dir, accept, settle_s=settings.stable_ms / 1000, now=time.time())
     handled = 0
-    for start in range(0, len(paths), settings.batch_size):
-        if stop.is_set():
+    for _ in range(rounds):
+        paths, wait = scan(watch_dir, accept, settle_s=settings.stable_ms / 1000, now=time.time())
+        for start in range(0, len(paths), settings.batch_size):
+            if stop.is_set():
+                return handled
+            now = utcnow()
+            handled += service.process([(p, now) for p in paths[start : start + settings.batch_size]])
+        if wait is None or stop.wait(wait + 0.01):
             break
-        now = utcnow()
-        handled += service.process([(p, now) for p in paths[start : start + settings.batch_size]])
     service.retry_moves(force=True)
     return handled

@@ -1,0 +1,190 @@
+"""`histod serve`, `report` and `results` as a user runs them: CliRunner in-process, and real subprocesses for
+signals, kills and the no-TensorFlow guarantee."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from histod.cli import cli
+from histod.commands_service import parse_when
+from histod.db.models import utcnow
+from histod.synthetic import write_images
+from tests.test_service_support import files_under, hostile_files, rows, service_settings, wait_for
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _flags(root: Path, run_dir: Path | None = None) -> list[str]:
+    flags = ["--data-dir", str(root / "data")]
+    return [*flags, "--model", str(run_dir)] if run_dir else flags
+
+
+@pytest.fixture(scope="module")
+def served(tiny_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A data folder after `histod serve --once` over 4 good tiles and 3 hostile files."""
+    root = tmp_path_factory.mktemp("cli")
+    watch = root / "data" / "prediction"
+    good = write_images(watch, 4, size=48)
+    hostile_files(watch, good[0])
+    result = CliRunner().invoke(cli, ["--log-format", "json", "serve", "--once", *_flags(root, tiny_run_dir)])
+    assert result.exit_code == 0, result.output
+    assert "images      7  (classified 4, failed 3" in result.stdout
+    return root
+
+
+def test_report_json_matches_the_rows(served: Path, tiny_run_dir: Path) -> None:
+    result = CliRunner().invoke(cli, ["report", "--since", "1h", "--json", *_flags(served)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    recorded = rows(service_settings(served, tiny_run_dir))
+    assert data["total"] == len(recorded) == 7
+    assert data["classified"] == 4 and data["failed"] == 3
+    assert sum(data["by_label"].values()) == 4
+    assert set(data["by_reason"]) <= {"empty", "truncated", "corrupt", "not_an_image"}
+    assert data["latency_p95_ms"] >= data["latency_p50_ms"] > 0
+
+
+def test_report_of_an_empty_window(served: Path) -> None:
+    result = CliRunner().invoke(cli, ["report", "--since", "2000-01-01", "--until", "2000-01-02", *_flags(served)])
+    assert result.exit_code == 0, result.output
+    assert "images      0" in result.stdout
+
+
+def test_results_in_every_format(served: Path, tiny_run_dir: Path) -> None:
+    recorded = rows(service_settings(served, tiny_run_dir))
+    runner = CliRunner()
+    as_json = json.loads(runner.invoke(cli, ["results", "--format", "json", *_flags(served)]).stdout)
+    assert [r["id"] for r in as_json] == [r.id for r in recorded]
+    assert [r["sha256"] for r in as_json] == [r.sha256 for r in recorded]
+    as_csv = list(
+        csv.DictReader(io.StringIO(runner.invoke(cli, ["results", "--format", "csv", *_flags(served)]).stdout))
+    )
+    assert [int(r["id"]) for r in as_csv] == [r.id for r in recorded]
+    failed = json.loads(
+        runner.invoke(cli, ["results", "--status", "failed", "--format", "json", *_flags(served)]).stdout
+    )
+    assert sorted(r["name"] for r in failed) == ["empty.png", "text.jpg", "truncated.png"]
+    label = recorded[0].label or "Benign"
+    by_label = json.loads(
+        runner.invoke(cli, ["results", "--label", label.lower(), "--format", "json", *_flags(served)]).stdout
+    )
+    assert by_label and all(r["label"] == label for r in by_label)
+    table = runner.invoke(cli, ["results", "--since", "1h", *_flags(served)]).stdout
+    assert "(7 rows)" in table and "truncated.png" in table
+
+
+def test_bad_since_is_a_usage_error(served: Path) -> None:
+    result = CliRunner().invoke(cli, ["report", "--since", "yesterday-ish", *_flags(served)])
+    assert result.exit_code == 2 and "neither a duration" in result.output
+    now = utcnow()
+    assert (now - parse_when("90m", now)).total_seconds() == 5400
+
+
+def test_serve_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["serve", "--once", *_flags(tmp_path)], env={"HISTOD_MODEL": None})
+    assert result.exit_code == 2 and "no model" in result.output
+
+
+# --- subprocesses ------------------------------------------------------------------------------------------
+@pytest.fixture
+def serve_process(tiny_run_dir: Path, tmp_path: Path) -> Iterator[tuple[Path, list[subprocess.Popen[bytes]]]]:
+    procs: list[subprocess.Popen[bytes]] = []
+    yield tmp_path, procs
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait(10)
+
+
+def _start(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "HISTOD_BATCH_SIZE": "2", "HISTOD_STABLE_MS": "0", "HISTOD_LOG_FORMAT": "json"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "histod", "serve", *_flags(root, run_dir), *extra],
+        cwd=root,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+
+
+def _check_nothing_lost(root: Path, run_dir: Path, total: int, *, all_done: bool) -> None:
+    settings = service_settings(root, run_dir)
+    recorded = rows(settings)
+    stored = [*files_under(settings.processed_dir), *files_under(settings.failed_dir)]
+    waiting = files_under(settings.resolved_watch_dir)
+    names = [r.name for r in recorded]
+    assert len(names) == len(set(names)), "a file was classified twice"
+    assert sorted(str(p) for p in stored) == sorted(r.stored_path for r in recorded), "rows and moved files differ"
+    assert {p.name for p in waiting}.isdisjoint(names), "a recorded file was left unmoved"
+    assert len(recorded) + len(waiting) == total, "a file was lost"
+    if all_done:
+        assert len(recorded) == total and waiting == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_stream_finishes_the_batch_and_loses_nothing(
+    serve_process: tuple[Path, list[subprocess.Popen[bytes]]], tiny_run_dir: Path, sig: signal.Signals
+) -> None:
+    root, procs = serve_process
+    settings = service_settings(root, tiny_run_dir)
+    write_images(settings.resolved_watch_dir, 150, size=48)
+    proc = _start(root, tiny_run_dir)
+    procs.append(proc)
+    wait_for(
+        lambda: (settings.processed_dir.exists() and any(settings.processed_dir.rglob("*.png"))) or proc.poll(), 60
+    )
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    _check_nothing_lost(root, tiny_run_dir, 150, all_done=False)
+    done = subprocess.run([*_start_args(root, tiny_run_dir), "--once"], cwd=root, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    _check_nothing_lost(root, tiny_run_dir, 150, all_done=True)
+
+
+def _start_args(root: Path, run_dir: Path) -> list[str]:
+    return [sys.executable, "-m", "histod", "serve", *_flags(root, run_dir)]
+
+
+def test_kill_9_then_restart_neither_loses_nor_reclassifies(
+    serve_process: tuple[Path, list[subprocess.Popen[bytes]]], tiny_run_dir: Path
+) -> None:
+    root, procs = serve_process
+    settings = service_settings(root, tiny_run_dir)
+    write_images(settings.resolved_watch_dir, 120, size=48)
+    proc = _start(root, tiny_run_dir)
+    procs.append(proc)
+    wait_for(
+        lambda: (settings.processed_dir.exists() and any(settings.processed_dir.rglob("*.png"))) or proc.poll(), 60
+    )
+    proc.kill()
+    proc.wait(30)
+    done = subprocess.run([*_start_args(root, tiny_run_dir), "--once"], cwd=root, capture_output=True, check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    _check_nothing_lost(root, tiny_run_dir, 120, all_done=True)
+
+
+def test_serving_litert_never_imports_tensorflow(tiny_run_dir: Path, tmp_path: Path) -> None:
+    write_images(tmp_path / "data" / "prediction", 2, size=48)
+    code = (
+        "import sys\n"
+        "from histod.cli import cli\n"
+        f"cli.main({['serve', '--once', *_flags(tmp_path, tiny_run_dir)]!r}, standalone_mode=False)\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras'))\n"
+        "print('HEAVY:' + ','.join(bad[:5]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "HEAVY:\n" in done.stdout, done.stdout
+    assert len(rows(service_settings(tmp_path, tiny_run_dir))) == 2
