@@ -130,6 +130,13 @@ def test_service_essentials() -> None:
     ):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
+    # Findings from running the runtime under the sandbox (docs/deploy.md): NumPy's OpenBLAS calls mbind(),
+    # which ~@resources denies: without EPERM (or mbind allowed) histod dies of SIGSYS at start; and
+    # ProcSubset=pid hides /proc/cpuinfo, which silently turns XNNPACK off.
+    assert re.search(r"^SystemCallErrorNumber=EPERM$", text, re.M) or re.search(
+        r"^SystemCallFilter=.*\bmbind\b", text, re.M
+    )
+    assert not re.search(r"^ProcSubset=pid", text, re.M)
     assert re.search(r"^TimeoutStopSec=\d+", text, re.M)
 
 
