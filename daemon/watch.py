@@ -16,9 +16,10 @@ When is a file complete?
 
 Reconcile: at start, after an observer restart, after an inotify queue overflow and every
 ``reconcile_interval_s`` the folder is listed and every matching entry is queued (through the stability rule).
-Only the periodic scan re-yields a path that was already yielded and is unchanged and still there (so that a
-file the consumer could not move is retried); otherwise a path is yielded again only after it changed (new
-inode, size or mtime). The consumer must still tolerate repeats.
+Only the periodic scan re-yields a path that was already yielded and is unchanged and still there, and only
+when it was yielded at least one interval earlier (so that a file the consumer could not move is retried, but
+files still queued in the consumer are not repeated at once); otherwise a path is yielded again only after it
+changed (new inode, size or mtime). The consumer must still tolerate repeats.
 
 Decisions:
     * Subfolders are NOT watched: the service moves files to ``processed/`` and ``failed/`` beside the watch
@@ -157,7 +158,7 @@ class Watcher:
         self._events: queue.SimpleQueue[FileSystemEvent] = queue.SimpleQueue()
         self._pending: dict[Path, _Pending] = {}
         self._ready: dict[Path, bool] = {}  # path -> from a reconcile scan (may repeat a yielded path)
-        self._yielded: dict[Path, _Sig] = {}
+        self._yielded: dict[Path, tuple[_Sig, float]] = {}  # path -> (lstat signature, monotonic time yielded)
         self._restarts: deque[float] = deque()
         self.restart_count = 0
         """observer restarts since :meth:`watch` began (for tests and health reporting)"""
@@ -438,14 +439,22 @@ class Watcher:
 
     def _take_ready(self) -> list[Path]:
         batch: list[Path] = []
+        now = time.monotonic()
         for path, rescan in self._ready.items():
             try:
                 sig, _ = _lstat_sig(path)
             except OSError:
                 continue  # gone again (or unreachable): its next event or scan brings it back
-            if not rescan and self._yielded.get(path) == sig:
-                continue  # already yielded, unchanged and still there
-            self._yielded[path] = sig
+            # already yielded, unchanged and still there: only a periodic scan repeats it, and only once it has
+            # waited a whole interval (a file yielded moments ago is most likely still queued in the consumer)
+            previous = self._yielded.get(path)
+            if (
+                previous is not None
+                and previous[0] == sig
+                and (not rescan or now - previous[1] < self.reconcile_interval_s)
+            ):
+                continue
+            self._yielded[path] = (sig, now)
             batch.append(path)
         self._ready.clear()
         return batch

@@ -258,6 +258,18 @@ def test_dead_observer_is_restarted(running: Running, folder: Path) -> None:
     assert "watch.observer_restarted" in events
 
 
+def test_dead_emitter_thread_is_noticed(running: Running, folder: Path) -> None:
+    """The observer thread may live on while the thread that reads the events died: that counts as dead."""
+    observer = running.watcher.observer
+    assert observer is not None
+    for emitter in list(observer.emitters):
+        emitter.stop()
+    assert running.wait_for(lambda: running.watcher.restart_count == 1)
+    after = folder / "after-emitter.png"
+    after.write_bytes(b"still taken")
+    assert running.wait_for(lambda: after in running.yielded)
+
+
 def test_file_written_while_observer_was_dead_is_found(folder: Path) -> None:
     run = Running(make_watcher(folder))
     with run:
