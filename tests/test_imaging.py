@@ -154,6 +154,31 @@ def test_decompression_bomb_is_refused_from_the_header(tmp_path: Path) -> None:
     assert int(peak_kib) < 300 * 1024, f"peak RSS {int(peak_kib) // 1024} MiB"
 
 
+def _patched_jpeg(width: int, height: int) -> bytes:
+    data = bytearray(encode(solid(RED, (16, 16)), "JPEG"))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    return bytes(data)
+
+
+def _patched_gif(width: int, height: int) -> bytes:
+    data = bytearray(encode(solid(RED, (16, 16)), "GIF"))
+    data[6:10] = struct.pack("<HH", width, height)  # the logical screen
+    return bytes(data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [_patched_jpeg(60_000, 60_000), _patched_jpeg(9_000, 9_000), _patched_gif(65_535, 65_535)],
+    ids=["jpeg-60000", "jpeg-9000", "gif-65535"],
+)
+def test_bomb_headers_of_other_formats(data: bytes) -> None:
+    """Small files whose headers claim huge images: refused before any pixel is decoded."""
+    with pytest.raises(ImageError) as info:
+        decode(data, SIZE)
+    assert info.value.reason == "too_many_pixels"
+
+
 def test_pixel_cap_is_configurable() -> None:
     data = encode(noise(64), "PNG")
     with pytest.raises(ImageError, match="too_many_pixels"):
