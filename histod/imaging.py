@@ -8,15 +8,20 @@ reason              meaning
 ==================  ===============================================================
 ``missing``         the path does not exist (any more)
 ``not_a_file``      a directory, FIFO, socket or device
-``symlink``         a symbolic link, when links are not followed (the service)
+``symlink``         a symbolic link, when links are not followed (the service); or a loop of links
 ``unreadable``      permission denied or another OS error while reading
 ``empty``           zero bytes
 ``too_large``       more bytes than ``max_bytes``
 ``not_an_image``    no image format recognised (text, HTML, ... under an image name)
 ``too_many_pixels`` width x height above ``max_pixels`` (decompression-bomb guard)
 ``truncated``       the data ends before the image does
-``corrupt``         the decoder failed for another reason
+``corrupt``         the decoder failed for another reason (also: a known signature whose header
+                    cannot be read)
 ==================  ===============================================================
+
+High-bit-depth images are scaled by fixed rules (16-bit by 65535, floats as 0..1), never stretched per image.
+A damaged EXIF block does not refuse an image: it is used as stored. Nothing here changes global state at call
+time (no ``warnings.catch_warnings``), so ``decode`` is safe in a thread pool.
 """
 
 from __future__ import annotations
