@@ -154,6 +154,29 @@ def test_slow_write_is_yielded_once_after_close(folder: Path) -> None:
         assert run.sizes[path] == [3 * 4096 + 3]
 
 
+@linux_only
+def test_hard_link_without_close_write_is_yielded(folder: Path, tmp_path: Path) -> None:
+    """A hard link arrives with IN_CREATE only (no open, no close): the stability rule takes it."""
+    source = tmp_path / "source.png"
+    source.write_bytes(b"linked")
+    with Running(make_watcher(folder)) as run:
+        linked = folder / "linked.png"
+        os.link(source, linked)
+        assert run.wait_for(lambda: linked in run.yielded)
+
+
+@linux_only
+def test_missing_close_write_falls_back_to_stability(folder: Path) -> None:
+    """A writer that never closes: after close_timeout_s unchanged, the file is taken anyway (lost events)."""
+    path = folder / "held-open.png"
+    with capture_logs() as logs, Running(make_watcher(folder, close_timeout_s=0.6)) as run, path.open("wb") as fh:
+        fh.write(b"e" * 100)
+        fh.flush()
+        assert run.stays(lambda: path not in run.yielded, duration=0.3)
+        assert run.wait_for(lambda: path in run.yielded)
+    assert any(entry["event"] == "watch.close_write_missing" for entry in logs)
+
+
 def test_chunked_write_within_stable_window_is_yielded_complete(running: Running, folder: Path) -> None:
     """Any observer: a writer quicker than stable_ms between chunks is taken once, complete."""
     path = folder / "chunks.png"
