@@ -7,7 +7,6 @@ Each command is thin: parse flags, call histod.trainer.api (or the serving engin
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +18,6 @@ from histod.settings import load_settings
 COMMANDS: list[click.Command] = []
 
 _METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1")
-
-
-def _quiet_tensorflow() -> None:
-    """TensorFlow's C++ start-up chatter is noise in a CLI; users can still set TF_CPP_MIN_LOG_LEVEL."""
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
 def _run_dir(model: Path | None) -> Path:
@@ -88,7 +82,6 @@ def train(data_dir: Path, out: Path, **flags: Any) -> None:
     except ValidationError as exc:
         problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
         raise ConfigError(problems) from exc
-    _quiet_tensorflow()
     from histod.runs import load_metrics
     from histod.trainer.api import train as run_training
 

@@ -13,14 +13,13 @@ from pathlib import Path
 import pytest
 
 from histod.synthetic import make_dataset
+from histod.trainer.config import TrainConfig
 
 TINY_IMAGE_SIZE = 48
 
 
-def tiny_config(data_dir: Path, out: Path, **overrides: object) -> object:
+def tiny_config(data_dir: Path, out: Path, **overrides: object) -> TrainConfig:
     """The TrainConfig of the tiny test runs (weights none, alpha 0.35, 48 px, 1 + 1 epochs)."""
-    from histod.trainer.config import TrainConfig
-
     values: dict[str, object] = {
         "data_dir": data_dir,
         "out": out,
@@ -46,8 +45,5 @@ def synthetic_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset: Path) -> Path:
     """A complete RUN_DIR trained on ``synthetic_dataset``. Read-only: copy it before changing anything."""
     from histod.trainer.api import train
-    from histod.trainer.config import TrainConfig
 
-    cfg = tiny_config(synthetic_dataset, tmp_path_factory.mktemp("runs") / "tiny")
-    assert isinstance(cfg, TrainConfig)
-    return train(cfg)
+    return train(tiny_config(synthetic_dataset, tmp_path_factory.mktemp("runs") / "tiny"))

@@ -39,7 +39,7 @@ def test_scaling_to_minus_one_one_is_inside_the_model(tmp_path: Path) -> None:
 
     model = build_model(_cfg(tmp_path))
     scaling = model.get_layer("mobilenet_v2_scaling")
-    probe = keras.Model(model.inputs, scaling.output)
+    probe = keras.Model(model.input, scaling.output)
     x = np.zeros((1, 32, 32, 3), dtype=np.float32)
     x[0, 0, 0] = [0.0, 127.5, 255.0]
     out = np.asarray(probe(x))
@@ -96,6 +96,36 @@ def test_weights_that_do_not_fit_are_a_config_error(tmp_path: Path) -> None:
         build_model(_cfg(tmp_path, weights=str(path), alpha=0.5))
     with pytest.raises(ConfigError, match="no such file"):
         build_model(_cfg(tmp_path, weights=str(tmp_path / "missing.h5")))
+
+
+def test_defaults_follow_the_paper(tmp_path: Path) -> None:
+    cfg = TrainConfig(data_dir=tmp_path, out=tmp_path / "run")
+    assert (cfg.image_size, cfg.alpha, cfg.batch_size, cfg.weights) == (224, 1.0, 8, "imagenet")
+    assert (cfg.learning_rate, cfg.fine_tune_layers, cfg.dropout, cfg.val_split) == (1e-5, 30, 0.4, 0.2)
+    assert (cfg.patience, cfg.lr_patience, cfg.lr_factor, cfg.target_sensitivity) == (5, 3, 0.5, None)
+    assert cfg.class_weights
+    assert cfg.augment
+
+
+def test_augmentation_touches_the_training_split_only(tmp_path: Path) -> None:
+    from histod.synthetic import tile
+    from histod.trainer.fit import datasets
+
+    rng = np.random.default_rng(0)
+    x = np.stack([tile(i % 2 == 1, 32, rng) for i in range(8)])
+    y = np.array([i % 2 for i in range(8)], dtype=np.int64)
+    cfg = _cfg(tmp_path, batch_size=8, seed=3)
+    train, val = datasets(cfg, x, y, x, y)
+    (xv, yv), (xt, yt) = next(iter(val)), next(iter(train))
+    np.testing.assert_array_equal(np.asarray(xv), x.astype(np.float32))
+    np.testing.assert_array_equal(np.asarray(yv), y)
+    xt = np.asarray(xt)
+    assert xt.shape == x.shape
+    assert xt.dtype == np.float32
+    assert 0.0 <= xt.min() <= xt.max() <= 255.0
+    order = np.argsort(np.asarray(yt), kind="stable")  # shuffled: compare as sets of images per class
+    assert sorted(np.asarray(yt)[order].tolist()) == sorted(y.tolist())
+    assert not any(np.array_equal(xt[i], x[j].astype(np.float32)) for i in range(8) for j in range(8))
 
 
 def test_weights_must_be_imagenet_none_or_h5(tmp_path: Path) -> None:

@@ -109,10 +109,8 @@ def test_an_existing_run_is_never_overwritten(tiny_run_dir: Path, synthetic_data
     from histod.trainer.api import train
 
     before = sha256_file(tiny_run_dir / "model.keras")
-    cfg = tiny_config(synthetic_dataset, tiny_run_dir)
-    assert isinstance(cfg, TrainConfig)
     with pytest.raises(ConfigError, match="already holds a trained run"):
-        train(cfg)
+        train(tiny_config(synthetic_dataset, tiny_run_dir))
     assert sha256_file(tiny_run_dir / "model.keras") == before
 
 
@@ -125,10 +123,8 @@ def test_unreadable_training_files_are_skipped_and_listed(tmp_path: Path) -> Non
     for i in range(6):
         (tmp_path / "data" / "benign" / f"b{i}.png").write_bytes(b"garbage")
         (tmp_path / "data" / "malignant" / f"m{i}.png").write_bytes(b"garbage")
-    cfg = tiny_config(tmp_path / "data", tmp_path / "run")
-    assert isinstance(cfg, TrainConfig)
     with pytest.raises(DatasetError, match=r"no readable benign images .*12 unreadable"):
-        train(cfg)
+        train(tiny_config(tmp_path / "data", tmp_path / "run"))
 
 
 def test_evaluate_folder_uses_the_stored_threshold(tiny_run_dir: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
