@@ -1,0 +1,598 @@
+"""The real service under load: ``histod serve`` as a subprocess on a fresh data folder and SQLite database.
+
+    .venv/bin/python bench/serve.py --run RUN_DIR [--n-jpeg 2000 --n-png 2000 --low-rate 5 --low-n 150]
+
+Phases, against one service process:
+
+1. full load, 224x224 JPEGs: every file written into the watch folder as fast as one writer can;
+2. full load, 50x50 PNGs: the same;
+3. low steady rate: ``--low-n`` files (PNGs and JPEGs alternating) at ``--low-rate`` files/s.
+
+Images come from ``../shared/data/idc-dev`` (50x50 patches; upscaled to 224x224 and saved as JPEG quality 90
+for the JPEG set), else from generated tiles. Each file is written in place (open, write, close: inotify's
+close-write) and its close time noted. The benchmark polls the results table read-only (``sqlite3`` with
+``mode=ro``) every ``--poll-ms``: a row's commit time is when the poll first sees it, so latency (file closed ->
+row committed) carries up to one poll period (default 10 ms) of error. The service's own timestamps
+(``received_at``: the watcher yielded the file; ``classified_at``: after inference) split it into watch and
+process time. Throughput is files / (first drop -> last committed row).
+
+In the same run, before the service starts, the same ``model.tflite`` is timed raw on the same images:
+LiteRT alone on pre-decoded images at the service's batch size and threads, and a raw pipeline (read + decode in
+the same thread pool size + LiteRT) without watcher, database or moves. The service's ratio to each is printed.
+
+Start to ready: the benchmark binds an AF_UNIX datagram socket, passes it as ``NOTIFY_SOCKET`` and times
+``READY=1`` from the moment before ``Popen``. Peak RSS: /proc/PID/status VmHWM polled, and ``wait4``'s
+``ru_maxrss`` at exit. Writes bench/results/serve.json (or --name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+import shutil
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+if __package__ in (None, ""):  # run as a file: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    load_average,
+    machine,
+    percentile,
+    proc_status_mb,
+    say,
+    shared_data,
+    table,
+    write_result,
+)
+from bench.inference import LiteRT
+
+
+# --- images ----------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Drop:
+    name: str
+    data: bytes
+
+
+def _sources(count: int, seed: int) -> list[Path] | None:
+    """``count`` distinct 50x50 PNGs from idc-dev, or None when the data is absent."""
+    from PIL import Image
+
+    root = shared_data()
+    if root is None:
+        return None
+    files = sorted(p for p in root.rglob("*.png") if p.is_file())
+    rng = np.random.default_rng(seed)
+    picked: list[Path] = []
+    for i in rng.permutation(len(files)):
+        with Image.open(files[i]) as img:
+            if img.size != (50, 50):
+                continue
+        picked.append(files[i])
+        if len(picked) == count:
+            break
+    if len(picked) < count:
+        raise SystemExit(f"{root} has only {len(picked)} 50x50 PNGs; ask for fewer images")
+    return picked
+
+
+def _jpeg(png: bytes | NDArray[np.uint8], size: int = 224) -> bytes:
+    from PIL import Image
+
+    img = Image.open(io.BytesIO(png)).convert("RGB") if isinstance(png, bytes) else Image.fromarray(png)
+    out = io.BytesIO()
+    img.resize((size, size), Image.Resampling.BILINEAR).save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def make_sets(n_jpeg: int, n_png: int, n_low: int, seed: int) -> tuple[dict[str, list[Drop]], str]:
+    """The three drop lists, all distinct source images: ``jpeg224``, ``png50``, ``low`` (alternating)."""
+    total = n_jpeg + n_png + n_low
+    sources = _sources(total, seed)
+    pngs: list[bytes]
+    if sources is not None:
+        origin = f"{shared_data()} (50x50 PNGs; JPEGs upscaled to 224x224, quality 90)"
+        pngs = [p.read_bytes() for p in sources]
+        jpegs = [_jpeg(b) for b in pngs]
+    else:
+        from histod.synthetic import tile
+
+        origin = "generated tiles (histod.synthetic): ../shared/data/idc-dev is absent"
+        rng = np.random.default_rng(seed)
+        arrays = [tile(i % 2 == 1, 50, rng) for i in range(total)]
+        pngs = []
+        for a in arrays:
+            buf = io.BytesIO()
+            from PIL import Image
+
+            Image.fromarray(a).save(buf, format="PNG")
+            pngs.append(buf.getvalue())
+        jpegs = [_jpeg(a) for a in arrays]
+    sets: dict[str, list[Drop]] = {
+        "jpeg224": [Drop(f"j224_{i:05d}.jpg", jpegs[i]) for i in range(n_jpeg)],
+        "png50": [Drop(f"p50_{i:05d}.png", pngs[n_jpeg + i]) for i in range(n_png)],
+        "low": [],
+    }
+    for k in range(n_low):
+        i = n_jpeg + n_png + k
+        if k % 2 == 0:
+            sets["low"].append(Drop(f"low_{k:05d}.png", pngs[i]))
+        else:
+            sets["low"].append(Drop(f"low_{k:05d}.jpg", jpegs[i]))
+    return sets, origin
+
+
+# --- raw LiteRT on the same images -----------------------------------------------------------------------------
+def raw_throughput(run_dir: Path, drops: list[Drop], batch: int, threads: int, workers: int) -> dict[str, Any]:
+    """LiteRT alone on pre-decoded images, and read+decode+LiteRT without the service around it."""
+    from histod.imaging import decode
+    from histod.runs import TFLITE_FILE, load_run
+
+    info = load_run(run_dir)
+    size = info.image_size
+    model = LiteRT((run_dir / TFLITE_FILE).read_bytes(), threads)
+    with ThreadPoolExecutor(workers) as pool:
+        images = np.stack(list(pool.map(lambda d: decode(d.data, size), drops)))
+    n = len(images) - len(images) % batch or len(images)
+    chunks = [images[i : i + batch] for i in range(0, n, batch)]
+    model.predict(chunks[0])  # warm-up
+    t = time.perf_counter()
+    for c in chunks:
+        model.predict(c)
+    infer_s = time.perf_counter() - t
+    # the pipeline: bytes already in memory (page cache), decode in a pool, then one predict per batch
+    folder = Path(tempfile.mkdtemp(prefix="histod-bench-raw-"))
+    try:
+        paths = []
+        for d in drops:
+            (folder / d.name).write_bytes(d.data)
+            paths.append(folder / d.name)
+        with ThreadPoolExecutor(workers) as pool:
+            t = time.perf_counter()
+            for i in range(0, len(paths), batch):
+                group = paths[i : i + batch]
+                decoded = list(pool.map(lambda p: decode(p.read_bytes(), size), group))
+                model.predict(np.stack(decoded))
+            pipe_s = time.perf_counter() - t
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {
+        "batch": batch,
+        "threads": threads,
+        "decode_workers": workers,
+        "litert_images_per_s": round(sum(len(c) for c in chunks) / infer_s, 1),
+        "pipeline_files_per_s": round(len(paths) / pipe_s, 1),
+    }
+
+
+# --- the service -----------------------------------------------------------------------------------------------
+class Notifications:
+    """An AF_UNIX datagram socket standing in for systemd: records (monotonic time, message)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[tuple[float, str]] = []
+        self.ready = threading.Event()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                data = self.sock.recv(4096)
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            text = data.decode(errors="replace")
+            self.messages.append((time.monotonic(), text))
+            if "READY=1" in text.split("\n"):
+                self.ready.set()
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=2)
+        self.sock.close()
+
+
+@dataclass
+class Seen:
+    at: float  # wall clock (time.time()) of the poll that first saw the committed row
+    status: str
+    received: float
+    classified: float
+
+
+@dataclass
+class Monitor:
+    """Polls the results table (read-only) and the service's memory."""
+
+    db: Path
+    pid: int
+    poll_s: float
+    seen: dict[str, Seen] = field(default_factory=dict)
+    reasons: dict[str, int] = field(default_factory=dict)
+    peak_hwm_mb: float = 0.0
+    rss_samples: list[tuple[float, float]] = field(default_factory=list)
+    _stop: threading.Event = field(default_factory=threading.Event)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        con = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
+        last = 0
+        next_mem = 0.0
+        try:
+            while not self._stop.is_set():
+                try:
+                    rows = con.execute(
+                        "SELECT id, name, status, received_at, classified_at, error_reason FROM results "
+                        "WHERE id > ? ORDER BY id",
+                        (last,),
+                    ).fetchall()
+                except sqlite3.OperationalError:
+                    rows = []
+                now = time.time()
+                for rid, name, status, received, classified, reason in rows:
+                    last = max(last, int(rid))
+                    if name not in self.seen:
+                        self.seen[name] = Seen(now, str(status), _utc(received), _utc(classified))
+                    if reason:
+                        self.reasons[str(reason)] = self.reasons.get(str(reason), 0) + 1
+                if now >= next_mem:
+                    hwm = proc_status_mb(self.pid)
+                    rss = proc_status_mb(self.pid, "VmRSS")
+                    if hwm is not None:
+                        self.peak_hwm_mb = max(self.peak_hwm_mb, hwm)
+                    if rss is not None:
+                        self.rss_samples.append((now, rss))
+                    next_mem = now + 0.25
+                self._stop.wait(self.poll_s)
+        finally:
+            con.close()
+
+    def wait_for(self, names: list[str], timeout_s: float) -> bool:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if all(n in self.seen for n in names):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+
+
+def _utc(value: Any) -> float:
+    text = str(value)
+    when = datetime.fromisoformat(text)
+    return (when.replace(tzinfo=UTC) if when.tzinfo is None else when).timestamp()
+
+
+def drop_files(watch: Path, drops: list[Drop], rate: float | None) -> dict[str, float]:
+    """Write each file in place (close-write); return name -> wall time just after close."""
+    closed: dict[str, float] = {}
+    start = time.monotonic()
+    for k, d in enumerate(drops):
+        if rate:
+            delay = start + k / rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+        fd = os.open(watch / d.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, d.data)
+        finally:
+            os.close(fd)
+        closed[d.name] = time.time()
+    return closed
+
+
+def phase_stats(name: str, drops: list[Drop], closed: dict[str, float], mon: Monitor) -> dict[str, Any]:
+    names = [d.name for d in drops]
+    got = [mon.seen[n] for n in names if n in mon.seen]
+    latency = [(mon.seen[n].at - closed[n]) * 1000 for n in names if n in mon.seen]
+    watch = [(mon.seen[n].received - closed[n]) * 1000 for n in names if n in mon.seen]
+    process = [(mon.seen[n].classified - mon.seen[n].received) * 1000 for n in names if n in mon.seen]
+    first = min(closed.values())
+    last_closed = max(closed.values())
+    last_seen = max((s.at for s in got), default=float("nan"))
+    span = last_seen - first
+    return {
+        "phase": name,
+        "files": len(names),
+        "recorded": len(got),
+        "classified": sum(1 for s in got if s.status == "classified"),
+        "drop_seconds": round(last_closed - first, 3),
+        "seconds": round(span, 3),
+        "files_per_s": round(len(got) / span, 1) if span > 0 else None,
+        "offered_files_per_s": round(len(names) / (last_closed - first), 1) if last_closed > first else None,
+        "latency_ms": {f"p{q}": _r(percentile(latency, q)) for q in (50, 95, 99)} | {"max": _r(max(latency or [0]))},
+        "watch_ms_p50": _r(percentile(watch, 50)),
+        "process_ms_p50": _r(percentile(process, 50)),
+        "process_ms_p95": _r(percentile(process, 95)),
+    }
+
+
+def _r(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
+
+
+def histod_command() -> list[str]:
+    exe = Path(sys.executable).with_name("histod")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "histod"]
+
+
+def service_settings(overrides: dict[str, str]) -> dict[str, Any]:
+    """The service's batching settings as it will see them (defaults + the --env overrides)."""
+    from histod.settings import Settings
+
+    keys = ("batch_size", "batch_timeout_ms", "threads", "decode_workers", "debounce_ms", "engine")
+    out: dict[str, Any] = {k: Settings.model_fields[k].default for k in keys}
+    for key, value in overrides.items():
+        name = key.removeprefix("HISTOD_").lower()
+        if name in out:
+            out[name] = type(out[name])(value) if out[name] is not None else value
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="RUN_DIR written by `histod train`")
+    parser.add_argument("--n-jpeg", type=int, default=2000, help="224x224 JPEGs at full load (default 2000)")
+    parser.add_argument("--n-png", type=int, default=2000, help="50x50 PNGs at full load (default 2000)")
+    parser.add_argument("--low-rate", type=float, default=5.0, help="files/s of the low-rate phase (default 5)")
+    parser.add_argument("--low-n", type=int, default=150, help="files of the low-rate phase (default 150)")
+    parser.add_argument("--poll-ms", type=float, default=10.0, help="results-table poll period (default 10)")
+    parser.add_argument(
+        "--env", action="append", default=[], metavar="HISTOD_X=V", help="extra service setting (repeatable)"
+    )
+    parser.add_argument("--work", type=Path, default=None, help="work folder (default: a new temporary one)")
+    parser.add_argument("--keep", action="store_true", help="keep the work folder (data, database, log)")
+    parser.add_argument("--timeout", type=float, default=600, help="seconds to wait for one phase")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--name", default="serve", help="results file name (default serve)")
+    args = parser.parse_args(argv)
+
+    from histod.runs import load_run
+
+    run_dir: Path = args.run.resolve()
+    info = load_run(run_dir)
+    overrides = dict(item.split("=", 1) for item in args.env)
+    settings = service_settings(overrides)
+    conditions = machine()
+    work: Path = args.work or Path(tempfile.mkdtemp(prefix="histod-bench-serve-"))
+    work.mkdir(parents=True, exist_ok=True)
+    data_dir = work / "data"
+    if data_dir.exists():
+        raise SystemExit(f"{data_dir} exists: the benchmark needs a fresh data folder")
+
+    say(f"preparing {args.n_jpeg} JPEGs, {args.n_png} PNGs and {args.low_n} low-rate files")
+    sets, origin = make_sets(args.n_jpeg, args.n_png, args.low_n, args.seed)
+    say(f"images from {origin}")
+
+    raw: dict[str, dict[str, Any]] = {}
+    for key in ("jpeg224", "png50"):
+        if sets[key]:
+            say(f"raw LiteRT throughput on the {key} set")
+            raw[key] = raw_throughput(
+                run_dir,
+                sets[key],
+                int(settings["batch_size"]),
+                int(settings["threads"]),
+                int(settings["decode_workers"]),
+            )
+
+    notes = Notifications(work / "notify.sock")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HISTOD_") and k != "NOTIFY_SOCKET"}
+    env.update(
+        {
+            "HISTOD_DATA_DIR": str(data_dir),
+            "HISTOD_MODEL": str(run_dir),
+            "HISTOD_LOG_FORMAT": "json",
+            "NOTIFY_SOCKET": str(notes.path),
+            **overrides,
+        }
+    )
+    log_path = work / "serve.log"
+    command = [*histod_command(), "serve"]
+    say(f"starting: {' '.join(command)} (data {data_dir}, overrides {overrides or 'none'})")
+    with log_path.open("w") as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        if not notes.ready.wait(60):
+            proc.kill()
+            raise SystemExit(
+                f"histod serve did not send READY=1 within 60 s; log {log_path}:\n{log_path.read_text()[-3000:]}"
+            )
+        ready_s = next(t for t, m in notes.messages if "READY=1" in m.split("\n")) - started
+        rss_at_ready = proc_status_mb(proc.pid, "VmRSS")
+        say(f"READY=1 after {ready_s:.2f} s, RSS {rss_at_ready:.0f} MiB")
+        mon = Monitor(data_dir / "histod.db", proc.pid, args.poll_ms / 1000)
+        mon.start()
+        watch = data_dir / "prediction"
+        phases: list[dict[str, Any]] = []
+        try:
+            for key, label, rate in (
+                ("jpeg224", "224x224 JPEG, full load", None),
+                ("png50", "50x50 PNG, full load", None),
+                ("low", f"mixed, {args.low_rate:g} files/s", args.low_rate),
+            ):
+                drops = sets[key]
+                if not drops:
+                    continue
+                say(f"phase {label}: {len(drops)} files")
+                closed = drop_files(watch, drops, rate)
+                if not mon.wait_for([d.name for d in drops], args.timeout):
+                    say(f"WARNING: phase {label}: not every file was recorded within {args.timeout} s")
+                stats = phase_stats(label, drops, closed, mon)
+                stats["raw"] = raw.get(key)
+                if key in raw:
+                    stats["service_over_raw_litert"] = _ratio(stats["files_per_s"], raw[key]["litert_images_per_s"])
+                    stats["service_over_raw_pipeline"] = _ratio(stats["files_per_s"], raw[key]["pipeline_files_per_s"])
+                phases.append(stats)
+                say(f"phase {label}: {stats['files_per_s']} files/s, latency {stats['latency_ms']}")
+                time.sleep(1.0)
+        finally:
+            mon.stop()
+            stop_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code: int | None = None
+            maxrss_mb: float | None = None
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+                if pid == proc.pid:
+                    code = os.waitstatus_to_exitcode(status)
+                    proc.returncode = code
+                    maxrss_mb = usage.ru_maxrss / 1024
+                    break
+                time.sleep(0.05)
+            stop_s = time.monotonic() - stop_at
+            if code is None:
+                proc.kill()
+                proc.wait()
+            notes.close()
+
+    mem = {
+        "rss_at_ready_mb": _r(rss_at_ready),
+        "peak_rss_polled_mb": _r(mon.peak_hwm_mb),
+        "peak_rss_wait4_mb": _r(maxrss_mb),
+        "rss_last_mb": _r(mon.rss_samples[-1][1] if mon.rss_samples else None),
+    }
+    peak = max(v for v in (mon.peak_hwm_mb, maxrss_mb or 0.0) if v is not None)
+
+    print(
+        f"\nserve: run {info.run_id} ({info.image_size} px, alpha {info.alpha}), images from {origin}; "
+        f"service {settings}; {conditions['nproc']} cores ({conditions['cpu_model']}), "
+        f"load avg {conditions['load_average_at_start']}"
+    )
+    rows = []
+    for p in phases:
+        rw = p["raw"] or {}
+        rows.append(
+            [
+                p["phase"],
+                f"{p['recorded']}/{p['files']}",
+                p["seconds"],
+                p["files_per_s"],
+                rw.get("litert_images_per_s"),
+                p.get("service_over_raw_litert"),
+                rw.get("pipeline_files_per_s"),
+                p.get("service_over_raw_pipeline"),
+                p["latency_ms"]["p50"],
+                p["latency_ms"]["p95"],
+                p["latency_ms"]["p99"],
+                p["watch_ms_p50"],
+                p["process_ms_p50"],
+            ]
+        )
+    print(
+        table(
+            [
+                "phase",
+                "recorded",
+                "s",
+                "files/s",
+                "raw LiteRT img/s",
+                "svc/raw",
+                "raw pipeline f/s",
+                "svc/pipeline",
+                "p50 ms",
+                "p95 ms",
+                "p99 ms",
+                "watch p50 ms",
+                "process p50 ms",
+            ],
+            rows,
+            digits=2,
+        )
+    )
+    print(
+        table(
+            ["start to READY s", "RSS at ready MiB", "peak RSS MiB", "SIGTERM to exit s", "exit code"],
+            [[ready_s, mem["rss_at_ready_mb"], peak, stop_s, code if code is not None else "killed"]],
+            digits=2,
+        )
+    )
+    full = [p for p in phases if "full load" in p["phase"]]
+    low = [p for p in phases if "full load" not in p["phase"]]
+    ratios = [p["service_over_raw_litert"] for p in full if p.get("service_over_raw_litert") is not None]
+    targets = {
+        "service >= 90% of raw LiteRT throughput": (min(ratios) if ratios else None, 0.9, ">="),
+        "p50 latency <= 50 ms at a low rate": (low[0]["latency_ms"]["p50"] if low else None, 50.0, "<="),
+        "service RSS <= 300 MB": (peak, 300.0, "<="),
+        "start to ready <= 2 s": (ready_s, 2.0, "<="),
+    }
+    target_rows = []
+    target_json = {}
+    for name, (value, limit, op) in targets.items():
+        met = None if value is None else (value >= limit if op == ">=" else value <= limit)
+        target_rows.append([name, value, "MET" if met else ("-" if met is None else "MISSED")])
+        target_json[name] = {"value": value, "limit": limit, "met": met}
+    print(table(["target", "measured", "status"], target_rows, digits=2))
+    failed = {n: s.status for n, s in mon.seen.items() if s.status != "classified"}
+    if failed:
+        say(f"WARNING: {len(failed)} files not classified: reasons {mon.reasons}")
+    write_result(
+        args.name,
+        {
+            "benchmark": "serve",
+            "conditions": {**conditions, "load_average_at_end": load_average()},
+            "run": {"dir": str(run_dir), "run_id": info.run_id, "image_size": info.image_size, "alpha": info.alpha},
+            "images": origin,
+            "service": {"command": command, "settings": settings, "overrides": overrides, "log": str(log_path)},
+            "method": {
+                "drop": "open/write/close in the watch folder (close-write), one writer thread",
+                "commit_time": f"first read-only poll of the results table that sees the row (every {args.poll_ms} ms)",
+                "throughput": "files / (first drop -> last committed row)",
+            },
+            "start_to_ready_s": round(ready_s, 3),
+            "shutdown_s": round(stop_s, 3),
+            "exit_code": code,
+            "memory_mb": mem,
+            "phases": phases,
+            "failed": len(failed),
+            "failure_reasons": mon.reasons,
+            "notifications": sorted({m.split("=", 1)[0] for _, m in notes.messages}),
+            "targets": target_json,
+        },
+    )
+    if args.work is None and not args.keep:
+        shutil.rmtree(work, ignore_errors=True)
+    else:
+        say(f"work folder kept: {work}")
+    return 0
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return round(a / b, 3) if a and b else None
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
