@@ -128,6 +128,19 @@ def test_augmentation_touches_the_training_split_only(tmp_path: Path) -> None:
     assert not any(np.array_equal(xt[i], x[j].astype(np.float32)) for i in range(8) for j in range(8))
 
 
+def test_imagenet_weights_offline_is_a_config_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import keras
+
+    from histod.trainer.model import build_model
+
+    def offline(**kwargs: object) -> None:
+        raise Exception("URL fetch failure on https://storage.googleapis.com/...: Name or service not known")
+
+    monkeypatch.setattr(keras.applications, "MobileNetV2", offline)
+    with pytest.raises(ConfigError, match=r"cannot fetch ImageNet weights.*--weights PATH"):
+        build_model(_cfg(tmp_path, weights="imagenet"))
+
+
 def test_weights_must_be_imagenet_none_or_h5(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="imagenet"):
         _cfg(tmp_path, weights="resnet")

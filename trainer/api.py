@@ -43,7 +43,17 @@ def _log_skipped(skipped: Sequence[data.Skipped]) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Train, evaluate and export one model; return the run directory (cfg.out)."""
     started = time.monotonic()
-    samples = data.discover(cfg.data_dir, cfg.group_pattern)  # fails early on a bad folder
+    # Fail fast, before anything slow: a bad folder, too few images or patients, unusable base weights.
+    samples = data.discover(cfg.data_dir, cfg.group_pattern)
+    data.split(samples, cfg.val_split, cfg.seed)  # a dry run; the real split below leaves out unreadable files
+    import keras
+
+    from histod.trainer.export import export, keras_predict, write_run_info
+    from histod.trainer.fit import fit
+    from histod.trainer.model import build_model
+
+    keras.utils.set_random_seed(cfg.seed)
+    model = build_model(cfg)
     _prepare_out(cfg.out)
     cfg.save(cfg.out)
     log.info("dataset", data_dir=str(cfg.data_dir), **data.counts(samples))
@@ -61,14 +71,6 @@ def train(cfg: TrainConfig) -> Path:
     x_val, y_val = images[val_idx], labels[val_idx]
     log.info("split", train=data.counts(split.train), val=data.counts(split.val), skipped=len(skipped))
 
-    import keras
-
-    from histod.trainer.export import export, keras_predict, write_run_info
-    from histod.trainer.fit import fit
-    from histod.trainer.model import build_model
-
-    keras.utils.set_random_seed(cfg.seed)
-    model = build_model(cfg)
     result = fit(model, cfg, x_train, y_train, x_val, y_val)
 
     p_val = keras_predict(model, x_val)

@@ -31,12 +31,12 @@ def build_base(cfg: TrainConfig) -> Any:
             weights="imagenet" if cfg.weights == "imagenet" else None,
             name=BASE_NAME,
         )
-    except ValueError as exc:  # unsupported alpha for ImageNet weights, and the like
+    except ValueError as exc:  # unsupported alpha or input size for ImageNet weights, and the like
         raise ConfigError(f"cannot build MobileNetV2 (alpha {cfg.alpha}, weights {cfg.weights}): {exc}") from exc
-    except OSError as exc:  # weights could not be downloaded (offline)
+    except Exception as exc:  # keras.utils.get_file raises a bare Exception when it cannot download (offline)
         raise ConfigError(
             f"cannot fetch ImageNet weights for MobileNetV2 alpha {cfg.alpha} ({exc}); "
-            "pass --weights PATH to a local .h5 file, or --weights none"
+            "pass --weights PATH to a local .h5 file of base weights, or --weights none"
         ) from exc
     if path is not None:
         try:
