@@ -4,10 +4,13 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -49,6 +52,21 @@ def _prepare_folders(settings: Settings) -> Path:
     if not watch_dir.is_dir():
         raise WatchError(f"watch folder {watch_dir} is not a directory")
     return Path(os.path.realpath(watch_dir))
+
+
+@contextmanager
+def _single_instance(data_dir: Path) -> Iterator[None]:
+    """One service per data folder: a second one would classify the same files twice."""
+    path = data_dir / "serve.lock"
+    with path.open("a+") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            raise ConfigError(f"another `histod serve` is using {data_dir} (lock {path} is held)") from exc
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
 
 
 def _register(factory: sessionmaker[Session], engine: Any, run_dir: Path, kind: str) -> Served:
@@ -100,6 +118,14 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
     if settings.model is None:
         raise ConfigError("no model: pass --model RUN_DIR or set HISTOD_MODEL (train one with `histod train`)")
     watch_dir = _prepare_folders(settings)
+    # absolute paths from here on: rows record where files came from and went, whatever the working folder
+    settings = settings.model_copy(update={"data_dir": settings.data_dir.absolute(), "watch_dir": watch_dir})
+    with _single_instance(settings.data_dir):
+        return _serve(settings, watch_dir, stop, once=once, started=started)
+
+
+def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: bool, started: datetime) -> ServeResult:
+    assert settings.model is not None
     factory = open_database(settings.resolved_database_url)
 
     from histod.daemon.engine import load_engine
@@ -141,7 +167,7 @@ def _run_forever(
 ) -> None:
     from histod.daemon.watch import Watcher
 
-    watcher = Watcher.from_settings(settings.model_copy(update={"watch_dir": watch_dir}))
+    watcher = Watcher.from_settings(settings)
     period = min(watchdog_period() or 2.0, 2.0)
     last_ping = 0.0
     ready = False

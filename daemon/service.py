@@ -83,16 +83,26 @@ class PlannedMove:
 
 # --- the steps -------------------------------------------------------------------------------------------
 def intake(
-    arrivals: Sequence[tuple[Path, datetime]], factory: sessionmaker[Session], *, max_bytes: int
+    arrivals: Sequence[tuple[Path, datetime]],
+    factory: sessionmaker[Session],
+    *,
+    max_bytes: int,
+    pool: ThreadPoolExecutor | None = None,
 ) -> tuple[list[Taken], list[PlannedMove]]:
-    """Read and hash each file; files already recorded but not moved come back as moves only."""
+    """Read and hash each file (in ``pool`` when given); files already recorded but not moved come back as
+    moves only."""
+
+    def one(arrival: tuple[Path, datetime]) -> Taken | None:
+        return take(arrival[0], arrival[1], max_bytes=max_bytes)
+
+    read = list(pool.map(one, arrivals)) if pool is not None else [one(a) for a in arrivals]
     fresh: list[Taken] = []
     recover: list[PlannedMove] = []
     with reading(factory) as session:
-        for path, received in arrivals:
-            taken = take(path, received, max_bytes=max_bytes)
+        for taken in read:
             if taken is None:
                 continue
+            path = taken.path
             row = queries.find_unmoved(session, str(path), taken.sha256)
             if row is None:
                 fresh.append(taken)
@@ -273,7 +283,7 @@ class Service:
         arrivals = list(first.items())
         if not arrivals:
             return 0
-        fresh, recover = intake(arrivals, self.factory, max_bytes=self.settings.max_file_bytes)
+        fresh, recover = intake(arrivals, self.factory, max_bytes=self.settings.max_file_bytes, pool=self.pool)
         planned = list(recover)
         if fresh:
             outcomes = classify(fresh, self.predictor, self.pool, max_pixels=self.settings.max_pixels)

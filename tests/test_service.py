@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import tempfile
 import threading
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,9 @@ from histod.daemon import service as svc
 from histod.daemon.app import serve
 from histod.daemon.engine import load_engine
 from histod.daemon.mover import move_file, plan_target
-from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, utcnow
+from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Report, utcnow
+from histod.db.session import reading
+from histod.errors import ConfigError
 from histod.settings import Settings
 from histod.synthetic import write_images
 from tests.test_service_support import (
@@ -59,6 +62,19 @@ def test_move_file_never_overwrites_and_finishes_a_half_done_move(tmp_path: Path
     os.link(src, target)
     assert move_file(src, target) == target
     assert not src.exists() and target.read_bytes() == b"again"
+
+
+def test_move_file_across_filesystems(tmp_path: Path) -> None:
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a second filesystem (/dev/shm)")
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        src = Path(other) / "a.png"
+        src.write_bytes(b"far away")
+        target = tmp_path / "out" / "a.png"
+        assert move_file(src, target) == target
+        assert target.read_bytes() == b"far away" and not src.exists()
+        assert [p.name for p in target.parent.iterdir()] == ["a.png"]  # no temporary left behind
 
 
 # --- one pass over the folder ------------------------------------------------------------------------------
@@ -199,7 +215,7 @@ def test_a_failed_move_keeps_the_file_records_it_and_is_retried(
 def test_watching_service_takes_files_before_and_after_start_and_stops_cleanly(
     tiny_run_dir: Path, tmp_path: Path
 ) -> None:
-    settings = service_settings(tmp_path, tiny_run_dir, stable_ms=100, reconcile_interval_s=30)
+    settings = service_settings(tmp_path, tiny_run_dir, stable_ms=100, reconcile_interval_s=30, report_interval_s=0.5)
     watch = settings.resolved_watch_dir
     write_images(watch, 3, size=48, seed=1)
     stop = threading.Event()
@@ -215,6 +231,9 @@ def test_watching_service_takes_files_before_and_after_start_and_stops_cleanly(
     thread.start()
     try:
         wait_for(lambda: row_count(settings) == 3, 60, what="the 3 files present at start")
+        wait_for(lambda: list(settings.reports_dir.glob("report-*.json")), 30, what="a periodic report")
+        with pytest.raises(ConfigError, match="another `histod serve`"):
+            _once(settings)  # one service per data folder
         staging = tmp_path / "staging"
         slow_bytes = write_images(staging, 1, size=48, seed=3)[0].read_bytes()
         with (watch / "slow.png").open("wb") as slow:
@@ -234,4 +253,8 @@ def test_watching_service_takes_files_before_and_after_start_and_stops_cleanly(
     (slow_row,) = [r for r in rows(settings) if r.name == "slow.png"]
     assert slow_row.status == STATUS_CLASSIFIED and slow_row.size_bytes == len(slow_bytes)
     assert len(files_under(settings.processed_dir)) == 9 and files_under(settings.failed_dir) == []
+    with reading(factory_for(settings)) as s:  # periodic reports, then a last one at shutdown
+        reports = s.query(Report).order_by(Report.id).all()
+    assert len(reports) >= 2 and sum(r.total for r in reports) == 9
+    assert len(list(settings.reports_dir.glob("report-*.json"))) == len(reports)
     assert list(settings.reports_dir.glob("report-*.json"))
