@@ -62,17 +62,38 @@ def test_the_saved_model_takes_raw_pixels(tiny_run_dir: Path) -> None:
     assert [layer.name for layer in model.layers[-4:]] == ["pool", "head_bn", "head_dropout", "p_malignant"]
 
 
-def test_unfreeze_top_unfreezes_exactly_the_last_layers(tmp_path: Path) -> None:
+@pytest.mark.parametrize("freeze_batchnorm", [True, False])
+def test_unfreeze_top_unfreezes_the_last_layers(tmp_path: Path, freeze_batchnorm: bool) -> None:
+    import keras
+
     from histod.trainer.model import base_of, build_model, freeze_base, unfreeze_top
 
     model = build_model(_cfg(tmp_path))
     freeze_base(model)
     assert not base_of(model).trainable
-    unfreeze_top(model, 30)
-    flags = [layer.trainable for layer in base_of(model).layers]
-    assert sum(flags) == 30
-    assert all(flags[-30:])
-    assert not any(flags[:-30])
+    unfreeze_top(model, 30, freeze_batchnorm=freeze_batchnorm)
+    layers = base_of(model).layers
+    is_bn = [isinstance(layer, keras.layers.BatchNormalization) for layer in layers]
+    expected = [i >= len(layers) - 30 and not (freeze_batchnorm and is_bn[i]) for i in range(len(layers))]
+    assert [layer.trainable for layer in layers] == expected
+    assert 10 < sum(expected) <= 30
+
+
+def test_fine_tuning_keeps_the_pretrained_batchnorm_in_inference_mode(tmp_path: Path) -> None:
+    """fit() calls the model with training=True; the base's BatchNorm must still use its stored statistics."""
+    import keras
+
+    from histod.trainer.model import build_base, build_model, unfreeze_top
+
+    weights = tmp_path / "pretrained.weights.h5"  # any .h5 takes the pretrained path: base(x, training=False)
+    build_base(_cfg(tmp_path, image_size=48)).save_weights(weights)
+    model = build_model(_cfg(tmp_path, image_size=48, dropout=0.0, weights=str(weights)))
+    features = keras.Model(model.input, model.get_layer("pool").output)
+    x = np.random.default_rng(0).uniform(0, 255, (4, 48, 48, 3)).astype(np.float32)
+    unfreeze_top(model, 30, freeze_batchnorm=True)
+    np.testing.assert_allclose(features(x, training=True), features(x, training=False), atol=1e-5)
+    unfreeze_top(model, 30, freeze_batchnorm=False)  # the trap this guards against: batch statistics leak in
+    assert np.max(np.abs(np.asarray(features(x, training=True)) - np.asarray(features(x, training=False)))) > 1e-3
 
 
 def test_base_weights_from_an_h5_file(tmp_path: Path) -> None:

@@ -143,7 +143,7 @@ def fit(
         if name == "head":
             freeze_base(model)
         else:
-            unfreeze_top(model, cfg.fine_tune_layers)
+            unfreeze_top(model, cfg.fine_tune_layers, freeze_batchnorm=cfg.weights != "none")
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         log.info("phase", phase=name, epochs=epochs, learning_rate=rate, trainable_params=trainable)
         hist, stopped = _phase(model, cfg, name, epochs, rate, train, val, weights)

@@ -63,8 +63,9 @@ def build_model(cfg: TrainConfig) -> Any:
                 layer.momentum = 0.9
         x = base(x)
     else:
-        # training=False: the pretrained base's BatchNorm layers stay in inference mode even when unfrozen for
-        # fine-tuning, so small batches cannot wreck the ImageNet statistics (the Keras transfer-learning guide)
+        # training=False: the pretrained base's BatchNorm layers stay in inference mode, so small batches cannot
+        # wreck the ImageNet statistics (the Keras transfer-learning guide). Keras 3 lets fit's training=True
+        # override this, so unfreeze_top also keeps those layers frozen.
         x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
@@ -100,13 +101,22 @@ def freeze_base(model: Any) -> None:
     base_of(model).trainable = False
 
 
-def unfreeze_top(model: Any, n_layers: int) -> None:
-    """Phase 2: the last ``n_layers`` layers of the base learn too (BatchNorm stays in inference mode)."""
+def unfreeze_top(model: Any, n_layers: int, *, freeze_batchnorm: bool = True) -> None:
+    """Phase 2: the last ``n_layers`` layers of the base learn too.
+
+    With ``freeze_batchnorm`` (pretrained weights) the base's BatchNormalization layers stay frozen, and a frozen
+    BatchNormalization layer runs in inference mode. This is needed on top of ``base(x, training=False)``:
+    Keras 3's Functional model passes the outer ``training=True`` of ``fit`` down to every layer, overriding the
+    ``training=False`` given when the graph was built.
+    """
+    import keras
+
     base = base_of(model)
     base.trainable = True
     cut = max(0, len(base.layers) - n_layers)
     for i, layer in enumerate(base.layers):
-        layer.trainable = i >= cut
+        is_bn = isinstance(layer, keras.layers.BatchNormalization)
+        layer.trainable = i >= cut and not (freeze_batchnorm and is_bn)
 
 
 def load_keras(path: Any) -> Any:
