@@ -59,8 +59,22 @@ def make_engine(url: str) -> Engine:
     return engine
 
 
-def open_database(url: str, *, migrate: bool = True) -> sessionmaker[Session]:
-    """Create the engine, bring the schema to the newest revision, and return a session factory."""
+def sqlite_path(url: str) -> Path | None:
+    """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
+    parsed = make_url(url)
+    database = parsed.database
+    if parsed.get_backend_name() != "sqlite" or not database or database == ":memory:" or database.startswith("file:"):
+        return None
+    return Path(database)
+
+
+def open_database(url: str, *, migrate: bool = True, must_exist: bool = False) -> sessionmaker[Session]:
+    """Create the engine, bring the schema to the newest revision, and return a session factory.
+    With ``must_exist`` a missing SQLite file is a DatabaseError instead of a new, empty database."""
+    if must_exist:
+        path = sqlite_path(url)
+        if path is not None and not path.is_file():
+            raise DatabaseError(f"no results database at {path} (nothing served yet? see `histod serve`)")
     engine = make_engine(url)
     if migrate:
         from histod.db.migrations import upgrade

@@ -95,7 +95,7 @@ def serve(once: bool, **flags: Any) -> None:
 def _open(settings: Settings) -> Any:
     from histod.db.session import open_database
 
-    return open_database(settings.resolved_database_url)
+    return open_database(settings.resolved_database_url, must_exist=True)
 
 
 def _print_report(settings: Settings, since: datetime, until: datetime, *, as_json: bool) -> None:

@@ -91,6 +91,12 @@ def test_bad_since_is_a_usage_error(served: Path) -> None:
     assert (now - parse_when("90m", now)).total_seconds() == 5400
 
 
+def test_report_without_a_database_says_so_and_creates_nothing(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["results", *_flags(tmp_path)])
+    assert result.exit_code == 5 and "no results database" in result.output
+    assert not (tmp_path / "data").exists()
+
+
 def test_serve_without_a_model_is_a_clear_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["serve", "--once", *_flags(tmp_path)], env={"HISTOD_MODEL": None})
     assert result.exit_code == 2 and "no model" in result.output
