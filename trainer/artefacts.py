@@ -149,6 +149,7 @@ def plot_curves(path: Path, history: dict[str, list[float]], phases: Sequence[st
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     epochs = list(range(1, len(history.get("loss", [])) + 1))
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=120)
@@ -160,6 +161,7 @@ def plot_curves(path: Path, history: dict[str, list[float]], phases: Sequence[st
         if "fine_tune" in phases and "head" in phases:
             start = phases.index("fine_tune") + 0.5
             ax.axvline(start, color="grey", linestyle=":", label="fine-tuning starts")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(key)
         ax.set_title(key)
