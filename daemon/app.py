@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 from histod.daemon.filters import ImageFilter
 from histod.daemon.notify import notify, watchdog_period
 from histod.daemon.reports import write_report
-from histod.daemon.service import Served, Service, run_loop, run_once
+from histod.daemon.service import Service, run_loop, run_once
+from histod.daemon.steps import Served
 from histod.db import queries
 from histod.db.models import utcnow
 from histod.db.session import open_database, transaction

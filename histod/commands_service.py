@@ -239,8 +239,8 @@ def _run_demo(folder: Path | None, *, images: int, epochs: int, stop: threading.
     thread = threading.Thread(target=service, name="histod-demo-serve")
     thread.start()
     staging = root / "staging"
+    settings.resolved_watch_dir.mkdir(parents=True, exist_ok=True)
     for path in write_images(staging, images, size=64, seed=7):
-        settings.resolved_watch_dir.mkdir(parents=True, exist_ok=True)
         path.rename(settings.resolved_watch_dir / path.name)  # the atomic-rename upload
     deadline = time.monotonic() + 300
     while not stop.is_set() and time.monotonic() < deadline:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from histod.daemon import service as svc
+from histod.daemon import steps as svc
 from histod.daemon.app import serve
 from histod.daemon.engine import load_engine
 from histod.daemon.mover import move_file, plan_target

@@ -1,0 +1,240 @@
+"""The steps one batch goes through: intake -> classify (decode + infer) -> record -> move. Each is a function of
+its inputs, testable alone on a real folder and a real SQLite file; histod.daemon.service strings them together.
+
+Exactly once: a file's row is committed before the file is moved, and the row already names the target.
+If the process dies after the commit and before the move, the file is still in the watch folder; when it
+is seen again, :func:`intake` finds the row for the same path and the same sha256 with no successful move,
+and only moves it. Content seen before under any path is a new event, recorded with ``duplicate_of``.
+A move that fails (permissions, disk full) is recorded as a failed Move; the file stays and is retried.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
+from sqlalchemy.orm import Session, sessionmaker
+
+from histod import LABELS
+from histod.daemon.intake import Taken, take
+from histod.daemon.mover import dated_dir, move_file, plan_target
+from histod.db import queries
+from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
+from histod.db.session import reading, transaction
+from histod.errors import DatabaseError, ImageError
+from histod.imaging import decode
+from histod.logs import get_logger
+
+log: Any = get_logger("histod.service")
+
+VANISHED = "source vanished"
+"""the error of a Move whose file disappeared before it could be moved (nothing to retry)"""
+
+RECORD_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0)
+"""seconds to wait before each new attempt when the database refuses a batch (locked past the busy timeout)"""
+
+
+class Predictor(Protocol):
+    image_size: int
+    threshold: float
+
+    def predict(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]: ...
+
+
+@dataclass(frozen=True)
+class Served:
+    """The model the service is using, as registered in the `models` table."""
+
+    model_id: int
+    sha256: str
+    run_id: str
+    engine: str
+    threshold: float
+
+
+@dataclass(frozen=True)
+class Outcome:
+    taken: Taken
+    classified_at: datetime
+    p: float | None
+    error: ImageError | None
+
+
+@dataclass(frozen=True)
+class PlannedMove:
+    result_id: int
+    source: Path
+    target: Path
+    line: dict[str, Any]
+    """the file's canonical log line, completed once the move is done"""
+
+
+# --- the steps -------------------------------------------------------------------------------------------
+def intake(
+    arrivals: Sequence[tuple[Path, datetime]],
+    factory: sessionmaker[Session],
+    *,
+    max_bytes: int,
+    pool: ThreadPoolExecutor | None = None,
+) -> tuple[list[Taken], list[PlannedMove]]:
+    """Read and hash each file (in ``pool`` when given); files already recorded but not moved come back as
+    moves only."""
+
+    def one(arrival: tuple[Path, datetime]) -> Taken | None:
+        return take(arrival[0], arrival[1], max_bytes=max_bytes)
+
+    read = list(pool.map(one, arrivals)) if pool is not None else [one(a) for a in arrivals]
+    fresh: list[Taken] = []
+    recover: list[PlannedMove] = []
+    with reading(factory) as session:
+        for taken in read:
+            if taken is None:
+                continue
+            path = taken.path
+            row = queries.find_unmoved(session, str(path), taken.sha256)
+            if row is None:
+                fresh.append(taken)
+            else:
+                line = {"result_id": row.id, "status": row.status, "label": row.label, "recovered": True}
+                recover.append(PlannedMove(row.id, path, Path(row.stored_path), line))
+    return fresh, recover
+
+
+def classify(
+    batch: Sequence[Taken], predictor: Predictor, pool: ThreadPoolExecutor, *, max_pixels: int
+) -> list[Outcome]:
+    """Decode in the pool, then one predict call for every image that decoded."""
+
+    def one(taken: Taken) -> NDArray[np.uint8] | ImageError:
+        if taken.error is not None or taken.data is None:
+            return taken.error or ImageError("unreadable", f"{taken.path} could not be read")
+        try:
+            return decode(taken.data, predictor.image_size, max_pixels=max_pixels, name=str(taken.path))
+        except ImageError as exc:
+            return exc
+
+    decoded = list(pool.map(one, batch))
+    good: dict[int, NDArray[np.uint8]] = {i: d for i, d in enumerate(decoded) if not isinstance(d, ImageError)}
+    probabilities: dict[int, float] = {}
+    if good:
+        stack = np.stack(list(good.values())).astype(np.uint8)
+        p = np.asarray(predictor.predict(stack), dtype=np.float32).reshape(-1)
+        probabilities = {i: float(p[k]) for k, i in enumerate(good)}
+    done = utcnow()
+    outcomes = []
+    for i, taken in enumerate(batch):
+        d = decoded[i]
+        outcomes.append(Outcome(taken, done, probabilities.get(i), d if isinstance(d, ImageError) else None))
+    return outcomes
+
+
+def to_result(outcome: Outcome, served: Served, host: str, stored: Path) -> Result:
+    taken = outcome.taken
+    ok = outcome.error is None and outcome.p is not None
+    p = outcome.p if ok else None
+    return Result(
+        original_path=str(taken.path),
+        name=taken.path.name,
+        sha256=taken.sha256,
+        size_bytes=taken.size_bytes,
+        received_at=taken.received_at,
+        classified_at=outcome.classified_at,
+        latency_ms=(outcome.classified_at - taken.received_at).total_seconds() * 1000,
+        status=STATUS_CLASSIFIED if ok else STATUS_FAILED,
+        label=(LABELS[1] if p >= served.threshold else LABELS[0]) if p is not None else None,
+        p_malignant=p,
+        threshold=served.threshold,
+        model_id=served.model_id,
+        model_sha256=served.sha256,
+        run_id=served.run_id,
+        engine=served.engine,
+        error_reason=outcome.error.reason if outcome.error is not None else None,
+        error=str(outcome.error.args[0]) if outcome.error is not None else None,
+        host=host,
+        stored_path=str(stored),
+    )
+
+
+def record(
+    factory: sessionmaker[Session],
+    outcomes: Sequence[Outcome],
+    *,
+    served: Served,
+    host: str,
+    processed_dir: Path,
+    failed_dir: Path,
+    claimed: set[Path],
+    retries: Sequence[float] = RECORD_RETRIES,
+) -> list[PlannedMove]:
+    """One transaction: a row per outcome, each naming its unique target. Retried while the database is
+    locked; raises DatabaseError when it stays unavailable (the files are then still in the watch folder)."""
+    for attempt in range(len(retries) + 1):
+        try:
+            with transaction(factory) as session:
+                planned: list[tuple[Result, Path]] = []
+                taken_here: set[Path] = set()
+
+                def is_claimed(path: Path, s: Session = session, mine: set[Path] = taken_here) -> bool:
+                    return path in claimed or path in mine or queries.stored_path_taken(s, str(path))
+
+                for o in outcomes:
+                    root = processed_dir if o.error is None and o.p is not None else failed_dir
+                    target = plan_target(dated_dir(root, o.taken.received_at), o.taken.path.name, is_claimed)
+                    taken_here.add(target)
+                    planned.append((to_result(o, served, host, target), target))
+                rows = queries.record_results(session, [r for r, _ in planned])
+                moves = [
+                    PlannedMove(row.id, Path(row.original_path), target, _line(row))
+                    for row, (_, target) in zip(rows, planned, strict=True)
+                ]
+            claimed.update(m.target for m in moves)
+            return moves
+        except DatabaseError as exc:
+            if attempt == len(retries):
+                raise
+            log.warning("record.retry", attempt=attempt + 1, files=len(outcomes), error=str(exc))
+            time.sleep(retries[attempt])
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _line(row: Result) -> dict[str, Any]:
+    return {
+        "result_id": row.id,
+        "status": row.status,
+        "label": row.label,
+        "p": None if row.p_malignant is None else round(row.p_malignant, 4),
+        "ms": round(row.latency_ms, 1),
+        "reason": row.error_reason,
+        "duplicate_of": row.duplicate_of,
+    }
+
+
+def move(planned: PlannedMove) -> Move:
+    """Move one file; the outcome is a Move event (never raises for an OS error)."""
+    try:
+        where = move_file(planned.source, planned.target)
+    except FileNotFoundError as exc:
+        if exc.filename is not None and Path(exc.filename) == planned.source:
+            return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error=VANISHED)
+        return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error=str(exc))
+    except OSError as exc:
+        return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error=str(exc))
+    return Move(result_id=planned.result_id, ok=True, path=str(where), error=None)
+
+
+def save_moves(factory: sessionmaker[Session], moves: Sequence[Move]) -> None:
+    """Best effort: the files are where they are; a lost Move row only means a later sighting re-checks."""
+    if not moves:
+        return
+    try:
+        with transaction(factory) as session:
+            queries.record_moves(session, moves)
+    except DatabaseError as exc:
+        log.warning("moves.not_recorded", count=len(moves), error=str(exc))
