@@ -1,6 +1,6 @@
 """What the CLI (and other code) calls: train(cfg) -> RUN_DIR, evaluate_folder(run_dir, data_dir), predict_paths.
 
-train() reads top to bottom: find data -> decode -> split -> build -> fit -> score -> export -> write artefacts.
+train() reads top to bottom: find data -> build -> decode -> split -> fit -> score -> export -> write artefacts.
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ from histod.trainer.evaluate import choose_threshold, metrics, report_text
 log = get_logger("histod.trainer")
 
 
-def _prepare_out(out: Path) -> None:
+def _check_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
     if (out / MODEL_INFO).exists() or (out / KERAS_FILE).exists():
         raise ConfigError(f"--out {out} already holds a trained run; choose a new folder")
-    out.mkdir(parents=True, exist_ok=True)
 
 
 def _log_skipped(skipped: Sequence[data.Skipped]) -> None:
@@ -43,9 +42,10 @@ def _log_skipped(skipped: Sequence[data.Skipped]) -> None:
 def train(cfg: TrainConfig) -> Path:
     """Train, evaluate and export one model; return the run directory (cfg.out)."""
     started = time.monotonic()
-    # Fail fast, before anything slow: a bad folder, too few images or patients, unusable base weights.
+    # Fail fast, before anything slow: a bad folder, too few images or patients, a used RUN_DIR, unusable weights.
     samples = data.discover(cfg.data_dir, cfg.group_pattern)
     data.split(samples, cfg.val_split, cfg.seed)  # a dry run; the real split below leaves out unreadable files
+    _check_out(cfg.out)
     import keras
 
     from histod.trainer.export import export, keras_predict, write_run_info
@@ -54,7 +54,7 @@ def train(cfg: TrainConfig) -> Path:
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg)
-    _prepare_out(cfg.out)
+    cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.save(cfg.out)
     log.info("dataset", data_dir=str(cfg.data_dir), **data.counts(samples))
 

@@ -44,7 +44,7 @@ class TrainConfig(BaseModel):
 
     # --- data ----------------------------------------------------------------------------------------
     seed: int = 42  # split, weights init, augmentation and shuffling
-    val_split: float = Field(0.2, gt=0, lt=1)  # share held out; the split is stratified and patient-grouped
+    val_split: float = Field(0.2, gt=0, lt=1)  # held out: one fold of round(1/val_split), stratified, grouped
     group_pattern: str | None = None  # regex with a named group `group` (patient/slide id); None: built-ins
     augment: bool = True  # rotation 20°, zoom 0.2, shear, horizontal flip on the training split only
 
