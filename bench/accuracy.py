@@ -167,6 +167,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="accuracy", help="results file name (default accuracy)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from histod.logs import configure
+
+    configure("info", "console", stream=sys.stderr)  # the trainer's epoch lines go to stderr, tables to stdout
 
     from histod.trainer import data
     from histod.trainer.config import TrainConfig
