@@ -180,7 +180,7 @@ def _run_forever(
             ready = True
             notify("READY=1")
             log.info("service.ready", watch_dir=str(watch_dir), mode=watcher.mode)
-        if now - last_ping >= period:
+        if ready and now - last_ping >= period:
             notify("WATCHDOG=1")
             last_ping = now
         reporter.tick()

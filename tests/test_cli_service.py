@@ -8,6 +8,7 @@ import io
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -194,3 +195,24 @@ def test_serving_litert_never_imports_tensorflow(tiny_run_dir: Path, tmp_path: P
     assert done.returncode == 0, done.stderr[-2000:]
     assert "HEAVY:\n" in done.stdout, done.stdout
     assert len(rows(service_settings(tmp_path, tiny_run_dir))) == 2
+
+
+def test_serve_tells_systemd_ready_watchdog_and_stopping(
+    serve_process: tuple[Path, list[subprocess.Popen[bytes]]], tiny_run_dir: Path
+) -> None:
+    root, procs = serve_process
+    address = root / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(address))
+        sock.settimeout(30)
+        env = {**os.environ, "NOTIFY_SOCKET": str(address), "HISTOD_STABLE_MS": "0"}
+        proc = subprocess.Popen(_start_args(root, tiny_run_dir), cwd=root, env=env, stderr=subprocess.PIPE)
+        procs.append(proc)
+        seen: list[str] = []
+        while "WATCHDOG=1" not in seen:
+            seen.append(sock.recv(4096).decode())
+        assert "READY=1" in seen and seen.index("READY=1") < seen.index("WATCHDOG=1")
+        proc.send_signal(signal.SIGTERM)
+        while "STOPPING=1" not in seen:
+            seen.append(sock.recv(4096).decode())
+    assert proc.wait(30) == 0
