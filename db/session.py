@@ -6,7 +6,7 @@ Nothing connects at import time. :func:`open_database` creates the engine, appli
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -21,18 +21,21 @@ from histod.errors import DatabaseError
 BUSY_TIMEOUT_MS = 10_000
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    try:
-        cursor.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys = ON")
-        cursor.execute("PRAGMA synchronous = NORMAL")
-        cursor.execute("PRAGMA journal_mode = WAL")
-    finally:
-        cursor.close()
+def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA foreign_keys = ON")
+            cursor.execute("PRAGMA synchronous = NORMAL")
+            cursor.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cursor.close()
+
+    return on_connect
 
 
-def make_engine(url: str) -> Engine:
+def make_engine(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
     """An Engine for ``url``; for SQLite, the parent folder is created and WAL, busy timeout, foreign keys
     and synchronous=NORMAL are set on every connection."""
     try:
@@ -49,13 +52,13 @@ def make_engine(url: str) -> Engine:
             except OSError as exc:
                 raise DatabaseError(f"cannot create the folder for {database}: {exc.strerror}") from exc
         # The driver's own lock wait, in seconds; the pragma below sets the same on every connection.
-        kwargs["connect_args"] = {"timeout": BUSY_TIMEOUT_MS / 1000}
+        kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
     try:
         engine = create_engine(parsed, **kwargs)
     except (SQLAlchemyError, ImportError) as exc:
         raise DatabaseError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from exc
     if is_sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas)
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
     return engine
 
 
@@ -68,14 +71,16 @@ def sqlite_path(url: str) -> Path | None:
     return Path(database)
 
 
-def open_database(url: str, *, migrate: bool = True, must_exist: bool = False) -> sessionmaker[Session]:
+def open_database(
+    url: str, *, migrate: bool = True, must_exist: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+) -> sessionmaker[Session]:
     """Create the engine, bring the schema to the newest revision, and return a session factory.
     With ``must_exist`` a missing SQLite file is a DatabaseError instead of a new, empty database."""
     if must_exist:
         path = sqlite_path(url)
         if path is not None and not path.is_file():
             raise DatabaseError(f"no results database at {path} (nothing served yet? see `histod serve`)")
-    engine = make_engine(url)
+    engine = make_engine(url, busy_timeout_ms=busy_timeout_ms)
     if migrate:
         from histod.db.migrations import upgrade
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import sqlite3
 import tempfile
 import threading
 from collections import Counter
@@ -16,10 +17,12 @@ import pytest
 from histod.daemon import steps as svc
 from histod.daemon.app import serve
 from histod.daemon.engine import load_engine
+from histod.daemon.intake import take
 from histod.daemon.mover import move_file, plan_target
+from histod.db import queries
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Report, utcnow
-from histod.db.session import reading
-from histod.errors import ConfigError
+from histod.db.session import open_database, reading, transaction
+from histod.errors import ConfigError, DatabaseError
 from histod.settings import Settings
 from histod.synthetic import write_images
 from tests.test_service_support import (
@@ -258,3 +261,42 @@ def test_watching_service_takes_files_before_and_after_start_and_stops_cleanly(
     assert len(reports) >= 2 and sum(r.total for r in reports) == 9
     assert len(list(settings.reports_dir.glob("report-*.json"))) == len(reports)
     assert list(settings.reports_dir.glob("report-*.json"))
+
+
+def test_a_locked_database_makes_the_batch_retry_not_vanish(tmp_path: Path) -> None:
+    path = tmp_path / "locked.db"
+    factory = open_database(f"sqlite:///{path}", busy_timeout_ms=50)
+    with transaction(factory) as s:
+        model = queries.register_model(
+            s, sha256="f" * 64, run_id="r", run_path="/r", engine="litert", image_size=48, threshold=0.5, metrics={}
+        )
+        served = svc.Served(model.id, model.sha256, "r", "litert", 0.5)
+    (image,) = write_images(tmp_path / "in", 1, size=48)
+    taken = take(image, utcnow(), max_bytes=1 << 20)
+    assert taken is not None
+    outcome = svc.Outcome(taken, utcnow(), 0.7, None)
+
+    def attempt(retries: tuple[float, ...]) -> list[svc.PlannedMove]:
+        return svc.record(
+            factory,
+            [outcome],
+            served=served,
+            host="h",
+            processed_dir=tmp_path / "processed",
+            failed_dir=tmp_path / "failed",
+            claimed=set(),
+            retries=retries,
+        )
+
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)  # another process's writer
+    writer.execute("BEGIN IMMEDIATE")
+    with pytest.raises(DatabaseError, match="locked"):
+        attempt(())
+    release = threading.Timer(0.5, writer.rollback)  # the other writer finishes after 10x our busy timeout
+    release.start()
+    planned = attempt((0.1,) * 40)
+    release.join()
+    writer.close()
+    assert len(planned) == 1
+    with reading(factory) as s:
+        assert [r.name for r in queries.list_results(s)] == [image.name]
