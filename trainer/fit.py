@@ -126,7 +126,9 @@ def fit(
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
 ) -> FitResult:
-    """Run both phases; the model ends up holding the best (lowest val_loss) weights of the last phase run."""
+    """Run both phases. The model ends up holding the weights of the epoch with the lowest val_loss over both
+    phases: EarlyStopping restores the best epoch of each phase, and the head phase's best is kept when
+    fine-tuning never beats it."""
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
@@ -135,8 +137,8 @@ def fit(
     train, val = datasets(cfg, x_train, y_train, x_val, y_val)
     weights = class_weights(y_train) if cfg.class_weights else None
     result = FitResult()
+    best_loss, best_weights = math.inf, None
     phases = [("head", cfg.head_epochs, cfg.head_learning_rate), ("fine_tune", cfg.epochs, cfg.learning_rate)]
-    last_start = 0
     for name, epochs, rate in phases:
         if epochs <= 0:
             continue
@@ -147,15 +149,17 @@ def fit(
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         log.info("phase", phase=name, epochs=epochs, learning_rate=rate, trainable_params=trainable)
         hist, stopped = _phase(model, cfg, name, epochs, rate, train, val, weights)
-        last_start = len(result.history["loss"])
+        start = len(result.history["loss"])
         n = len(hist.get("loss", []))
         for k in HISTORY_KEYS:
-            values = hist.get(k, [math.nan] * n)
-            result.history[k].extend(values)
+            result.history[k].extend(hist.get(k, [math.nan] * n))
         result.phases.extend([name] * n)
         result.stopped_early.append(stopped)
-    val_loss = result.history["val_loss"][last_start:]
-    if val_loss:
-        finite = [v if math.isfinite(v) else math.inf for v in val_loss]
-        result.best_epoch = last_start + int(np.argmin(finite)) + 1
+        val_loss = [v if math.isfinite(v) else math.inf for v in result.history["val_loss"][start:]]
+        if val_loss and (min(val_loss) < best_loss or best_weights is None):
+            best_loss, best_weights = min(val_loss), model.get_weights()  # the phase's best, restored by EarlyStopping
+            result.best_epoch = start + int(np.argmin(val_loss)) + 1
+    if best_weights is not None:
+        model.set_weights(best_weights)
+    log.info("best_epoch", epoch=result.best_epoch, val_loss=best_loss)
     return result
