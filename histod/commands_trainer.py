@@ -14,10 +14,18 @@ import click
 
 from histod.errors import ConfigError
 from histod.settings import load_settings
+from histod.trainer.config import TrainConfig
 
 COMMANDS: list[click.Command] = []
 
 _METRICS = ("accuracy", "balanced_accuracy", "roc_auc", "sensitivity", "specificity", "precision", "f1")
+
+
+def _d(field: str) -> str:
+    """``(default X)`` for a train flag, read from TrainConfig so that help and behaviour cannot drift apart."""
+    value = TrainConfig.model_fields[field].default
+    shown = {True: "on", False: "off"}.get(value, value) if isinstance(value, bool) else value
+    return f"(default {shown})"
 
 
 def _run_dir(model: Path | None) -> Path:
@@ -47,25 +55,31 @@ def _print_metrics(result: dict[str, Any]) -> None:
 @click.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="RUN_DIR to write (new or empty)")
-@click.option("--epochs", type=int, default=None, help="fine-tuning epochs (default 20)")
-@click.option("--head-epochs", type=int, default=None, help="head-only epochs with the base frozen (default 5)")
-@click.option("--batch-size", type=int, default=None, help="default 8")
-@click.option("--image-size", type=int, default=None, help="square input side in pixels (default 224)")
-@click.option("--alpha", type=float, default=None, help="MobileNetV2 width multiplier (default 1.0)")
+@click.option("--epochs", type=int, default=None, help=f"fine-tuning epochs {_d('epochs')}")
 @click.option(
-    "--weights", default=None, help="imagenet | none | PATH to an .h5 file of base weights (default imagenet)"
+    "--head-epochs", type=int, default=None, help=f"head-only epochs with the base frozen {_d('head_epochs')}"
 )
-@click.option("--fine-tune-layers", type=int, default=None, help="base layers unfrozen for fine-tuning (default 30)")
-@click.option("--learning-rate", type=float, default=None, help="Adam rate for fine-tuning (default 1e-5)")
-@click.option("--head-learning-rate", type=float, default=None, help="Adam rate for the head phase (default 1e-3)")
-@click.option("--dropout", type=float, default=None, help="head dropout (default 0.4)")
-@click.option("--patience", type=int, default=None, help="EarlyStopping patience on val_loss (default 5)")
-@click.option("--lr-patience", type=int, default=None, help="ReduceLROnPlateau patience (default 3)")
-@click.option("--lr-factor", type=float, default=None, help="ReduceLROnPlateau factor (default 0.5)")
-@click.option("--class-weights/--no-class-weights", default=None, help="inverse-frequency loss weights (default on)")
-@click.option("--augment/--no-augment", default=None, help="augment the training split (default on)")
-@click.option("--seed", type=int, default=None, help="default 42")
-@click.option("--val-split", type=float, default=None, help="validation share, patient-grouped (default 0.2)")
+@click.option("--batch-size", type=int, default=None, help=_d("batch_size"))
+@click.option("--image-size", type=int, default=None, help=f"square input side in pixels {_d('image_size')}")
+@click.option("--alpha", type=float, default=None, help=f"MobileNetV2 width multiplier {_d('alpha')}")
+@click.option("--weights", default=None, help=f"imagenet | none | PATH to an .h5 file of base weights {_d('weights')}")
+@click.option(
+    "--fine-tune-layers", type=int, default=None, help=f"base layers unfrozen for fine-tuning {_d('fine_tune_layers')}"
+)
+@click.option("--learning-rate", type=float, default=None, help=f"Adam rate for fine-tuning {_d('learning_rate')}")
+@click.option(
+    "--head-learning-rate", type=float, default=None, help=f"Adam rate for the head phase {_d('head_learning_rate')}"
+)
+@click.option("--dropout", type=float, default=None, help=f"head dropout {_d('dropout')}")
+@click.option("--patience", type=int, default=None, help=f"EarlyStopping patience on val_loss {_d('patience')}")
+@click.option("--lr-patience", type=int, default=None, help=f"ReduceLROnPlateau patience {_d('lr_patience')}")
+@click.option("--lr-factor", type=float, default=None, help=f"ReduceLROnPlateau factor {_d('lr_factor')}")
+@click.option(
+    "--class-weights/--no-class-weights", default=None, help=f"inverse-frequency loss weights {_d('class_weights')}"
+)
+@click.option("--augment/--no-augment", default=None, help=f"augment the training split {_d('augment')}")
+@click.option("--seed", type=int, default=None, help=_d("seed"))
+@click.option("--val-split", type=float, default=None, help=f"validation share, patient-grouped {_d('val_split')}")
 @click.option("--group-pattern", default=None, help="regex with a named group `group` (patient id in file names)")
 @click.option(
     "--target-sensitivity", type=float, default=None, help="pick the threshold reaching this sensitivity on validation"
@@ -73,8 +87,6 @@ def _print_metrics(result: dict[str, Any]) -> None:
 def train(data_dir: Path, out: Path, **flags: Any) -> None:
     """Train a Benign/Malignant classifier on DATA_DIR (benign/ and malignant/ folders) into --out RUN_DIR."""
     from pydantic import ValidationError
-
-    from histod.trainer.config import TrainConfig
 
     values = {k: v for k, v in flags.items() if v is not None}
     try:

@@ -214,3 +214,14 @@ def test_help_does_not_import_tensorflow() -> None:
     code = "import sys; from histod.cli import cli; print('tensorflow' in sys.modules, 'keras' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def test_every_hyper_parameter_has_a_train_flag() -> None:
+    from histod.commands_trainer import train
+    from histod.trainer.config import TrainConfig
+
+    flags = {name.lstrip("-") for param in train.params for name in param.opts}
+    for field in TrainConfig.model_fields:
+        if field in ("data_dir", "out"):
+            continue
+        assert field.replace("_", "-") in flags, field
