@@ -142,6 +142,35 @@ def test_same_name_again_is_stored_under_a_new_name(once_run: tuple[Settings, di
     assert Path(again[1].stored_path).is_file() and Path(first.stored_path).is_file()
 
 
+def test_entries_that_are_not_regular_files_fail_without_being_opened_or_followed(
+    tiny_run_dir: Path, tmp_path: Path
+) -> None:
+    settings = service_settings(tmp_path, tiny_run_dir)
+    watch = settings.resolved_watch_dir
+    (good,) = write_images(watch, 1, size=48)
+    secret = tmp_path / "outside.txt"
+    secret.write_text("not for the service")
+    os.mkfifo(watch / "fifo.png")
+    (watch / "link.png").symlink_to(secret)
+    (watch / "folder.jpg").mkdir()
+    shutil.copyfile(good, watch / "new\nline é.png")
+    _once(settings)
+    by_name = {r.name: r for r in rows(settings)}
+    assert {n: r.error_reason for n, r in by_name.items()} == {
+        good.name: None,
+        "new\nline é.png": None,
+        "fifo.png": "not_a_file",
+        "link.png": "symlink",
+        "folder.jpg": "not_a_file",
+    }
+    pair = [by_name["new\nline é.png"], by_name[good.name]]
+    assert sorted((r.duplicate_of or 0) for r in pair) == [0, min(r.id for r in pair)]
+    assert list(watch.iterdir()) == []
+    moved = Path(by_name["link.png"].stored_path)
+    assert moved.is_symlink() and secret.read_text() == "not for the service"  # the link moved, not its target
+    assert Path(by_name["folder.jpg"].stored_path).is_dir()
+
+
 # --- crashes between commit and move, and failed moves -----------------------------------------------------
 def _record_without_moving(settings: Settings, paths: list[Path]) -> None:
     """What a process that dies right after the commit leaves behind: rows, and the files still in place."""
