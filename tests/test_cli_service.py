@@ -125,6 +125,17 @@ def _start(root: Path, run_dir: Path, *extra: str) -> subprocess.Popen[bytes]:
     )
 
 
+def _start_and_wait_for_a_first_file(
+    root: Path, run_dir: Path, procs: list[subprocess.Popen[bytes]]
+) -> subprocess.Popen[bytes]:
+    """Start `histod serve` and return once its first file has been moved (or it has exited)."""
+    processed = service_settings(root, run_dir).processed_dir
+    proc = _start(root, run_dir)
+    procs.append(proc)
+    wait_for(lambda: (processed.exists() and any(processed.rglob("*.png"))) or proc.poll() is not None, 60)
+    return proc
+
+
 def _check_nothing_lost(root: Path, run_dir: Path, total: int, *, all_done: bool) -> None:
     settings = service_settings(root, run_dir)
     recorded = rows(settings)
@@ -146,11 +157,7 @@ def test_a_signal_mid_stream_finishes_the_batch_and_loses_nothing(
     root, procs = serve_process
     settings = service_settings(root, tiny_run_dir)
     write_images(settings.resolved_watch_dir, 150, size=48)
-    proc = _start(root, tiny_run_dir)
-    procs.append(proc)
-    wait_for(
-        lambda: (settings.processed_dir.exists() and any(settings.processed_dir.rglob("*.png"))) or proc.poll(), 60
-    )
+    proc = _start_and_wait_for_a_first_file(root, tiny_run_dir, procs)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err.decode()[-2000:]
@@ -170,11 +177,7 @@ def test_kill_9_then_restart_neither_loses_nor_reclassifies(
     root, procs = serve_process
     settings = service_settings(root, tiny_run_dir)
     write_images(settings.resolved_watch_dir, 120, size=48)
-    proc = _start(root, tiny_run_dir)
-    procs.append(proc)
-    wait_for(
-        lambda: (settings.processed_dir.exists() and any(settings.processed_dir.rglob("*.png"))) or proc.poll(), 60
-    )
+    proc = _start_and_wait_for_a_first_file(root, tiny_run_dir, procs)
     proc.kill()
     proc.wait(30)
     done = subprocess.run([*_start_args(root, tiny_run_dir), "--once"], cwd=root, capture_output=True, check=False)

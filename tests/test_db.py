@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from histod.db import queries
 from histod.db.migrations import current_revision, head_revision, upgrade
-from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Move, Result
+from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, ModelRecord, Move, Result
 from histod.db.session import make_engine, open_database, reading, transaction
 from histod.errors import DatabaseError
 
@@ -131,29 +131,24 @@ def test_foreign_keys_are_enforced(factory: sessionmaker[Session]) -> None:
         assert queries.list_results(s) == []
 
 
+def _register(session: Session, *, metrics: dict[str, object], run_path: str = "/runs/r1") -> ModelRecord:
+    return queries.register_model(
+        session,
+        sha256="m" * 64,
+        run_id="r1",
+        run_path=run_path,
+        engine="litert",
+        image_size=64,
+        threshold=0.5,
+        metrics=metrics,
+    )
+
+
 def test_summary_list_results_and_reports(factory: sessionmaker[Session]) -> None:
     with transaction(factory) as s:
-        model = queries.register_model(
-            s,
-            sha256="m" * 64,
-            run_id="r1",
-            run_path="/runs/r1",
-            engine="litert",
-            image_size=64,
-            threshold=0.5,
-            metrics={"auc": 0.9},
-        )
-        again = queries.register_model(
-            s,
-            sha256="m" * 64,
-            run_id="r1",
-            run_path="/runs/r1",
-            engine="litert",
-            image_size=64,
-            threshold=0.5,
-            metrics={},
-        )
-        assert again.id == model.id
+        model = _register(s, metrics={"auc": 0.9})
+        again = _register(s, metrics={}, run_path="/elsewhere")
+        assert again.id == model.id and again.run_path == "/runs/r1"  # registered once, never updated
         rows = [
             _result("a", "1", p=0.9),
             _result("b", "2", p=0.1, at=T0 + timedelta(seconds=1)),
