@@ -219,3 +219,12 @@ def test_serve_tells_systemd_ready_watchdog_and_stopping(
         while "STOPPING=1" not in seen:
             seen.append(sock.recv(4096).decode())
     assert proc.wait(30) == 0
+
+
+@pytest.mark.slow
+def test_demo_trains_serves_and_reports_on_a_fresh_folder(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["demo", "--dir", str(tmp_path / "demo"), "--images", "6", "--epochs", "1"])
+    assert result.exit_code == 0, result.output[-3000:]
+    assert "images      6  (classified 6, failed 0" in result.stdout
+    recorded = rows(service_settings(tmp_path / "demo", tmp_path / "demo" / "run"))
+    assert len(recorded) == 6 and all(r.status == "classified" for r in recorded)
