@@ -20,7 +20,7 @@ from histod.daemon.filters import ImageFilter
 from histod.daemon.notify import notify, watchdog_period
 from histod.daemon.reports import write_report
 from histod.daemon.service import Service, run_loop, run_once
-from histod.daemon.steps import Served
+from histod.daemon.steps import Served, settle_moves
 from histod.db import queries
 from histod.db.models import utcnow
 from histod.db.session import open_database, transaction
@@ -133,6 +133,7 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
 
     engine = load_engine(settings.model, kind=settings.engine, threads=settings.threads)
     served = _register(factory, engine, settings.model, settings.engine)
+    settle_moves(factory)
     reporter = _Reporter(factory, settings, served.sha256)
     log.info(
         "service.started",

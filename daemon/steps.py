@@ -10,6 +10,7 @@ A move that fails (permissions, disk full) is recorded as a failed Move; the fil
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -238,3 +239,24 @@ def save_moves(factory: sessionmaker[Session], moves: Sequence[Move]) -> None:
             queries.record_moves(session, moves)
     except DatabaseError as exc:
         log.warning("moves.not_recorded", count=len(moves), error=str(exc))
+
+
+def settle_moves(factory: sessionmaker[Session], page: int = 1000) -> int:
+    """At start-up: record the moves that happened but were not recorded (the process stopped between the
+    move and its Move row), so that the moves table says where every file is. Returns how many."""
+    found: list[Move] = []
+    after = 0
+    while True:
+        with reading(factory) as session:
+            batch = queries.unmoved_results(session, limit=page, after_id=after)
+        if not batch:
+            break
+        after = batch[-1].id
+        for row in batch:
+            original, stored = Path(row.original_path), Path(row.stored_path)
+            if not os.path.lexists(original) and os.path.lexists(stored):
+                found.append(Move(result_id=row.id, ok=True, path=str(stored), error=None))
+    save_moves(factory, found)
+    if found:
+        log.info("moves.settled", count=len(found))
+    return len(found)

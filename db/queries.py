@@ -95,10 +95,12 @@ def record_moves(session: Session, moves: Iterable[Move]) -> None:
     session.add_all(list(moves))
 
 
-def unmoved_results(session: Session, limit: int = 1000) -> list[Result]:
-    """Results with no successful move (their files are still in the watch folder, or were lost outside us)."""
+def unmoved_results(session: Session, limit: int = 1000, after_id: int = 0) -> list[Result]:
+    """Results with no successful move, by id after ``after_id``: their files are still in the watch folder,
+    or the process stopped after moving a file and before recording the move."""
     moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
-    return list(session.scalars(select(Result).where(~moved).order_by(Result.id).limit(limit)))
+    query = select(Result).where(~moved, Result.id > after_id).order_by(Result.id).limit(limit)
+    return list(session.scalars(query))
 
 
 @dataclass(frozen=True)

@@ -204,6 +204,8 @@ def test_restart_after_commit_before_move_neither_loses_nor_reclassifies(tiny_ru
     assert len(before) == 6 and moves(settings) == []
     # a half-done move too: the link was made, the unlink was not
     os.link(paths[0], _mkparent(Path(before[0].stored_path)))
+    # and a move done but not recorded
+    paths[1].rename(_mkparent(Path(before[1].stored_path)))
     _once(settings)
     after = rows(settings)
     assert [r.id for r in after] == [r.id for r in before]  # nothing classified again
