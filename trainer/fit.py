@@ -90,7 +90,7 @@ def _epoch_logger(phase: str, total: int) -> Any:
                 "epoch",
                 phase=phase,
                 epoch=f"{epoch + 1}/{total}",
-                **{k: round(float(v), 5) for k, v in logs.items() if k in HISTORY_KEYS},
+                **{k: float(f"{float(v):.5g}") for k, v in logs.items() if k in HISTORY_KEYS},
             )
 
     return EpochLog()
