@@ -1,0 +1,92 @@
+"""kill -9 of `histod serve` at seeded random points while files stream in, then restart: every file ends with
+exactly one final row and exactly one stored file; nothing is left in the watch folder."""
+
+from __future__ import annotations
+
+import random
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+
+from tests.faults_support import account, knob, report, start_serve, stop_serve, tail, tiny_png, wait_for
+from tests.test_service_support import row_count, service_settings
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
+
+FILES = knob("KILL_FILES", 1000)
+ROUNDS = knob("KILL_ROUNDS", 5)
+SEED = knob("SEED", 20261126)
+
+
+def _stream(watch: Path, count: int, stop: threading.Event, rng: random.Random) -> None:
+    """Write ``count`` distinct tiny PNGs: half written in place (close-write), half as ``.part`` + rename (the
+    atomic upload), in small bursts with short pauses, so that kills land while files are still arriving."""
+    i = 0
+    while i < count and not stop.is_set():
+        for _ in range(rng.randint(1, 25)):
+            if i >= count:
+                break
+            name, data = f"k{i:04d}.png", tiny_png(i)
+            if i % 2:
+                (watch / name).write_bytes(data)
+            else:
+                part = watch / f"{name}.part"
+                part.write_bytes(data)
+                part.rename(watch / name)
+            i += 1
+        stop.wait(rng.uniform(0.0, 0.05))  # pacing of the writer, not a wait for the service
+
+
+def test_kill_9_at_random_points_while_files_stream_in(
+    tiny_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = random.Random(SEED)
+    settings = service_settings(tmp_path, tiny_run_dir)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    log = tmp_path / "serve.log"
+    names = [f"k{i:04d}.png" for i in range(FILES)]
+    stop = threading.Event()
+    writer = threading.Thread(target=_stream, args=(watch, FILES, stop, random.Random(rng.random())), daemon=True)
+    # seeded kill points: after `gap` more rows than at the previous kill (a different phase each round)
+    gaps = [rng.randint(1, max(2, 2 * FILES // (ROUNDS + 1))) for _ in range(ROUNDS)]
+    kills: list[int] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        writer.start()
+        proc = start_serve(tmp_path, tiny_run_dir, log)
+        procs.append(proc)
+        for gap in gaps:
+            target = min(row_count(settings) + gap, FILES)
+            wait_for(
+                lambda t=target, p=proc: row_count(settings) >= t or p.poll() is not None,
+                120,
+                what=f"{target} rows before a kill",
+            )
+            assert proc.poll() is None, f"serve died on its own; log tail:\n{tail(log)}"
+            proc.kill()  # SIGKILL: no handler, no cleanup
+            proc.wait(30)
+            kills.append(row_count(settings))
+            proc = start_serve(tmp_path, tiny_run_dir, log)
+            procs.append(proc)
+        writer.join(120)
+        assert not writer.is_alive()
+        wait_for(
+            lambda: row_count(settings) >= FILES and not any(watch.iterdir()),
+            300,
+            what=f"all {FILES} files recorded and moved",
+        )
+        stop_serve(proc, log)
+    finally:
+        stop.set()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+    tally = account(settings, names)
+    report(capsys, "kill", tally, rounds=len(kills), kills_at_rows="/".join(map(str, kills)))
+    tally.check()
+    assert len(kills) == ROUNDS
+    assert tally.status["classified"] == FILES
