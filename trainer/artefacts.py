@@ -93,12 +93,12 @@ def model_summary(model: Any) -> str:
         shape = getattr(layer, "output", None)
         shape_text = str(tuple(shape.shape)) if shape is not None else "?"
         params = sum(_size(w) for w in layer.weights)
-        trainable = str(bool(layer.trainable))
+        flag = str(bool(layer.trainable))
         inner = getattr(layer, "layers", None)
         if layer.trainable and inner:  # the base: say how much of it is unfrozen
             weighted = [sub for sub in inner if sub.weights]
-            trainable = f"{sum(1 for sub in weighted if sub.trainable)} of {len(weighted)} layers"
-        rows.append((layer.name, type(layer).__name__, shape_text, trainable, f"{params:,}"))
+            flag = f"{sum(1 for sub in weighted if sub.trainable)} of {len(weighted)} layers"
+        rows.append((layer.name, type(layer).__name__, shape_text, flag, f"{params:,}"))
     widths = [max(len(r[i]) for r in rows) for i in range(5)]
     lines = [
         "  ".join(c.ljust(w) if i < 4 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
