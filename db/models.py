@@ -2,8 +2,9 @@
 
 Rows are events and are never updated: a result row is written once, in the transaction that records its
 batch, with everything known about it (including where its file is to be moved). What happens to the file
-afterwards is another event, a :class:`Move` row. This keeps the tables ready to become append-only with a
-hash chain (the audit issue).
+afterwards is another event, a :class:`Move` row. Since revision 0002 the database enforces this: triggers
+reject UPDATE and DELETE on all four tables, and every result row carries a hash chain (``prev_hash``,
+``row_hash``; see histod.db.chain). A correction is a new ``review`` row that names the row it amends.
 
 Timestamps are timezone-aware UTC in Python; they are stored as naive UTC (portable across SQLite and
 PostgreSQL) by :class:`UTCDateTime`.
@@ -27,12 +28,20 @@ from sqlalchemy import (
     String,
     Text,
     TypeDecorator,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 STATUS_CLASSIFIED = "classified"
 STATUS_FAILED = "failed"
-STATUSES = (STATUS_CLASSIFIED, STATUS_FAILED)
+STATUS_REVIEWED = "reviewed"
+STATUSES = (STATUS_CLASSIFIED, STATUS_FAILED, STATUS_REVIEWED)
+
+KIND_CLASSIFICATION = "classification"
+"""a row the service wrote for an image event"""
+KIND_REVIEW = "review"
+"""a row a person wrote (``histod audit review``) that amends an earlier row; it never replaces it"""
+KINDS = (KIND_CLASSIFICATION, KIND_REVIEW)
 
 # Stable constraint names, so that migrations (and batch mode on SQLite) can refer to them.
 NAMING = {
@@ -86,6 +95,10 @@ class ModelRecord(Base):
     threshold: Mapped[float] = mapped_column(Float)
     metrics: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
+    split_sha256: Mapped[str | None] = mapped_column(String(64))
+    """sha256 of the run's split.csv (which patients trained, which validated); None when the run has none"""
+    row_hash: Mapped[str | None] = mapped_column(String(64))
+    """sha256 of this row's content (histod.db.chain.model_hash), checked by `histod audit verify`"""
 
 
 class Result(Base):
@@ -97,6 +110,14 @@ class Result(Base):
         Index("ix_results_original_path", "original_path"),
         Index("ix_results_received_at", "received_at"),
         Index("ix_results_status_label", "status", "label"),
+        # one classification per target path; review rows repeat the path of the row they amend
+        Index(
+            "uq_results_stored_path",
+            "stored_path",
+            unique=True,
+            sqlite_where=text("kind = 'classification'"),
+            postgresql_where=text("kind = 'classification'"),
+        ),
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -121,8 +142,17 @@ class Result(Base):
     host: Mapped[str] = mapped_column(String(255))
     duplicate_of: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
     """the first result with the same sha256, when this content was seen before"""
-    stored_path: Mapped[str] = mapped_column(Text, unique=True)
+    stored_path: Mapped[str] = mapped_column(Text)
     """where the file is moved after this row is committed (see Move for where it actually went)"""
+    kind: Mapped[str] = mapped_column(String(20), default=KIND_CLASSIFICATION, server_default=KIND_CLASSIFICATION)
+    amends_id: Mapped[int | None] = mapped_column(ForeignKey("results.id"))
+    """for a review: the row it amends (which stays as it was)"""
+    reviewer: Mapped[str | None] = mapped_column(String(200))
+    note: Mapped[str | None] = mapped_column(Text)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    """row_hash of the previous row by id (histod.db.chain.GENESIS for the first)"""
+    row_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    """sha256 over prev_hash and this row's content (histod.db.chain.result_hash)"""
 
     model: Mapped[ModelRecord | None] = relationship(lazy="raise")
 

@@ -1,5 +1,6 @@
 """What the service, the CLI and the reports ask of the database. Functions take a Session; the caller owns
-the transaction (see histod.db.session.transaction). Result rows are inserted, never updated."""
+the transaction (see histod.db.session.transaction). Rows are inserted, never updated (the database's triggers
+refuse it); result rows are appended to the hash chain of histod.db.chain."""
 
 from __future__ import annotations
 
@@ -7,13 +8,30 @@ import statistics
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from histod import LABELS
-from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, ModelRecord, Move, Report, Result
+from histod.db import chain
+from histod.db.models import (
+    KIND_CLASSIFICATION,
+    KIND_REVIEW,
+    STATUS_CLASSIFIED,
+    STATUS_FAILED,
+    STATUS_REVIEWED,
+    ModelRecord,
+    Move,
+    Report,
+    Result,
+    utcnow,
+)
+from histod.errors import ConfigError
+from histod.runs import sha256_file
+
+SPLIT_FILE = "split.csv"
 
 
 def register_model(
@@ -26,20 +44,31 @@ def register_model(
     image_size: int,
     threshold: float,
     metrics: dict[str, Any],
+    split_sha256: str | None = None,
 ) -> ModelRecord:
-    """The models row for this model file, inserted the first time it is served."""
+    """The models row for this model file, inserted the first time it is served. ``split_sha256`` defaults to
+    the sha256 of ``run_path/split.csv`` (None when the run has none)."""
     found = session.scalars(select(ModelRecord).where(ModelRecord.sha256 == sha256)).first()
     if found is not None:
         return found
+    if split_sha256 is None:
+        split = Path(run_path) / SPLIT_FILE
+        split_sha256 = sha256_file(split) if split.is_file() else None
+    chain.lock_chain(session)
+    last = session.scalar(select(func.max(ModelRecord.id)))
     record = ModelRecord(
+        id=(last or 0) + 1,
         sha256=sha256,
         run_id=run_id,
         run_path=run_path,
         engine=engine,
         image_size=image_size,
-        threshold=threshold,
+        threshold=float(threshold),
         metrics=metrics,
+        registered_at=utcnow(),
+        split_sha256=split_sha256,
     )
+    record.row_hash = chain.model_hash(chain.as_mapping(record, chain.MODEL_FIELDS))
     session.add(record)
     session.flush()
     return record
@@ -52,7 +81,9 @@ def first_results(session: Session, digests: Iterable[str]) -> dict[str, int]:
     for start in range(0, len(wanted), 500):
         chunk = wanted[start : start + 500]
         rows = session.execute(
-            select(Result.sha256, func.min(Result.id)).where(Result.sha256.in_(chunk)).group_by(Result.sha256)
+            select(Result.sha256, func.min(Result.id))
+            .where(Result.sha256.in_(chunk), Result.kind == KIND_CLASSIFICATION)
+            .group_by(Result.sha256)
         )
         for digest, first in rows:
             if digest is not None:
@@ -62,16 +93,63 @@ def first_results(session: Session, digests: Iterable[str]) -> dict[str, int]:
 
 def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
     """Insert ``results`` in order, setting ``duplicate_of`` (before insert) to the first result with the same
-    sha256: an earlier row in the database or an earlier one in this batch. Returns them with ids set."""
+    sha256: an earlier row in the database or an earlier one in this batch. Returns them with ids set.
+
+    Each row is appended to the hash chain: the write lock is taken first (so no other writer can append in
+    between), then every row gets the next id, ``prev_hash`` and ``row_hash``."""
+    chain.lock_chain(session)
+    last_id, last_hash = chain.head(session)
     first = first_results(session, (r.sha256 for r in results if r.sha256 is not None))
     for result in results:
-        if result.sha256 is not None and result.sha256 in first:
+        result.kind = result.kind or KIND_CLASSIFICATION  # the column default applies only at flush
+        if result.kind == KIND_CLASSIFICATION and result.sha256 is not None and result.sha256 in first:
             result.duplicate_of = first[result.sha256]
+        last_id += 1
+        result.id = last_id
+        result.prev_hash = last_hash
+        result.row_hash = last_hash = chain.result_hash(last_hash, chain.as_mapping(result))
         session.add(result)
         session.flush()
-        if result.sha256 is not None:
+        if result.kind == KIND_CLASSIFICATION and result.sha256 is not None:
             first.setdefault(result.sha256, result.id)
     return list(results)
+
+
+def add_review(session: Session, amends_id: int, *, label: str, reviewer: str, note: str | None, host: str) -> Result:
+    """A person's call on an earlier result, as a new ``review`` row that references it (the earlier row stays
+    as it was). Raises ConfigError for an unknown result or label, or an empty reviewer."""
+    canonical_label = next((known for known in LABELS if known.lower() == label.strip().lower()), None)
+    if canonical_label is None:
+        raise ConfigError(f"label must be one of {', '.join(LABELS)}, not {label!r}")
+    if not reviewer.strip():
+        raise ConfigError("a review needs the reviewer's name (--reviewer)")
+    target = session.get(Result, amends_id)
+    if target is None:
+        raise ConfigError(f"there is no result {amends_id}")
+    now = utcnow()
+    review = Result(
+        kind=KIND_REVIEW,
+        amends_id=target.id,
+        original_path=target.original_path,
+        name=target.name,
+        sha256=target.sha256,
+        size_bytes=target.size_bytes,
+        received_at=now,
+        classified_at=now,
+        latency_ms=0.0,
+        status=STATUS_REVIEWED,
+        label=canonical_label,
+        host=host,
+        stored_path=target.stored_path,
+        reviewer=reviewer.strip(),
+        note=note,
+    )
+    return record_results(session, [review])[0]
+
+
+def amendments(session: Session, result_id: int) -> list[Result]:
+    """The rows that amend ``result_id``, oldest first."""
+    return list(session.scalars(select(Result).where(Result.amends_id == result_id).order_by(Result.id)))
 
 
 def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Result | None:
@@ -79,7 +157,10 @@ def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Re
     between committing the row and moving the file. None means the file is a new event."""
     same_content = Result.sha256.is_(None) if sha256 is None else Result.sha256 == sha256
     newest = session.scalars(
-        select(Result).where(Result.original_path == original_path, same_content).order_by(Result.id.desc()).limit(1)
+        select(Result)
+        .where(Result.original_path == original_path, same_content, Result.kind == KIND_CLASSIFICATION)
+        .order_by(Result.id.desc())
+        .limit(1)
     ).first()
     if newest is None:
         return None
@@ -99,7 +180,12 @@ def unmoved_results(session: Session, limit: int = 1000, after_id: int = 0) -> l
     """Results with no successful move, by id after ``after_id``: their files are still in the watch folder,
     or the process stopped after moving a file and before recording the move."""
     moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
-    query = select(Result).where(~moved, Result.id > after_id).order_by(Result.id).limit(limit)
+    query = (
+        select(Result)
+        .where(~moved, Result.id > after_id, Result.kind == KIND_CLASSIFICATION)
+        .order_by(Result.id)
+        .limit(limit)
+    )
     return list(session.scalars(query))
 
 
@@ -182,7 +268,7 @@ def summary(session: Session, since: datetime, until: datetime) -> Summary:
             Result.model_sha256,
             Result.received_at,
             Result.classified_at,
-        ).where(Result.received_at >= since, Result.received_at < until)
+        ).where(Result.received_at >= since, Result.received_at < until, Result.kind == KIND_CLASSIFICATION)
     ).all()
     probabilities: list[float] = []
     latencies: list[float] = []

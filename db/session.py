@@ -1,7 +1,8 @@
 """Open the results database: an engine for any SQLAlchemy URL, SQLite tuned for a writer plus readers.
 
 Nothing connects at import time. :func:`open_database` creates the engine, applies the migrations
-(``alembic upgrade head``) and returns a session factory.
+(``alembic upgrade head``) and returns a session factory. :func:`open_read_only` is for auditors: it never
+migrates or writes, and opens SQLite with ``mode=ro`` (or ``immutable=1`` when even that is impossible).
 """
 
 from __future__ import annotations
@@ -10,13 +11,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import Engine, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError, SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.errors import DatabaseError
+from histod.logs import get_logger
+
+log: Any = get_logger("histod.db")
 
 BUSY_TIMEOUT_MS = 10_000
 
@@ -29,6 +34,18 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
             cursor.execute("PRAGMA journal_mode = WAL")
+        finally:
+            cursor.close()
+
+    return on_connect
+
+
+def _sqlite_read_only_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+    def on_connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_ms)}")
+            cursor.execute("PRAGMA query_only = ON")
         finally:
             cursor.close()
 
@@ -86,6 +103,83 @@ def open_database(
 
         upgrade(engine)
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _read_only_sqlite(path: Path, mode: str, busy_timeout_ms: int) -> Engine:
+    uri = f"file:{quote(str(path.resolve()))}?{mode}"
+    engine = create_engine("sqlite://", creator=lambda: _connect_uri(uri, busy_timeout_ms / 1000), pool_pre_ping=False)
+    event.listen(engine, "connect", _sqlite_read_only_pragmas(busy_timeout_ms))
+    return engine
+
+
+def _connect_uri(uri: str, timeout: float) -> Any:
+    import sqlite3
+
+    return sqlite3.connect(uri, uri=True, timeout=timeout, check_same_thread=False)
+
+
+def _probe(engine: Engine) -> None:
+    with engine.connect() as connection:
+        connection.execute(text("SELECT count(*) FROM sqlite_master")).scalar_one()
+
+
+def open_read_only(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sessionmaker[Session]:
+    """A session factory that cannot write, for auditors: no migrations, nothing created.
+
+    SQLite opens with ``mode=ro``. A WAL database needs its ``-shm`` file; when the service is stopped SQLite has
+    removed it, and a reader who may not create files in the folder cannot open the database that way: then it
+    is opened with ``immutable=1`` (correct only while nothing writes; a warning says so). Raises DatabaseError
+    when the database is missing or its schema is not the one this histod expects (run `histod serve` once,
+    which migrates)."""
+    path = sqlite_path(url)
+    if path is not None:
+        if not path.is_file():
+            raise DatabaseError(f"no results database at {path} (nothing served yet? see `histod serve`)")
+        engine = _read_only_sqlite(path, "mode=ro", busy_timeout_ms)
+        try:
+            _probe(engine)
+        except SQLAlchemyError as exc:
+            engine.dispose()
+            wal = path.with_name(path.name + "-wal")
+            if wal.exists():  # a writer is (or was) active: an immutable read could see half of its work
+                reason = getattr(exc, "orig", None) or exc
+                raise DatabaseError(
+                    f"cannot open {path} read-only: {reason} ({wal.name} exists, so it cannot be read as immutable;"
+                    " read it while the service runs, or as the service user)"
+                ) from exc
+            engine = _read_only_sqlite(path, "immutable=1", busy_timeout_ms)
+            try:
+                _probe(engine)
+            except SQLAlchemyError as again:
+                reason = getattr(again, "orig", None) or again
+                raise DatabaseError(f"cannot read the database {path}: {reason}") from again
+            log.warning(
+                "db.immutable",
+                path=str(path),
+                reason=str(getattr(exc, "orig", exc)),
+                note="opened with immutable=1: the folder is not writable and the service is stopped; "
+                "results written while this runs would not be seen",
+            )
+    else:
+        engine = make_engine(url, busy_timeout_ms=busy_timeout_ms)
+    check_schema(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def check_schema(engine: Engine) -> None:
+    """Raise DatabaseError unless the database is at the revision this code expects."""
+    from histod.db.migrations import current_revision, head_revision
+
+    current, head = current_revision(engine), head_revision()
+    if current == head:
+        return
+    where = engine.url.render_as_string(hide_password=True)
+    if current is None:
+        raise DatabaseError(f"{where} is not a histod database (no schema revision)")
+    raise DatabaseError(
+        f"the database schema is at revision {current}, this histod expects {head}; it is opened read-only and "
+        "not migrated: let the service migrate it (`histod serve` migrates at start, as the service user)"
+    )
 
 
 @contextmanager

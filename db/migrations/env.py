@@ -28,13 +28,26 @@ def run_migrations_online() -> None:
     given = config.attributes.get("engine")
     engine: Engine = given if isinstance(given, Engine) else make_engine(str(config.get_main_option("sqlalchemy.url")))
     with engine.connect() as connection:
-        context.configure(
-            connection=connection,
-            target_metadata=target_metadata,
-            render_as_batch=connection.dialect.name == "sqlite",
-        )
-        with context.begin_transaction():
-            context.run_migrations()
+        sqlite = connection.dialect.name == "sqlite"
+        if sqlite:
+            # Batch mode rebuilds a table (copy, drop, rename); dropping a table that other rows reference fails
+            # while foreign keys are enforced. The pragma is a no-op inside a transaction, so it is set before
+            # one starts, the keys are checked after, and the pooled connection gets them back.
+            connection.exec_driver_sql("PRAGMA foreign_keys = OFF")
+            connection.commit()
+        try:
+            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=sqlite)
+            with context.begin_transaction():
+                context.run_migrations()
+                if sqlite:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()
+                    if broken:
+                        raise RuntimeError(f"foreign keys broken by the migration: {broken[:5]}")
+        finally:
+            if sqlite:
+                connection.rollback()
+                connection.exec_driver_sql("PRAGMA foreign_keys = ON")
+                connection.commit()
     if given is None:
         engine.dispose()
 
