@@ -53,9 +53,9 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> No
 
 
 def _register() -> None:
-    from histod import commands_service, commands_trainer
+    from histod import commands_audit, commands_service, commands_trainer
 
-    for module in (commands_trainer, commands_service):
+    for module in (commands_trainer, commands_service, commands_audit):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -93,9 +93,10 @@ def serve(once: bool, **flags: Any) -> None:
 
 
 def _open(settings: Settings) -> Any:
-    from histod.db.session import open_database
+    """Read-only, never migrating: auditors who may read but not write the database use these commands."""
+    from histod.db.session import open_read_only
 
-    return open_database(settings.resolved_database_url, must_exist=True)
+    return open_read_only(settings.resolved_database_url)
 
 
 def _print_report(settings: Settings, since: datetime, until: datetime, *, as_json: bool) -> None:
