@@ -3,6 +3,7 @@ tampering, reviews, provenance, the 0001 -> 0002 migration with existing rows, a
 
 from __future__ import annotations
 
+import hashlib
 import sqlite3
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from histod.cli import cli
 from histod.db import chain, queries
 from histod.db.migrations import current_revision, head_revision, upgrade
-from histod.db.models import KIND_CLASSIFICATION, KIND_REVIEW, Move, Result
+from histod.db.models import KIND_CLASSIFICATION, KIND_REVIEW, ModelRecord, Move, Result
 from histod.db.session import make_engine, open_database, open_read_only, reading, transaction
 from histod.errors import ConfigError, DatabaseError
 
@@ -203,9 +204,9 @@ def test_the_models_row_records_provenance(tmp_path: Path) -> None:
     _, factory = _db(tmp_path)
     with reading(factory) as s:
         (row,) = queries.list_results(s, queries.ResultFilter(limit=1))
-        model = s.get(type(row).model.property.mapper.class_, row.model_id)
+        model = s.get(ModelRecord, row.model_id)
     assert model is not None
-    assert model.split_sha256 == chain.hashlib.sha256((tmp_path / "split.csv").read_bytes()).hexdigest()
+    assert model.split_sha256 == hashlib.sha256((tmp_path / "split.csv").read_bytes()).hexdigest()
     assert model.metrics["roc_auc"] == 0.87 and model.run_path == str(tmp_path)
     assert model.row_hash == chain.model_hash(chain.as_mapping(model, chain.MODEL_FIELDS))
 
@@ -246,10 +247,10 @@ def test_migrating_0001_to_0002_hashes_existing_rows_in_id_order(tmp_path: Path)
         (new,) = queries.record_results(s, [_result("new.png", model_id=1)])
     assert (new.id, new.prev_hash) == (8, rows[-1].row_hash)
     assert _verify(path)[0] == 0
-    conn = sqlite3.connect(path)
+    raw = sqlite3.connect(path)
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
-        conn.execute("DELETE FROM results WHERE id = 1")
-    conn.close()
+        raw.execute("DELETE FROM results WHERE id = 1")
+    raw.close()
 
 
 def test_concurrent_writers_cannot_fork_the_chain(tmp_path: Path) -> None:
