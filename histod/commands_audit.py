@@ -42,7 +42,7 @@ def verify(anchors: tuple[str, ...], **flags: Any) -> None:
         click.echo(f"last hash  {verdict.last_hash or '-'}")
         return
     click.echo(f"BROKEN: {verdict.broken}", err=True)
-    click.echo(f"({verdict.rows} results read up to the break)", err=True)
+    click.echo(f"({verdict.rows} results checked, up to and including the break)", err=True)
     sys.exit(1)
 
 

@@ -3,7 +3,9 @@ tampering, reviews, provenance, the 0001 -> 0002 migration with existing rows, a
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import json
 import sqlite3
 import subprocess
 import threading
@@ -314,3 +316,31 @@ def test_a_stopped_database_in_a_folder_the_reader_cannot_write_opens_immutable(
         assert "immutable=1" in out
     finally:
         subprocess.run(["chattr", "-i", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("suffix", ["csv", "json"])
+def test_export_writes_rows_and_a_manifest_that_pins_them_to_the_chain(tmp_path: Path, suffix: str) -> None:
+    path, factory = _db(tmp_path)
+    out = tmp_path / "exports" / f"audit.{suffix}"
+    since = (T0 + timedelta(seconds=2)).isoformat()
+    got = CliRunner().invoke(cli, ["audit", "export", "--since", since, "--out", str(out), "--db", f"sqlite:///{path}"])
+    assert got.exit_code == 0, got.output
+    if suffix == "csv":
+        with out.open(newline="") as fh:
+            rows = list(csv.DictReader(fh))
+    else:
+        rows = json.loads(out.read_text())
+    with reading(factory) as s:
+        expected = [r for r in queries.list_results(s) if r.received_at >= T0 + timedelta(seconds=2)]
+    assert [int(r["id"]) for r in rows] == [r.id for r in expected] == [3, 4, 5]
+    assert [r["row_hash"] for r in rows] == [r.row_hash for r in expected]
+    assert rows[1]["prev_hash"] == rows[0]["row_hash"]
+    manifest = json.loads((out.parent / f"audit.{suffix}.manifest.json").read_text())
+    assert manifest["sha256"] == hashlib.sha256(out.read_bytes()).hexdigest()
+    assert (manifest["rows"], manifest["first_id"], manifest["last_id"]) == (3, 3, 5)
+    assert (manifest["first_hash"], manifest["last_hash"]) == (expected[0].row_hash, expected[-1].row_hash)
+    assert manifest["format"] == suffix and manifest["filters"]["since"].startswith("2026-01-02T03:04:07")
+    # the manifest's last hash is an anchor for later checks
+    assert _verify(path, "--anchor", manifest["last_hash"])[0] == 0
+    got = CliRunner().invoke(cli, ["audit", "export", "--out", str(tmp_path / "x.txt"), "--db", f"sqlite:///{path}"])
+    assert got.exit_code == 2 and "--format" in got.output
