@@ -240,6 +240,19 @@ def verify(session: Session, *, anchors: tuple[str, ...] = (), page: int = 2000)
             broken = Break(
                 "moves", orphan[0], "names a result that is missing", f"results row {orphan[1]}", "no such row"
             )
+    if broken is None:
+        unknown = session.execute(
+            select(Result.id, Result.model_id)
+            .where(
+                Result.model_id.is_not(None), ~select(ModelRecord.id).where(ModelRecord.id == Result.model_id).exists()
+            )
+            .order_by(Result.id)
+            .limit(1)
+        ).first()
+        if unknown is not None:
+            broken = Break(
+                "results", unknown[0], "names a model that is missing", f"models row {unknown[1]}", "no such row"
+            )
     models = 0
     if broken is None:
         for record in session.scalars(select(ModelRecord).order_by(ModelRecord.id)):

@@ -137,6 +137,7 @@ def test_verify_passes_on_a_clean_database_and_names_the_chain_ends(tmp_path: Pa
         (["UPDATE results SET received_at = '2026-01-02 03:04:06.000000' WHERE id = 2"], "results row 2", "content"),
         (["UPDATE models SET metrics = '{\"roc_auc\": 0.99}'"], "models row 1", "content does not match"),
         (["DELETE FROM results WHERE id = 5"], "moves row 5", "names a result that is missing"),
+        (["DELETE FROM models"], "results row 1", "names a model that is missing"),
     ],
 )
 def test_verify_catches_rows_changed_or_removed_behind_the_service(
