@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.daemon.intake import scan
@@ -30,7 +31,7 @@ from histod.daemon.steps import (
     save_moves,
 )
 from histod.db.models import utcnow
-from histod.errors import WatchError
+from histod.errors import DatabaseError, WatchError
 from histod.logs import get_logger
 
 if TYPE_CHECKING:
@@ -40,6 +41,9 @@ log: Any = get_logger("histod.service")
 
 MOVE_RETRY_S = (5.0, 15.0, 60.0, 300.0)
 """seconds before a failed move is tried again (the file stays in the watch folder meanwhile)"""
+
+DEFER_RETRY_S = (2.0, 5.0, 15.0, 60.0)
+"""seconds before a batch the database refused (locked past every retry, disk I/O) is taken again"""
 
 
 @dataclass
@@ -69,6 +73,10 @@ class Service:
         self.clock = clock
         self.claimed: set[Path] = set()
         self.retrying: dict[Path, _Retry] = {}
+        self.deferred: dict[Path, datetime] = {}
+        """files of batches the database refused: still in the watch folder, taken again after a while"""
+        self.deferred_attempts = 0
+        self.deferred_due = 0.0
         self.files = 0
 
     def process(self, arrivals: Sequence[tuple[Path, datetime]]) -> int:
@@ -77,6 +85,7 @@ class Service:
         for path, received in arrivals:
             if path not in self.retrying:
                 first.setdefault(path, received)
+                self.deferred.pop(path, None)
         arrivals = list(first.items())
         if not arrivals:
             return 0
@@ -96,6 +105,34 @@ class Service:
         self._move(planned, attempts=0)
         self.files += len(planned)
         return len(planned)
+
+    def defer(self, arrivals: Sequence[tuple[Path, datetime]], error: DatabaseError) -> None:
+        """The database refused this batch for a passing reason (locked past every retry, I/O): nothing was
+        recorded or moved, so keep its paths and take them again later rather than stop the service. Any
+        other database error (a constraint, a broken schema) is raised: retrying cannot help."""
+        if not isinstance(error.__cause__, OperationalError):
+            raise error
+        for path, received in arrivals:
+            self.deferred.setdefault(path, received)
+        wait = DEFER_RETRY_S[min(self.deferred_attempts, len(DEFER_RETRY_S) - 1)]
+        self.deferred_attempts += 1
+        self.deferred_due = self.clock() + wait
+        log.error("batch.deferred", files=len(self.deferred), error=str(error), retry_in_s=wait)
+
+    def retry_deferred(self) -> None:
+        """Take the deferred files again once due (see :meth:`defer`)."""
+        if not self.deferred or self.clock() < self.deferred_due:
+            return
+        batch = list(self.deferred.items())
+        self.deferred.clear()
+        for start in range(0, len(batch), self.settings.batch_size):
+            chunk = batch[start : start + self.settings.batch_size]
+            try:
+                self.process(chunk)
+            except DatabaseError as exc:
+                self.defer(batch[start:], exc)
+                return
+        self.deferred_attempts = 0
 
     def retry_moves(self, *, force: bool = False) -> None:
         now = self.clock()
@@ -173,9 +210,13 @@ def run_loop(
                 raise WatchError(f"the watcher stopped: {error}") from error
             batch = collect(inbox, settings.batch_size, settings.batch_timeout_ms / 1000)
             if batch and not stop.is_set():
-                service.process(batch)
+                try:
+                    service.process(batch)
+                except DatabaseError as exc:
+                    service.defer(batch, exc)  # the files stay in the watch folder; raised unless passing
             elif batch:
                 break  # stopping: what was not started stays in the watch folder for the next start
+            service.retry_deferred()
             service.retry_moves()
     finally:
         feeder_stop.set()

@@ -1,0 +1,221 @@
+"""Database contention against the running service: an auditor's long read transaction neither blocks nor loses
+writes (WAL: readers see their snapshot, the writer goes on); another writer holding the database locked past
+the busy timeout makes the batch retry, not vanish. (tests/test_service.py tests record()'s retry alone; here it
+is the whole service.)"""
+
+from __future__ import annotations
+
+import functools
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy.orm import Session, sessionmaker
+
+from histod.daemon import app, steps
+from histod.daemon.app import serve
+from histod.db.session import open_database
+from histod.errors import DatabaseError
+from histod.settings import Settings
+from tests.faults_support import account, knob, report, tiny_png, wait_for
+from tests.test_service_support import row_count, service_settings
+
+pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
+
+FILES = knob("DB_FILES", 200)
+BUSY_MS = 200
+
+
+def _running(settings: Settings) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve(settings, stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="serve")
+    thread.start()
+    return thread, stop, errors
+
+
+def _drop(watch: Path, prefix: str, count: int, start: int = 0) -> list[str]:
+    names = [f"{prefix}{i:04d}.png" for i in range(count)]
+    for i, name in enumerate(names):
+        (watch / name).write_bytes(tiny_png(start + i))
+    return names
+
+
+@pytest.fixture
+def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The service's busy timeout is 10 s; 200 ms here, so that "past the busy timeout" takes moments."""
+    monkeypatch.setattr(app, "open_database", functools.partial(open_database, busy_timeout_ms=BUSY_MS))
+
+
+@pytest.fixture
+def refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[DatabaseError]]:
+    """Every transaction of the batch steps that the database refused (counted, then re-raised)."""
+    seen: list[DatabaseError] = []
+    real = steps.transaction
+
+    @contextmanager
+    def counting(factory: sessionmaker[Session]) -> Iterator[Session]:
+        try:
+            with real(factory) as session:
+                yield session
+        except DatabaseError as exc:
+            seen.append(exc)
+            raise
+
+    monkeypatch.setattr(steps, "transaction", counting)
+    yield seen
+
+
+def _db_path(settings: Settings) -> Path:
+    return settings.data_dir / "histod.db"
+
+
+def test_an_auditors_long_read_transaction_neither_blocks_nor_loses_writes(
+    tiny_run_dir: Path, tmp_path: Path, short_busy_timeout: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    thread, stop, errors = _running(settings)
+    auditor: sqlite3.Connection | None = None
+    try:
+        names = _drop(watch, "before", 1)
+        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        auditor = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
+        auditor.execute("BEGIN")
+        (seen_at_start,) = auditor.execute("SELECT count(*) FROM results").fetchone()
+        names += _drop(watch, "audited", FILES, start=1)
+        wait_for(
+            lambda: (row_count(settings) == 1 + FILES and not any(watch.iterdir())) or errors,
+            120,
+            what=f"{FILES} files recorded while the auditor reads",
+        )
+        (still_seen,) = auditor.execute("SELECT count(*) FROM results").fetchone()
+        assert (seen_at_start, still_seen) == (1, 1)  # the auditor's snapshot is stable
+        auditor.execute("COMMIT")
+        (after,) = auditor.execute("SELECT count(*) FROM results").fetchone()
+        assert after == 1 + FILES
+        assert thread.is_alive() and errors == []
+    finally:
+        if auditor is not None:
+            auditor.close()
+        stop.set()
+        thread.join(60)
+    assert errors == []
+    tally = account(settings, names)
+    report(capsys, "db-reader", tally, rounds=1)
+    tally.check()
+
+
+def test_a_writer_holding_the_lock_past_the_busy_timeout_delays_the_batch_not_loses_it(
+    tiny_run_dir: Path,
+    tmp_path: Path,
+    short_busy_timeout: None,
+    refused: list[DatabaseError],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    thread, stop, errors = _running(settings)
+    writer: sqlite3.Connection | None = None
+    try:
+        names = _drop(watch, "before", 1)
+        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        writer = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
+        writer.execute("BEGIN IMMEDIATE")  # another writer: holds the write lock
+        names += _drop(watch, "locked", 20, start=1)
+        wait_for(lambda: len(refused) >= 3 or errors, 60, what="the batch refused three times (busy timeout)")
+        assert row_count(settings) == 1  # nothing written while locked, and nothing taken either
+        writer.execute("ROLLBACK")
+        wait_for(
+            lambda: (row_count(settings) == 21 and not any(watch.iterdir())) or errors,
+            120,
+            what="the refused batch recorded once the lock is gone",
+        )
+        assert thread.is_alive() and errors == []
+    finally:
+        if writer is not None:
+            writer.close()
+        stop.set()
+        thread.join(60)
+    assert errors == []
+    tally = account(settings, names)
+    report(capsys, "db-locked", tally, rounds=1, refused_transactions=len(refused))
+    tally.check()
+
+
+def test_a_writer_holding_the_lock_past_every_retry_leaves_the_batch_for_later_not_lost(
+    tiny_run_dir: Path,
+    tmp_path: Path,
+    short_busy_timeout: None,
+    refused: list[DatabaseError],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Locked for longer than record()'s whole retry schedule: the batch gives up, the service keeps running,
+    the files stay in the watch folder, and they are recorded (once) after the lock is gone."""
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    thread, stop, errors = _running(settings)
+    writer: sqlite3.Connection | None = None
+    attempts = len(steps.RECORD_RETRIES) + 1
+    try:
+        names = _drop(watch, "before", 1)
+        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        writer = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
+        writer.execute("BEGIN EXCLUSIVE")
+        names += _drop(watch, "locked", 20, start=1)
+        wait_for(lambda: len(refused) > attempts or errors, 120, what="a batch refused past its every retry")
+        assert row_count(settings) == 1
+        assert sorted(p.name for p in watch.iterdir()) == sorted(names[1:])  # still there, nothing deleted
+        writer.execute("ROLLBACK")
+        wait_for(
+            lambda: (row_count(settings) == 21 and not any(watch.iterdir())) or errors,
+            120,
+            what="the given-up batch recorded once the lock is gone",
+        )
+        assert thread.is_alive() and errors == []
+    finally:
+        if writer is not None:
+            writer.close()
+        stop.set()
+        thread.join(60)
+    assert errors == []
+    tally = account(settings, names)
+    report(capsys, "db-locked-past-retries", tally, rounds=1, refused_transactions=len(refused))
+    tally.check()
+
+
+def test_defer_keeps_a_passing_database_error_and_raises_any_other(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """Only a refusal that may pass (OperationalError: locked, busy, I/O) is deferred; an integrity or schema
+    error would fail again on every retry, so it still stops the service with its message."""
+    from sqlalchemy.exc import IntegrityError, OperationalError
+
+    from histod.daemon.service import DEFER_RETRY_S, Service
+    from histod.db.models import utcnow
+
+    now = [100.0]
+    settings = service_settings(tmp_path, tiny_run_dir)
+    none: Any = None
+    service = Service(settings, none, none, none, none, clock=lambda: now[0])
+    batch = [(tmp_path / "a.png", utcnow()), (tmp_path / "b.png", utcnow())]
+    locked = DatabaseError("database write failed: locked")
+    locked.__cause__ = OperationalError("INSERT", {}, Exception("database is locked"))
+    service.defer(batch, locked)
+    assert set(service.deferred) == {p for p, _ in batch} and service.deferred_due == 100.0 + DEFER_RETRY_S[0]
+    broken = DatabaseError("database write failed: NOT NULL")
+    broken.__cause__ = IntegrityError("INSERT", {}, Exception("NOT NULL constraint failed"))
+    with pytest.raises(DatabaseError, match="NOT NULL"):
+        service.defer(batch, broken)
