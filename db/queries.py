@@ -55,6 +55,9 @@ def register_model(
         split = Path(run_path) / SPLIT_FILE
         split_sha256 = sha256_file(split) if split.is_file() else None
     chain.lock_chain(session)
+    found = session.scalars(select(ModelRecord).where(ModelRecord.sha256 == sha256)).first()
+    if found is not None:  # registered by another writer since the first look
+        return found
     last = session.scalar(select(func.max(ModelRecord.id)))
     record = ModelRecord(
         id=(last or 0) + 1,
