@@ -72,9 +72,7 @@ def overlay(image: NDArray[np.uint8], heat: NDArray[np.float32], *, min_size: in
     scale = max(1.0, min_size / min(height, width))
     size = (round(width * scale), round(height * scale))
     base = Image.fromarray(image, "RGB").resize(size, Image.Resampling.BICUBIC)
-    heat_img = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8), "L").resize(
-        size, Image.Resampling.BICUBIC
-    )
+    heat_img = Image.fromarray((np.clip(heat, 0, 1) * 255).astype(np.uint8), "L").resize(size, Image.Resampling.BICUBIC)
     coloured = Image.fromarray(jet(np.asarray(heat_img, dtype=np.float32) / 255.0), "RGB")
     sheet = Image.new("RGB", (2 * size[0], size[1]))
     sheet.paste(base, (0, 0))
