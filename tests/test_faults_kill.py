@@ -16,16 +16,17 @@ from tests.test_service_support import row_count, service_settings
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
 
 FILES = knob("KILL_FILES", 1000)
-ROUNDS = knob("KILL_ROUNDS", 5)
+ROUNDS = knob("KILL_ROUNDS", 10)
 SEED = knob("SEED", 20261126)
 
 
 def _stream(watch: Path, count: int, stop: threading.Event, rng: random.Random) -> None:
     """Write ``count`` distinct tiny PNGs: half written in place (close-write), half as ``.part`` + rename (the
-    atomic upload), in small bursts with short pauses, so that kills land while files are still arriving."""
+    atomic upload), in bursts of 1-10 with pauses of 0-100 ms (~100 files/s, so the stream lasts ~10 s and the
+    kills land while files are still arriving)."""
     i = 0
     while i < count and not stop.is_set():
-        for _ in range(rng.randint(1, 25)):
+        for _ in range(rng.randint(1, 10)):
             if i >= count:
                 break
             name, data = f"k{i:04d}.png", tiny_png(i)
@@ -36,7 +37,7 @@ def _stream(watch: Path, count: int, stop: threading.Event, rng: random.Random) 
                 part.write_bytes(data)
                 part.rename(watch / name)
             i += 1
-        stop.wait(rng.uniform(0.0, 0.05))  # pacing of the writer, not a wait for the service
+        stop.wait(rng.uniform(0.0, 0.1))  # pacing of the writer, not a wait for the service
 
 
 def test_kill_9_at_random_points_while_files_stream_in(
@@ -53,6 +54,7 @@ def test_kill_9_at_random_points_while_files_stream_in(
     # seeded kill points: after `gap` more rows than at the previous kill (a different phase each round)
     gaps = [rng.randint(1, max(2, 2 * FILES // (ROUNDS + 1))) for _ in range(ROUNDS)]
     kills: list[int] = []
+    mid_stream = 0
     procs: list[subprocess.Popen[bytes]] = []
     try:
         writer.start()
@@ -68,6 +70,7 @@ def test_kill_9_at_random_points_while_files_stream_in(
             assert proc.poll() is None, f"serve died on its own; log tail:\n{tail(log)}"
             proc.kill()  # SIGKILL: no handler, no cleanup
             proc.wait(30)
+            mid_stream += writer.is_alive()
             kills.append(row_count(settings))
             proc = start_serve(tmp_path, tiny_run_dir, log)
             procs.append(proc)
@@ -86,7 +89,9 @@ def test_kill_9_at_random_points_while_files_stream_in(
                 p.kill()
                 p.wait(10)
     tally = account(settings, names)
-    report(capsys, "kill", tally, rounds=len(kills), kills_at_rows="/".join(map(str, kills)))
+    report(
+        capsys, "kill", tally, rounds=len(kills), kills_at_rows="/".join(map(str, kills)), kills_mid_stream=mid_stream
+    )
     tally.check()
     assert len(kills) == ROUNDS
     assert tally.status["classified"] == FILES
