@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from histod.daemon import app, steps
 from histod.daemon.app import serve
-from histod.db.session import open_database
+from histod.db.session import open_database, transaction
 from histod.errors import DatabaseError
 from histod.settings import Settings
 from tests.faults_support import account, knob, report, tiny_png, wait_for
@@ -62,7 +62,7 @@ def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
 def refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[DatabaseError]]:
     """Every transaction of the batch steps that the database refused (counted, then re-raised)."""
     seen: list[DatabaseError] = []
-    real = steps.transaction
+    real = transaction  # what histod.daemon.steps imported
 
     @contextmanager
     def counting(factory: sessionmaker[Session]) -> Iterator[Session]:
