@@ -68,6 +68,8 @@ def move_file(src: Path, dst: Path) -> Path:
     """Move ``src`` to ``dst`` without overwriting; return where it went (``dst``, or the next free name when
     an unrelated file is already at ``dst``). Raises OSError (permissions, disk full); ``src`` is then intact."""
     dst.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        _temporary(dst).unlink()  # a copy left by a process killed in the middle of _copy_across
     src_st = os.lstat(src)
     if os.path.lexists(dst):
         dst_st = os.lstat(dst)
@@ -97,10 +99,17 @@ def move_file(src: Path, dst: Path) -> Path:
     return dst
 
 
+def _temporary(dst: Path) -> Path:
+    """The hidden name a copy across filesystems is written under before it is linked to ``dst``. One name per
+    target (targets are unique, and one service runs per data folder), so a retry after a crash finds and
+    removes what the killed attempt left."""
+    return dst.with_name(f".{dst.name}.histod.tmp")
+
+
 def _copy_across(src: Path, dst: Path, src_st: os.stat_result) -> Path:
     if not stat.S_ISREG(src_st.st_mode):
         raise OSError(errno.EXDEV, f"cannot move {src} (not a regular file) across filesystems")
-    tmp = dst.with_name(f".{dst.name}.histod-{os.getpid()}.tmp")
+    tmp = _temporary(dst)
     try:
         shutil.copy2(src, tmp, follow_symlinks=False)
         with tmp.open("rb") as fh:

@@ -3,14 +3,18 @@ exactly one final row and exactly one stored file; nothing is left in the watch 
 
 from __future__ import annotations
 
+import os
 import random
+import shutil
 import subprocess
+import tempfile
 import threading
 from pathlib import Path
 
 import pytest
 
-from tests.faults_support import account, knob, report, start_serve, stop_serve, tail, tiny_png, wait_for
+from histod.daemon.mover import move_file
+from tests.faults_support import account, knob, log_events, report, start_serve, stop_serve, tail, tiny_png, wait_for
 from tests.test_service_support import row_count, service_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(600)]
@@ -62,11 +66,11 @@ def test_kill_9_at_random_points_while_files_stream_in(
         procs.append(proc)
         for gap in gaps:
             target = min(row_count(settings) + gap, FILES)
-            wait_for(
-                lambda t=target, p=proc: row_count(settings) >= t or p.poll() is not None,
-                120,
-                what=f"{target} rows before a kill",
-            )
+
+            def reached(t: int = target, p: subprocess.Popen[bytes] = proc) -> bool:
+                return row_count(settings) >= t or p.poll() is not None
+
+            wait_for(reached, 120, what=f"{target} rows before a kill")
             assert proc.poll() is None, f"serve died on its own; log tail:\n{tail(log)}"
             proc.kill()  # SIGKILL: no handler, no cleanup
             proc.wait(30)
@@ -81,6 +85,8 @@ def test_kill_9_at_random_points_while_files_stream_in(
             300,
             what=f"all {FILES} files recorded and moved",
         )
+        # a SIGTERM before the last start-up installed its handler would end it by the default action (-15)
+        wait_for(lambda: log_events(log, "service.ready") >= len(procs), 60, what="the last start to be ready")
         stop_serve(proc, log)
     finally:
         stop.set()
@@ -95,3 +101,25 @@ def test_kill_9_at_random_points_while_files_stream_in(
     tally.check()
     assert len(kills) == ROUNDS
     assert tally.status["classified"] == FILES
+
+
+@pytest.mark.parametrize("crash", ["after the copy", "after the link"])
+def test_a_move_across_filesystems_killed_midway_leaves_no_temporary_behind(tmp_path: Path, crash: str) -> None:
+    """processed/ on another filesystem: move_file copies to a hidden temporary, links it into place, removes the
+    original. A kill after the copy (or after the link) used to leave ``.<name>.histod-<pid>.tmp`` for good; the
+    retry after the restart now removes it."""
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
+        pytest.skip("needs a second filesystem (/dev/shm)")
+    with tempfile.TemporaryDirectory(dir=shm) as other:
+        src = tmp_path / "a.png"
+        src.write_bytes(tiny_png(1))
+        target = Path(other) / "2026-11-26" / "a.png"
+        target.parent.mkdir()
+        left = target.with_name(".a.png.histod.tmp")  # what the killed attempt wrote
+        shutil.copy2(src, left)
+        if crash == "after the link":
+            os.link(left, target)
+        assert move_file(src, target) == target
+        assert sorted(p.name for p in target.parent.iterdir()) == ["a.png"]
+        assert target.read_bytes() == tiny_png(1) and not src.exists()
