@@ -30,7 +30,7 @@ from histod.daemon.steps import (
     record,
     save_moves,
 )
-from histod.db.models import utcnow
+from histod.db.models import Move, utcnow
 from histod.errors import DatabaseError, WatchError
 from histod.logs import get_logger
 
@@ -73,6 +73,8 @@ class Service:
         self.clock = clock
         self.claimed: set[Path] = set()
         self.retrying: dict[Path, _Retry] = {}
+        self.unsaved: list[Move] = []
+        """Move rows the database refused (locked): saved again with the next ones"""
         self.deferred: dict[Path, datetime] = {}
         """files of batches the database refused: still in the watch folder, taken again after a while"""
         self.deferred_attempts = 0
@@ -135,6 +137,8 @@ class Service:
         self.deferred_attempts = 0
 
     def retry_moves(self, *, force: bool = False) -> None:
+        if self.unsaved:
+            self._save([])
         now = self.clock()
         due = [r for r in self.retrying.values() if force or r.due <= now]
         for r in due:
@@ -142,9 +146,19 @@ class Service:
         for r in due:
             self._move([r.planned], attempts=r.attempts)
 
+    def _save(self, moves: Sequence[Move]) -> None:
+        """Record ``moves`` with any refused earlier; kept (as fresh rows) for the next try when refused again."""
+        pending = [*self.unsaved, *moves]
+        if save_moves(self.factory, pending):
+            self.unsaved = []
+        else:
+            self.unsaved = [
+                Move(result_id=m.result_id, at=m.at or utcnow(), ok=m.ok, path=m.path, error=m.error) for m in pending
+            ]
+
     def _move(self, planned: Sequence[PlannedMove], *, attempts: int) -> None:
         moves = [move(p) for p in planned]
-        save_moves(self.factory, moves)
+        self._save(moves)
         for p, m in zip(planned, moves, strict=True):
             line = {"path": str(p.source), **p.line}
             if m.ok:

@@ -223,22 +223,25 @@ def move(planned: PlannedMove) -> Move:
         where = move_file(planned.source, planned.target)
     except FileNotFoundError as exc:
         if exc.filename is not None and Path(exc.filename) == planned.source:
-            return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error=VANISHED)
-        return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error=str(exc))
+            return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=VANISHED)
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=str(exc))
     except OSError as exc:
-        return Move(result_id=planned.result_id, ok=False, path=str(planned.target), error=str(exc))
-    return Move(result_id=planned.result_id, ok=True, path=str(where), error=None)
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=str(exc))
+    return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=str(where), error=None)
 
 
-def save_moves(factory: sessionmaker[Session], moves: Sequence[Move]) -> None:
-    """Best effort: the files are where they are; a lost Move row only means a later sighting re-checks."""
+def save_moves(factory: sessionmaker[Session], moves: Sequence[Move]) -> bool:
+    """Best effort: the files are where they are. False when the database refused the rows (the caller may
+    try again; otherwise the next start's :func:`settle_moves` records the successful ones)."""
     if not moves:
-        return
+        return True
     try:
         with transaction(factory) as session:
             queries.record_moves(session, moves)
     except DatabaseError as exc:
         log.warning("moves.not_recorded", count=len(moves), error=str(exc))
+        return False
+    return True
 
 
 def settle_moves(factory: sessionmaker[Session], page: int = 1000) -> int:

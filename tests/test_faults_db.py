@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.daemon import app, steps
 from histod.daemon.app import serve
-from histod.db.session import open_database, transaction
+from histod.db.models import Move
+from histod.db.session import open_database, reading, transaction
 from histod.errors import DatabaseError
 from histod.settings import Settings
 from tests.faults_support import account, knob, report, tiny_png, wait_for
@@ -219,3 +221,48 @@ def test_defer_keeps_a_passing_database_error_and_raises_any_other(tiny_run_dir:
     broken.__cause__ = IntegrityError("INSERT", {}, Exception("NOT NULL constraint failed"))
     with pytest.raises(DatabaseError, match="NOT NULL"):
         service.defer(batch, broken)
+
+
+def test_a_move_row_refused_by_a_locked_database_is_saved_with_the_next_ones(tmp_path: Path) -> None:
+    """The file is moved, but the database refuses its `moves` row: the service keeps the row and saves it at its
+    next step, instead of leaving the moves table without it until the next start."""
+    from histod.daemon.intake import take
+    from histod.daemon.service import Service
+    from histod.db import queries
+    from histod.db.models import utcnow
+
+    path = tmp_path / "locked.db"
+    factory = open_database(f"sqlite:///{path}", busy_timeout_ms=50)
+    with transaction(factory) as s:
+        model = queries.register_model(
+            s, sha256="e" * 64, run_id="r", run_path="/r", engine="litert", image_size=48, threshold=0.5, metrics={}
+        )
+    served = steps.Served(model.id, model.sha256, "r", "litert", 0.5)
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    image.write_bytes(tiny_png(7))
+    taken = take(image, utcnow(), max_bytes=1 << 20)
+    assert taken is not None
+    (planned,) = steps.record(
+        factory,
+        [steps.Outcome(taken, utcnow(), 0.7, None)],
+        served=served,
+        host="h",
+        processed_dir=tmp_path / "processed",
+        failed_dir=tmp_path / "failed",
+        claimed=set(),
+    )
+    none: Any = None
+    service = Service(none, factory, none, served, none)
+    writer = sqlite3.connect(path, isolation_level=None)
+    writer.execute("BEGIN IMMEDIATE")
+    service._move([planned], attempts=0)
+    assert planned.target.is_file() and not image.exists()  # the move itself happened
+    assert len(service.unsaved) == 1
+    writer.execute("ROLLBACK")
+    writer.close()
+    service.retry_moves()
+    assert service.unsaved == []
+    with reading(factory) as s:
+        saved = [(m.result_id, m.ok, m.path) for m in s.scalars(select(Move))]
+    assert saved == [(planned.result_id, True, str(planned.target))]
