@@ -96,12 +96,15 @@ def tail(log: Path, chars: int = 3000) -> str:
     return log.read_text(errors="replace")[-chars:] if log.exists() else ""
 
 
-def log_events(log: Path, event: str) -> int:
-    """How many log lines carry ``event`` (only to REPORT what happened, e.g. an inotify overflow; never as
-    evidence that a file was handled)."""
+def log_events(log: Path, event: str, after: int = 0) -> int:
+    """How many log lines from byte ``after`` on carry ``event`` (only to REPORT what happened, e.g. an inotify
+    overflow, or to wait for a start-up; never as evidence that a file was handled)."""
     if not log.exists():
         return 0
-    return sum(1 for line in log.read_text(errors="replace").splitlines() if f'"event": "{event}"' in line)
+    with log.open("rb") as fh:
+        fh.seek(after)
+        text = fh.read().decode(errors="replace")
+    return sum(1 for line in text.splitlines() if f'"event": "{event}"' in line)
 
 
 # --- exactly once -------------------------------------------------------------------------------------------
