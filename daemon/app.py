@@ -24,7 +24,7 @@ from histod.daemon.steps import Served, settle_moves
 from histod.db import queries
 from histod.db.models import utcnow
 from histod.db.session import open_database, transaction
-from histod.errors import ConfigError, WatchError
+from histod.errors import ConfigError, DatabaseError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
 
@@ -34,6 +34,9 @@ if TYPE_CHECKING:
     from histod.settings import Settings
 
 log: Any = get_logger("histod.service")
+
+REPORT_RETRY_S = 60.0
+"""seconds before a periodic report the database refused is tried again (its window is kept)"""
 
 
 @dataclass(frozen=True)
@@ -110,7 +113,12 @@ class _Reporter:
 
     def tick(self) -> None:
         if time.monotonic() >= self.due:
-            self.write()
+            try:
+                self.write()
+            except DatabaseError as exc:  # e.g. locked past the busy timeout: the same window, a little later
+                wait = min(REPORT_RETRY_S, self.settings.report_interval_s)
+                self.due = time.monotonic() + wait
+                log.error("report.failed", error=str(exc), retry_in_s=wait)
 
 
 def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> ServeResult:

@@ -266,3 +266,51 @@ def test_a_move_row_refused_by_a_locked_database_is_saved_with_the_next_ones(tmp
     with reading(factory) as s:
         saved = [(m.result_id, m.ok, m.path) for m in s.scalars(select(Move))]
     assert saved == [(planned.result_id, True, str(planned.target))]
+
+
+def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_service(
+    tiny_run_dir: Path, tmp_path: Path, short_busy_timeout: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The report is written from the loop; a lock held past the busy timeout at report time used to raise out
+    of the loop and stop `histod serve`. Now the report waits for a later tick, and files keep being served."""
+    from histod.daemon import reports
+
+    refused_reports: list[DatabaseError] = []
+    real = transaction
+
+    @contextmanager
+    def counting(factory: sessionmaker[Session]) -> Iterator[Session]:
+        try:
+            with real(factory) as session:
+                yield session
+        except DatabaseError as exc:
+            refused_reports.append(exc)
+            raise
+
+    monkeypatch.setattr(reports, "transaction", counting)
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, report_interval_s=0.3)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    thread, stop, errors = _running(settings)
+    writer: sqlite3.Connection | None = None
+    try:
+        names = _drop(watch, "before", 1)
+        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        writer = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
+        writer.execute("BEGIN IMMEDIATE")
+        wait_for(lambda: refused_reports or errors, 60, what="a report refused by the lock")
+        writer.execute("ROLLBACK")
+        names += _drop(watch, "after", 5, start=1)
+        wait_for(
+            lambda: (row_count(settings) == 6 and not any(watch.iterdir())) or errors or not thread.is_alive(),
+            60,
+            what="files served after the refused report",
+        )
+        assert thread.is_alive() and errors == []
+    finally:
+        if writer is not None:
+            writer.close()
+        stop.set()
+        thread.join(60)
+    assert errors == []
+    account(settings, names).check()
