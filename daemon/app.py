@@ -182,16 +182,22 @@ def _run_forever(
     last_ping = 0.0
     ready = False
 
-    def tick() -> None:
-        nonlocal last_ping, ready
+    def ping() -> None:
+        nonlocal last_ping
         now = time.monotonic()
+        if ready and now - last_ping >= period:
+            notify("WATCHDOG=1")
+            last_ping = now
+
+    def tick() -> None:
+        nonlocal ready
         if not ready and watcher.observer is not None:
             ready = True
             notify("READY=1")
             log.info("service.ready", watch_dir=str(watch_dir), mode=watcher.mode)
-        if ready and now - last_ping >= period:
-            notify("WATCHDOG=1")
-            last_ping = now
+        ping()
         reporter.tick()
 
+    # a batch waiting for a locked database (up to ~68 s with the 10 s busy timeout) still pings the watchdog
+    service.heartbeat = ping
     run_loop(service, watcher.watch, stop, on_tick=tick)

@@ -73,6 +73,8 @@ class Service:
         self.clock = clock
         self.claimed: set[Path] = set()
         self.retrying: dict[Path, _Retry] = {}
+        self.heartbeat: Callable[[], None] = lambda: None
+        """called while a batch waits for a locked database (the service sets it to its watchdog ping)"""
         self.unsaved: list[Move] = []
         """Move rows the database refused (locked): saved again with the next ones"""
         self.deferred: dict[Path, datetime] = {}
@@ -103,6 +105,7 @@ class Service:
                 processed_dir=self.settings.processed_dir,
                 failed_dir=self.settings.failed_dir,
                 claimed=self.claimed,
+                on_wait=self.heartbeat,
             )
         self._move(planned, attempts=0)
         self.files += len(planned)

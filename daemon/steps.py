@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
@@ -173,6 +173,7 @@ def record(
     failed_dir: Path,
     claimed: set[Path],
     retries: Sequence[float] = RECORD_RETRIES,
+    on_wait: Callable[[], None] | None = None,
 ) -> list[PlannedMove]:
     """One transaction: a row per outcome, each naming its unique target. Retried while the database is
     locked; raises DatabaseError when it stays unavailable (the files are then still in the watch folder)."""
@@ -201,6 +202,8 @@ def record(
             if attempt == len(retries):
                 raise
             log.warning("record.retry", attempt=attempt + 1, files=len(outcomes), error=str(exc))
+            if on_wait is not None:
+                on_wait()  # e.g. tell systemd's watchdog that the loop is alive, only waiting
             time.sleep(retries[attempt])
     raise AssertionError("unreachable")  # pragma: no cover
 

@@ -5,7 +5,9 @@ is the whole service.)"""
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -313,4 +315,60 @@ def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_servic
         stop.set()
         thread.join(60)
     assert errors == []
+    account(settings, names).check()
+
+
+def test_a_batch_waiting_for_a_locked_database_still_pings_the_watchdog(
+    tiny_run_dir: Path,
+    tmp_path: Path,
+    short_busy_timeout: None,
+    refused: list[DatabaseError],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While record() waits out a lock (with the 10 s busy timeout, ~68 s in all: past WatchdogSec=60), the loop
+    does not tick; the waits between attempts now send WATCHDOG=1, so systemd does not kill a healthy service."""
+    address = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(address))
+    sock.settimeout(0.1)
+    messages: list[str] = []
+    done = threading.Event()
+
+    def drain() -> None:
+        while not done.is_set():
+            with contextlib.suppress(TimeoutError):
+                messages.append(sock.recv(4096).decode())
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    monkeypatch.setenv("NOTIFY_SOCKET", str(address))
+    monkeypatch.setenv("WATCHDOG_USEC", "400000")  # ping every 0.2 s
+    monkeypatch.delenv("WATCHDOG_PID", raising=False)
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    thread, stop, errors = _running(settings)
+    writer: sqlite3.Connection | None = None
+    try:
+        names = _drop(watch, "before", 1)
+        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        writer = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
+        writer.execute("BEGIN IMMEDIATE")
+        names += _drop(watch, "locked", 8, start=1)
+        wait_for(lambda: refused or errors, 60, what="the batch's first refusal")
+        before = len(messages)
+        wait_for(lambda: len(refused) >= 4 or errors, 60, what="three more refusals of the same batch")
+        pings = messages[before:].count("WATCHDOG=1")
+        writer.execute("ROLLBACK")
+        wait_for(lambda: (row_count(settings) == 9 and not any(watch.iterdir())) or errors, 60, what="the batch")
+    finally:
+        if writer is not None:
+            writer.close()
+        stop.set()
+        thread.join(60)
+        done.set()
+        reader.join(5)
+        sock.close()
+    assert errors == []
+    assert pings >= 2, messages
     account(settings, names).check()
