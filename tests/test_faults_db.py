@@ -26,7 +26,7 @@ from histod.db.session import open_database, reading, transaction
 from histod.errors import DatabaseError
 from histod.settings import Settings
 from tests.faults_support import account, knob, report, tiny_png, wait_for
-from tests.test_service_support import row_count, service_settings
+from tests.test_service_support import moves, row_count, service_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -81,6 +81,11 @@ def refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[DatabaseError]]:
     yield seen
 
 
+def _first_file_done(settings: Settings) -> bool:
+    """One row and its `moves` row: the service is idle again, so that the lock taken next meets a new batch."""
+    return row_count(settings) == 1 and len(moves(settings)) == 1
+
+
 def _db_path(settings: Settings) -> Path:
     return settings.data_dir / "histod.db"
 
@@ -95,7 +100,7 @@ def test_an_auditors_long_read_transaction_neither_blocks_nor_loses_writes(
     auditor: sqlite3.Connection | None = None
     try:
         names = _drop(watch, "before", 1)
-        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        wait_for(lambda: _first_file_done(settings) or errors, 60, what="the first file, moved and its move saved")
         auditor = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
         auditor.execute("BEGIN")
         (seen_at_start,) = auditor.execute("SELECT count(*) FROM results").fetchone()
@@ -136,7 +141,7 @@ def test_a_writer_holding_the_lock_past_the_busy_timeout_delays_the_batch_not_lo
     writer: sqlite3.Connection | None = None
     try:
         names = _drop(watch, "before", 1)
-        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        wait_for(lambda: _first_file_done(settings) or errors, 60, what="the first file, moved and its move saved")
         writer = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
         writer.execute("BEGIN IMMEDIATE")  # another writer: holds the write lock
         names += _drop(watch, "locked", 20, start=1)
@@ -177,7 +182,7 @@ def test_a_writer_holding_the_lock_past_every_retry_leaves_the_batch_for_later_n
     attempts = len(steps.RECORD_RETRIES) + 1
     try:
         names = _drop(watch, "before", 1)
-        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        wait_for(lambda: _first_file_done(settings) or errors, 60, what="the first file, moved and its move saved")
         writer = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
         writer.execute("BEGIN EXCLUSIVE")
         names += _drop(watch, "locked", 20, start=1)
@@ -297,7 +302,7 @@ def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_servic
     writer: sqlite3.Connection | None = None
     try:
         names = _drop(watch, "before", 1)
-        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        wait_for(lambda: _first_file_done(settings) or errors, 60, what="the first file, moved and its move saved")
         writer = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
         writer.execute("BEGIN IMMEDIATE")
         wait_for(lambda: refused_reports or errors, 60, what="a report refused by the lock")
@@ -351,7 +356,7 @@ def test_a_batch_waiting_for_a_locked_database_still_pings_the_watchdog(
     writer: sqlite3.Connection | None = None
     try:
         names = _drop(watch, "before", 1)
-        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the first file")
+        wait_for(lambda: _first_file_done(settings) or errors, 60, what="the first file, moved and its move saved")
         writer = sqlite3.connect(_db_path(settings), isolation_level=None, check_same_thread=False)
         writer.execute("BEGIN IMMEDIATE")
         names += _drop(watch, "locked", 8, start=1)
