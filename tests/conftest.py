@@ -8,12 +8,23 @@ reads one. Tests must not modify it: copy it first (shutil.copytree) when a test
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import structlog
 
 from histod.synthetic import make_dataset
 from histod.trainer.config import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def _fresh_structlog() -> Iterator[None]:
+    """A test that runs the CLI in-process configures structlog (level filter, renderer) for the whole
+    process; put the defaults back so later tests that capture debug events see them."""
+    yield
+    structlog.reset_defaults()
+
 
 TINY_IMAGE_SIZE = 48
 
