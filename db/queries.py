@@ -112,9 +112,9 @@ def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
         result.prev_hash = last_hash
         result.row_hash = last_hash = chain.result_hash(last_hash, chain.as_mapping(result))
         session.add(result)
-        session.flush()
         if result.kind == KIND_CLASSIFICATION and result.sha256 is not None:
             first.setdefault(result.sha256, result.id)
+    session.flush()  # ids are assigned above, so the whole batch goes to the database in one round
     return list(results)
 
 
