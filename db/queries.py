@@ -11,7 +11,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import and_, exists, func, select
+from sqlalchemy import Select, and_, exists, func, select
 from sqlalchemy.orm import Session
 
 from histod import LABELS
@@ -172,7 +172,14 @@ def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Re
 
 
 def stored_path_taken(session: Session, path: str) -> bool:
-    return bool(session.scalar(select(exists().where(Result.stored_path == path))))
+    return bool(session.scalar(stored_path_query(path)))
+
+
+def stored_path_query(path: str) -> Select[tuple[bool]]:
+    """Is ``path`` some classification's target? The ``kind`` condition lets SQLite use the partial unique
+    index on stored_path (without it, every new file scanned the whole table). Reviews repeat the stored path
+    of the classification they amend, so they take no path of their own."""
+    return select(exists().where(Result.stored_path == path, Result.kind == KIND_CLASSIFICATION))
 
 
 def record_moves(session: Session, moves: Iterable[Move]) -> None:

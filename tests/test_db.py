@@ -6,7 +6,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect, text
+from sqlalchemy import inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.db import queries
@@ -177,3 +177,25 @@ def test_summary_list_results_and_reports(factory: sessionmaker[Session]) -> Non
     with transaction(factory) as s:
         report = queries.add_report(s, got, host="h", model_sha256=model.sha256)
     assert report.id is not None and report.malignant == 2 and report.summary["total"] == 4
+
+
+def test_target_lookups_use_an_index_not_a_table_scan(tmp_path: Path) -> None:
+    """Each new file asks whether its target path and its (path, sha256) are taken; on a months-long audit
+    database a table scan per file would make the service slower with every image it has ever seen."""
+    factory = open_database(_url(tmp_path / "h.db"))
+    plans = []
+    with factory() as session:
+        connection = session.connection()
+        for query in (
+            queries.stored_path_query("/data/processed/2026-11-26/a.png"),
+            select(Result.id).where(
+                Result.original_path == "/data/prediction/a.png",
+                Result.sha256 == "0" * 64,
+                Result.kind == "classification",
+            ),
+        ):
+            sql = str(query.compile(connection, compile_kwargs={"literal_binds": True}))
+            plans.append(" ".join(str(row[-1]) for row in connection.exec_driver_sql(f"EXPLAIN QUERY PLAN {sql}")))
+    assert "USING INDEX uq_results_stored_path" in plans[0], plans[0]
+    assert "USING INDEX ix_results_original_path" in plans[1] or "USING INDEX ix_results_sha256" in plans[1], plans[1]
+    assert not any(" SCAN results" in f" {plan}" for plan in plans), plans
