@@ -225,7 +225,8 @@ def run_loop(
             if died or not thread.is_alive():
                 error = died[0] if died else None
                 raise WatchError(f"the watcher stopped: {error}") from error
-            batch = collect(inbox, settings.batch_size, settings.batch_timeout_ms / 1000)
+            # a short wait for the first file keeps ticks (READY, watchdog, reports) prompt
+            batch = collect(inbox, settings.batch_size, settings.batch_timeout_ms / 1000, wait_s=0.1)
             if batch and not stop.is_set():
                 try:
                     service.process(batch)
