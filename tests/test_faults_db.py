@@ -20,33 +20,17 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.daemon import app, steps
-from histod.daemon.app import serve
 from histod.db.models import Move
 from histod.db.session import open_database, reading, transaction
 from histod.errors import DatabaseError
 from histod.settings import Settings
-from tests.faults_support import account, knob, report, tiny_png, wait_for
+from tests.faults_support import account, knob, report, running_service, tiny_png, wait_for
 from tests.test_service_support import moves, row_count, service_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 FILES = knob("DB_FILES", 200)
 BUSY_MS = 200
-
-
-def _running(settings: Settings) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve(settings, stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="serve")
-    thread.start()
-    return thread, stop, errors
 
 
 def _drop(watch: Path, prefix: str, count: int, start: int = 0) -> list[str]:
@@ -96,7 +80,7 @@ def test_an_auditors_long_read_transaction_neither_blocks_nor_loses_writes(
     settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
-    thread, stop, errors = _running(settings)
+    thread, stop, errors = running_service(settings)
     auditor: sqlite3.Connection | None = None
     try:
         names = _drop(watch, "before", 1)
@@ -137,7 +121,7 @@ def test_a_writer_holding_the_lock_past_the_busy_timeout_delays_the_batch_not_lo
     settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
-    thread, stop, errors = _running(settings)
+    thread, stop, errors = running_service(settings)
     writer: sqlite3.Connection | None = None
     try:
         names = _drop(watch, "before", 1)
@@ -177,7 +161,7 @@ def test_a_writer_holding_the_lock_past_every_retry_leaves_the_batch_for_later_n
     settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
-    thread, stop, errors = _running(settings)
+    thread, stop, errors = running_service(settings)
     writer: sqlite3.Connection | None = None
     attempts = len(steps.RECORD_RETRIES) + 1
     try:
@@ -298,7 +282,7 @@ def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_servic
     settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, report_interval_s=0.3)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
-    thread, stop, errors = _running(settings)
+    thread, stop, errors = running_service(settings)
     writer: sqlite3.Connection | None = None
     try:
         names = _drop(watch, "before", 1)
@@ -352,7 +336,7 @@ def test_a_batch_waiting_for_a_locked_database_still_pings_the_watchdog(
     settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
-    thread, stop, errors = _running(settings)
+    thread, stop, errors = running_service(settings)
     writer: sqlite3.Connection | None = None
     try:
         names = _drop(watch, "before", 1)

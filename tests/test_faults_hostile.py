@@ -6,7 +6,6 @@ whose generators are reused here."""
 from __future__ import annotations
 
 import os
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,10 +13,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histod.daemon.app import serve
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED
-from histod.settings import Settings
-from tests.faults_support import account, report, wait_for
+from tests.faults_support import account, report, running_service, wait_for
 from tests.test_imaging import RED, bomb_png, corner_marked, encode, noise, png16_rgb, solid
 from tests.test_service_support import row_count, rows, service_settings
 
@@ -88,21 +85,6 @@ def refuse_reading(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
 
 
-def _running(settings: Settings) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve(settings, stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="serve")
-    thread.start()
-    return thread, stop, errors
-
-
 def test_hostile_corpus_through_the_running_service(
     tiny_run_dir: Path, tmp_path: Path, refuse_reading: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -114,7 +96,7 @@ def test_hostile_corpus_through_the_running_service(
     watch.mkdir(parents=True)
     outside = tmp_path / "secret.png"
     outside.write_bytes(encode(noise(48, seed=12), "PNG"))
-    thread, stop, errors = _running(settings)
+    thread, stop, errors = running_service(settings)
     try:
         (watch / "first.png").write_bytes(encode(noise(48, seed=13), "PNG"))
         wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the service's first file")
