@@ -14,7 +14,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from histod.daemon.app import serve
 from histod.settings import Settings
 from tests.test_service_support import files_under, moves, rows, service_settings, wait_for
 
@@ -214,20 +212,3 @@ def reasons(settings: Settings) -> Mapping[str, str | None]:
 
 def processed_and_failed(settings: Settings) -> int:
     return len(files_under(settings.processed_dir)) + len(files_under(settings.failed_dir))
-
-
-def running_service(settings: Settings) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
-    """`histod serve`'s function in a thread of this process (for faults injected in-process); returns the
-    thread, the stop event that ends it, and the exceptions it raised."""
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve(settings, stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run, name="serve")
-    thread.start()
-    return thread, stop, errors

@@ -24,8 +24,8 @@ from histod.db.models import Move
 from histod.db.session import open_database, reading, transaction
 from histod.errors import DatabaseError
 from histod.settings import Settings
-from tests.faults_support import account, knob, report, running_service, tiny_png, wait_for
-from tests.test_service_support import moves, row_count, service_settings
+from tests.faults_support import account, knob, report, tiny_png, wait_for
+from tests.test_service_support import moves, row_count, running_service, service_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

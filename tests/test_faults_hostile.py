@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED
-from tests.faults_support import account, report, running_service, wait_for
+from tests.faults_support import account, report, wait_for
 from tests.test_imaging import RED, bomb_png, corner_marked, encode, noise, png16_rgb, solid
-from tests.test_service_support import row_count, rows, service_settings
+from tests.test_service_support import row_count, rows, running_service, service_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 

@@ -32,6 +32,7 @@ from tests.test_service_support import (
     moves,
     row_count,
     rows,
+    running_service,
     service_settings,
     wait_for,
 )
@@ -252,17 +253,7 @@ def test_watching_service_takes_files_before_and_after_start_and_stops_cleanly(
     settings = service_settings(tmp_path, tiny_run_dir, stable_ms=100, reconcile_interval_s=30, report_interval_s=0.5)
     watch = settings.resolved_watch_dir
     write_images(watch, 3, size=48, seed=1)
-    stop = threading.Event()
-    errors: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            serve(settings, stop)
-        except BaseException as exc:
-            errors.append(exc)
-
-    thread = threading.Thread(target=run)
-    thread.start()
+    thread, stop, errors = running_service(settings)
     try:
         wait_for(lambda: row_count(settings) == 3, 60, what="the 3 files present at start")
         wait_for(lambda: list(settings.reports_dir.glob("report-*.json")), 30, what="a periodic report")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
+from histod.daemon.app import serve
 from histod.db.models import Move, Result
 from histod.db.session import open_database, reading
 from histod.settings import Settings, load_settings
@@ -78,3 +80,20 @@ def hostile_files(folder: Path, good: Path) -> dict[str, str]:
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.jpg").write_text("this is not an image\n")
     return {"truncated.png": "truncated", "empty.png": "empty", "text.jpg": "not_an_image"}
+
+
+def running_service(settings: Settings) -> tuple[threading.Thread, threading.Event, list[BaseException]]:
+    """`histod serve`'s function in a thread of this process (for faults injected in-process); returns the
+    thread, the stop event that ends it, and the exceptions it raised."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            serve(settings, stop)
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, name="serve")
+    thread.start()
+    return thread, stop, errors
