@@ -195,3 +195,25 @@ class Report(Base):
     host: Mapped[str] = mapped_column(String(255))
     summary: Mapped[dict[str, Any]] = mapped_column(JSON)
     """the full summary as printed by `histod report --json`"""
+
+
+class Claim(Base):
+    """Operational state, not audit: which service is working on a file of the shared watch folder. Used only
+    when several services share one PostgreSQL database (histod.daemon.claims). A row lives from the moment a
+    service takes the file until its move is recorded (the same transaction deletes it); a row whose
+    ``expires_at`` has passed belongs to a service that stopped renewing it and may be taken over. Unlike the
+    four audit tables, rows here are updated and deleted."""
+
+    __tablename__ = "claims"
+    __table_args__ = (Index("ix_claims_expires_at", "expires_at"), Index("ix_claims_worker", "worker"))
+
+    path: Mapped[str] = mapped_column(Text, primary_key=True)
+    """the file's absolute path in the watch folder (the same on every host: mount the share at one path)"""
+    worker: Mapped[str] = mapped_column(String(255))
+    """the holder: ``worker_id/nonce`` (a fresh nonce per start, so a restarted process never inherits)"""
+    claimed_at: Mapped[float] = mapped_column(Float)
+    """seconds since the epoch, by the database's clock"""
+    expires_at: Mapped[float] = mapped_column(Float)
+    """seconds since the epoch, by the database's clock: renewed by the holder's heartbeat"""
+    taken_from: Mapped[str | None] = mapped_column(String(255))
+    """the worker whose expired claim this one took over (None for a fresh claim)"""

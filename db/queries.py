@@ -171,6 +171,28 @@ def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Re
     return None if moved else newest
 
 
+def unmoved_at(session: Session, original_path: str) -> Result | None:
+    """The newest classification of a file at ``original_path`` whose move is not recorded (any content)."""
+    moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
+    query = (
+        select(Result)
+        .where(Result.original_path == original_path, Result.kind == KIND_CLASSIFICATION, ~moved)
+        .order_by(Result.id.desc())
+        .limit(1)
+    )
+    return session.scalars(query).first()
+
+
+def moved_results(session: Session, result_ids: Iterable[int]) -> set[int]:
+    """Which of ``result_ids`` have a successful move recorded."""
+    wanted = sorted(set(result_ids))
+    found: set[int] = set()
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        found.update(session.scalars(select(Move.result_id).where(Move.result_id.in_(chunk), Move.ok.is_(True))))
+    return found
+
+
 def stored_path_taken(session: Session, path: str) -> bool:
     return bool(session.scalar(stored_path_query(path)))
 

@@ -79,6 +79,15 @@ def make_engine(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
     return engine
 
 
+def shared_database(url: str) -> bool:
+    """Whether several services may share the database at ``url`` (PostgreSQL): they then claim files through
+    it (histod.daemon.claims) instead of each holding its data folder's lock file."""
+    try:
+        return make_url(url).get_backend_name() == "postgresql"
+    except ArgumentError as exc:
+        raise DatabaseError(f"invalid database URL {url!r}: {exc}") from exc
+
+
 def sqlite_path(url: str) -> Path | None:
     """The file of a SQLite URL (None for other databases and in-memory SQLite)."""
     parsed = make_url(url)

@@ -239,7 +239,7 @@ def test_migrating_0001_to_0002_hashes_existing_rows_in_id_order(tmp_path: Path)
             )
             conn.execute(text(f"INSERT INTO moves (result_id, at, ok, path) VALUES ({i}, '2026-01-01', 1, '/p/{i}')"))
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0002"
+    assert current_revision(engine) == head_revision() == "0003"
     factory = open_database(f"sqlite:///{path}")
     with reading(factory) as s:
         rows = queries.list_results(s)
@@ -287,7 +287,7 @@ def test_readers_never_migrate_and_refuse_an_older_schema(tmp_path: Path) -> Non
     for args in (["results"], ["report"], ["audit", "verify"], ["audit", "export", "--out", str(tmp_path / "x.csv")]):
         got = CliRunner().invoke(cli, [*args, "--db", f"sqlite:///{path}"])
         assert got.exit_code == 5, got.output
-        assert "schema is at revision 0001, this histod expects 0002" in got.output
+        assert "schema is at revision 0001, this histod expects 0003" in got.output
     assert current_revision(engine) == "0001"
     got = CliRunner().invoke(cli, ["results", "--db", f"sqlite:///{tmp_path / 'none.db'}"])
     assert got.exit_code == 5 and "no results database" in got.output

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import functools
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy import Engine
@@ -20,6 +22,7 @@ from histod.errors import DatabaseError
 SCRIPT_LOCATION = Path(__file__).resolve().parent
 _LOCK = threading.Lock()
 """Alembic's command API keeps its context in module globals: one migration at a time per process."""
+MIGRATION_LOCK_KEY = 0x48_49_53_54_4D_47  # "HISTMG": the PostgreSQL advisory lock held around `upgrade`
 
 
 def alembic_config(engine: Engine | None = None) -> object:
@@ -45,11 +48,39 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
         return  # the common case: nothing to do, and no Alembic environment to set up
     config = alembic_config(engine)
     assert isinstance(config, Config)
-    with _LOCK:
+    with _LOCK, _across_processes(engine):
+        if revision == "head" and current_revision(engine) == head_revision():
+            return  # another service migrated while this one waited for the lock
         try:
             command.upgrade(config, revision)
         except (SQLAlchemyError, CommandError, OSError) as exc:
             raise DatabaseError(f"cannot migrate the database {engine.url!r}: {exc}") from exc
+
+
+@contextmanager
+def _across_processes(engine: Engine) -> Iterator[None]:
+    """PostgreSQL: hold a session-level advisory lock (on a connection of its own) while migrating, so that
+    services starting together migrate one after the other; the others then find the schema at head. SQLite
+    needs nothing: Alembic's transaction takes the database's write lock, and one service runs per file."""
+    if engine.dialect.name != "postgresql":
+        yield
+        return
+    try:
+        connection = engine.connect()
+        connection.exec_driver_sql(f"SELECT pg_advisory_lock({MIGRATION_LOCK_KEY})")
+        connection.commit()
+    except SQLAlchemyError as exc:
+        raise DatabaseError(f"cannot take the migration lock on {engine.url!r}: {exc}") from exc
+    try:
+        yield
+    finally:
+        try:
+            connection.exec_driver_sql(f"SELECT pg_advisory_unlock({MIGRATION_LOCK_KEY})")
+            connection.commit()
+        except SQLAlchemyError:
+            connection.invalidate()  # closing the session releases the lock
+        finally:
+            connection.close()
 
 
 def current_revision(engine: Engine) -> str | None:
