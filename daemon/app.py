@@ -23,7 +23,7 @@ from histod.daemon.service import Service, run_loop, run_once
 from histod.daemon.steps import Served, settle_moves
 from histod.db import queries
 from histod.db.models import utcnow
-from histod.db.session import open_database, transaction
+from histod.db.session import open_database, shared_database, transaction
 from histod.errors import ConfigError, DatabaseError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
@@ -31,6 +31,7 @@ from histod.runs import load_metrics
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
 
+    from histod.daemon.claims import Claims
     from histod.settings import Settings
 
 log: Any = get_logger("histod.service")
@@ -59,8 +60,12 @@ def _prepare_folders(settings: Settings) -> Path:
 
 
 @contextmanager
-def _single_instance(data_dir: Path) -> Iterator[None]:
-    """One service per data folder: a second one would classify the same files twice."""
+def _single_instance(data_dir: Path, *, shared: bool = False) -> Iterator[None]:
+    """One service per data folder: a second one would classify the same files twice. Not with a shared
+    (PostgreSQL) database: there the services claim each file through the database (histod.daemon.claims)."""
+    if shared:
+        yield
+        return
     path = data_dir / "serve.lock"
     with path.open("a+") as fh:
         try:
@@ -86,6 +91,32 @@ def _register(factory: sessionmaker[Session], engine: Any, run_dir: Path, kind: 
             metrics=load_metrics(run_dir),
         )
         return Served(record.id, record.sha256, record.run_id, kind, float(engine.threshold))
+
+
+def _claims(factory: sessionmaker[Session], settings: Settings) -> Claims | None:
+    """Claims when the database is shared (PostgreSQL); None for SQLite, where the lock file keeps a second
+    service away and claims would only add writes under SQLite's one write lock."""
+    if not shared_database(settings.resolved_database_url):
+        return None
+    from histod.daemon.claims import Claims
+
+    return Claims(
+        factory,
+        worker_id=settings.worker_id,
+        expiry_s=settings.claim_expiry_s,
+        heartbeat_s=settings.claim_heartbeat_s,
+    )
+
+
+def _release(claims: Claims) -> None:
+    """Give the claims back at a clean stop (files left then go to another service at once, not after expiry)."""
+    try:
+        count = claims.release_all()
+    except DatabaseError as exc:
+        log.warning("claims.not_released", error=str(exc), note="they expire and are taken over")
+        return
+    if count:
+        log.info("claims.released", count=count)
 
 
 class _Reporter:
@@ -129,7 +160,7 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
     watch_dir = _prepare_folders(settings)
     # absolute paths from here on: rows record where files came from and went, whatever the working folder
     settings = settings.model_copy(update={"data_dir": settings.data_dir.absolute(), "watch_dir": watch_dir})
-    with _single_instance(settings.data_dir):
+    with _single_instance(settings.data_dir, shared=shared_database(settings.resolved_database_url)):
         return _serve(settings, watch_dir, stop, once=once, started=started)
 
 
@@ -141,7 +172,8 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
 
     engine = load_engine(settings.model, kind=settings.engine, threads=settings.threads)
     served = _register(factory, engine, settings.model, settings.engine)
-    settle_moves(factory)
+    claims = _claims(factory, settings)
+    settle_moves(factory, shared=claims is not None)
     reporter = _Reporter(factory, settings, served.sha256)
     log.info(
         "service.started",
@@ -152,9 +184,10 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
         engine=settings.engine,
         threshold=served.threshold,
         once=once,
+        worker=claims.worker if claims is not None else None,
     )
     with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="histod-decode") as pool:
-        service = Service(settings, factory, engine, served, pool)
+        service = Service(settings, factory, engine, served, pool, claims=claims)
         try:
             if once:
                 run_once(service, watch_dir, ImageFilter.from_settings(settings), stop)
@@ -167,6 +200,8 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
             finally:
                 if service.retrying:
                     log.warning("service.moves_pending", files=sorted(str(p) for p in service.retrying))
+                if claims is not None:
+                    _release(claims)
     stopped = utcnow()
     log.info("service.stopped", files=service.files, seconds=round((stopped - started).total_seconds(), 2))
     return ServeResult(service.files, started, stopped)

@@ -5,6 +5,7 @@ spans batches (targets claimed by moves in flight, moves to retry). See histod.d
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -29,12 +30,14 @@ from histod.daemon.steps import (
     move,
     record,
     save_moves,
+    settle_claimed,
 )
 from histod.db.models import Move, utcnow
 from histod.errors import DatabaseError, WatchError
 from histod.logs import get_logger
 
 if TYPE_CHECKING:
+    from histod.daemon.claims import Claims
     from histod.settings import Settings
 
 log: Any = get_logger("histod.service")
@@ -64,6 +67,7 @@ class Service:
         served: Served,
         pool: ThreadPoolExecutor,
         clock: Callable[[], float] = time.monotonic,
+        claims: Claims | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
@@ -75,8 +79,11 @@ class Service:
         self.retrying: dict[Path, _Retry] = {}
         self.heartbeat: Callable[[], None] = lambda: None
         """called while a batch waits for a locked database (the service sets it to its watchdog ping)"""
-        self.unsaved: list[Move] = []
-        """Move rows the database refused (locked): saved again with the next ones"""
+        self.claims = claims
+        """several services on one database: each file is claimed before it is read (histod.daemon.claims)"""
+        self.unsaved: list[tuple[Move, Path | None]] = []
+        """Move rows the database refused (locked), with the file whose claim goes with them: saved again with
+        the next ones"""
         self.deferred: dict[Path, datetime] = {}
         """files of batches the database refused: still in the watch folder, taken again after a while"""
         self.deferred_attempts = 0
@@ -91,9 +98,15 @@ class Service:
                 first.setdefault(path, received)
                 self.deferred.pop(path, None)
         arrivals = list(first.items())
+        if arrivals and self.claims is not None:
+            held = self.claims.take(p for p, _ in arrivals)  # another service's files are dropped here
+            arrivals = [a for a in arrivals if a[0] in held]
         if not arrivals:
             return 0
         fresh, recover = intake(arrivals, self.factory, max_bytes=self.settings.max_file_bytes, pool=self.pool)
+        if self.claims is not None:
+            read = {t.path for t in fresh} | {m.source for m in recover}
+            self.claims.release_quietly([p for p, _ in arrivals if p not in read])  # gone before it was read
         planned = list(recover)
         if fresh:
             outcomes = classify(fresh, self.predictor, self.pool, max_pixels=self.settings.max_pixels)
@@ -106,6 +119,7 @@ class Service:
                 failed_dir=self.settings.failed_dir,
                 claimed=self.claimed,
                 on_wait=self.heartbeat,
+                claims=self.claims,
             )
         self._move(planned, attempts=0)
         self.files += len(planned)
@@ -119,6 +133,8 @@ class Service:
             raise error
         for path, received in arrivals:
             self.deferred.setdefault(path, received)
+        if self.claims is not None:
+            self.claims.forget(p for p, _ in arrivals)
         wait = DEFER_RETRY_S[min(self.deferred_attempts, len(DEFER_RETRY_S) - 1)]
         self.deferred_attempts += 1
         self.deferred_due = self.clock() + wait
@@ -149,19 +165,59 @@ class Service:
         for r in due:
             self._move([r.planned], attempts=r.attempts)
 
-    def _save(self, moves: Sequence[Move]) -> None:
-        """Record ``moves`` with any refused earlier; kept (as fresh rows) for the next try when refused again."""
+    def sweep(self) -> None:
+        """Several services on one database: the claims heartbeat (histod.daemon.claims.Claims.beat). Files taken
+        over from a service that stopped renewing its claims are processed (or, when no longer in the watch
+        folder, their moves settled) here."""
+        if self.claims is None:
+            return
+        try:
+            taken = self.claims.beat()
+            present = [p for p in taken if os.path.lexists(p)]
+            gone = [p for p in taken if p not in set(present)]
+            if gone:
+                settle_claimed(self.factory, gone, self.claims)
+        except DatabaseError as exc:
+            log.error("claims.heartbeat_failed", error=str(exc))
+            return
+        now = utcnow()
+        for start in range(0, len(present), self.settings.batch_size):
+            chunk = [(p, now) for p in present[start : start + self.settings.batch_size]]
+            try:
+                self.process(chunk)
+            except DatabaseError as exc:
+                self.defer(chunk, exc)
+
+    def _save(self, moves: Sequence[tuple[Move, Path | None]]) -> None:
+        """Record ``moves`` with any refused earlier; kept (as fresh rows) for the next try when refused again.
+        Each comes with the file whose claim the same transaction releases (None: none, or keep it)."""
         pending = [*self.unsaved, *moves]
-        if save_moves(self.factory, pending):
+        rows = [m for m, _ in pending]
+        if save_moves(self.factory, rows, claims=self.claims, sources=[s for _, s in pending]):
             self.unsaved = []
         else:
             self.unsaved = [
-                Move(result_id=m.result_id, at=m.at or utcnow(), ok=m.ok, path=m.path, error=m.error) for m in pending
+                (Move(result_id=m.result_id, at=m.at or utcnow(), ok=m.ok, path=m.path, error=m.error), s)
+                for m, s in pending
             ]
 
+    def _retry_later(self, p: PlannedMove, attempts: int, target: str, error: str | None) -> None:
+        wait = MOVE_RETRY_S[min(attempts, len(MOVE_RETRY_S) - 1)]
+        self.retrying[p.source] = _Retry(p, attempts + 1, self.clock() + wait)
+        log.error("image.move_failed", path=str(p.source), **p.line, target=target, error=error, retry_in_s=wait)
+
     def _move(self, planned: Sequence[PlannedMove], *, attempts: int) -> None:
+        if self.claims is not None and planned:
+            try:  # only the holder moves: a claim taken over meanwhile leaves the file to its new holder
+                mine = self.claims.ensure([p.source for p in planned])
+            except DatabaseError as exc:
+                for p in planned:
+                    self._retry_later(p, attempts, str(p.target), f"claim not confirmed: {exc}")
+                return
+            planned = [p for p in planned if p.source in mine]
         moves = [move(p) for p in planned]
-        self._save(moves)
+        final = [m.ok or m.error == VANISHED for m in moves]
+        self._save([(m, p.source if done else None) for p, m, done in zip(planned, moves, final, strict=True)])
         for p, m in zip(planned, moves, strict=True):
             line = {"path": str(p.source), **p.line}
             if m.ok:
@@ -171,9 +227,7 @@ class Service:
                 self.claimed.discard(p.target)
                 log.warning("image.vanished", **line, stored=None)
             else:
-                wait = MOVE_RETRY_S[min(attempts, len(MOVE_RETRY_S) - 1)]
-                self.retrying[p.source] = _Retry(p, attempts + 1, self.clock() + wait)
-                log.error("image.move_failed", **line, target=m.path, error=m.error, retry_in_s=wait)
+                self._retry_later(p, attempts, m.path, m.error)
 
 
 # --- the loop --------------------------------------------------------------------------------------------
@@ -236,6 +290,7 @@ def run_loop(
                 break  # stopping: what was not started stays in the watch folder for the next start
             service.retry_deferred()
             service.retry_moves()
+            service.sweep()
     finally:
         feeder_stop.set()
         thread.join(timeout=5)

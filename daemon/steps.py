@@ -17,7 +17,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -26,12 +26,16 @@ from sqlalchemy.orm import Session, sessionmaker
 from histod import LABELS
 from histod.daemon.intake import Taken, take
 from histod.daemon.mover import dated_dir, move_file, plan_target
-from histod.db import queries
+from histod.db import chain, queries
+from histod.db import claims as claim_rows
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
 from histod.db.session import reading, transaction
 from histod.errors import DatabaseError, ImageError
 from histod.imaging import decode
 from histod.logs import get_logger
+
+if TYPE_CHECKING:
+    from histod.daemon.claims import Claims
 
 log: Any = get_logger("histod.service")
 
@@ -174,19 +178,31 @@ def record(
     claimed: set[Path],
     retries: Sequence[float] = RECORD_RETRIES,
     on_wait: Callable[[], None] | None = None,
+    claims: Claims | None = None,
 ) -> list[PlannedMove]:
     """One transaction: a row per outcome, each naming its unique target. Retried while the database is
-    locked; raises DatabaseError when it stays unavailable (the files are then still in the watch folder)."""
+    locked; raises DatabaseError when it stays unavailable (the files are then still in the watch folder).
+
+    The write lock is taken first, so that targets are planned against every committed row, whichever service
+    wrote it. With ``claims`` (several services on one database) the same transaction renews and locks this
+    service's claims on the files; a file whose claim was taken over is left out (its new holder records it)."""
     for attempt in range(len(retries) + 1):
         try:
             with transaction(factory) as session:
+                chain.lock_chain(session)
+                mine = list(outcomes)
+                if claims is not None:
+                    held = claims.hold(session, [o.taken.path for o in outcomes])
+                    mine = [o for o in outcomes if o.taken.path in held]
+                    if not mine:
+                        return []
                 planned: list[tuple[Result, Path]] = []
                 taken_here: set[Path] = set()
 
                 def is_claimed(path: Path, s: Session = session, mine: set[Path] = taken_here) -> bool:
                     return path in claimed or path in mine or queries.stored_path_taken(s, str(path))
 
-                for o in outcomes:
+                for o in mine:
                     root = processed_dir if o.error is None and o.p is not None else failed_dir
                     target = plan_target(dated_dir(root, o.taken.received_at), o.taken.path.name, is_claimed)
                     taken_here.add(target)
@@ -202,6 +218,8 @@ def record(
             if attempt == len(retries):
                 raise
             log.warning("record.retry", attempt=attempt + 1, files=len(outcomes), error=str(exc))
+            if claims is not None:
+                claims.forget(o.taken.path for o in outcomes)  # the renewals were rolled back
             if on_wait is not None:
                 on_wait()  # e.g. tell systemd's watchdog that the loop is alive, only waiting
             time.sleep(retries[attempt])
@@ -233,24 +251,40 @@ def move(planned: PlannedMove) -> Move:
     return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=str(where), error=None)
 
 
-def save_moves(factory: sessionmaker[Session], moves: Sequence[Move]) -> bool:
+def save_moves(
+    factory: sessionmaker[Session],
+    moves: Sequence[Move],
+    *,
+    claims: Claims | None = None,
+    sources: Sequence[Path | None] = (),
+) -> bool:
     """Best effort: the files are where they are. False when the database refused the rows (the caller may
-    try again; otherwise the next start's :func:`settle_moves` records the successful ones)."""
+    try again; otherwise the next start's :func:`settle_moves` records the successful ones).
+
+    With ``claims``: ``sources[i]`` is the file of ``moves[i]``, whose claim the same transaction deletes (None:
+    keep the claim, the move is to be retried); a row whose claim is no longer this service's is not saved."""
     if not moves:
         return True
     try:
         with transaction(factory) as session:
-            queries.record_moves(session, moves)
+            keep = list(moves)
+            if claims is not None:
+                released = claims.release(session, [s for s in sources if s is not None])
+                keep = [m for m, s in zip(moves, sources, strict=True) if s is None or s in released]
+                if len(keep) < len(moves):
+                    log.warning("moves.claim_lost", count=len(moves) - len(keep))
+            queries.record_moves(session, keep)
     except DatabaseError as exc:
         log.warning("moves.not_recorded", count=len(moves), error=str(exc))
         return False
     return True
 
 
-def settle_moves(factory: sessionmaker[Session], page: int = 1000) -> int:
+def settle_moves(factory: sessionmaker[Session], page: int = 1000, *, shared: bool = False) -> int:
     """At start-up: record the moves that happened but were not recorded (the process stopped between the
-    move and its Move row), so that the moves table says where every file is. Returns how many."""
-    found: list[Move] = []
+    move and its Move row), so that the moves table says where every file is. Returns how many. With ``shared``
+    (several services on one database), files some service has a claim on are left to that claim."""
+    found: list[tuple[Move, str]] = []
     after = 0
     while True:
         with reading(factory) as session:
@@ -261,8 +295,44 @@ def settle_moves(factory: sessionmaker[Session], page: int = 1000) -> int:
         for row in batch:
             original, stored = Path(row.original_path), Path(row.stored_path)
             if not os.path.lexists(original) and os.path.lexists(stored):
-                found.append(Move(result_id=row.id, ok=True, path=str(stored), error=None))
-    save_moves(factory, found)
-    if found:
+                found.append((Move(result_id=row.id, ok=True, path=str(stored), error=None), row.original_path))
+    if not found:
+        return 0
+    if not shared:
+        save_moves(factory, [m for m, _ in found])
         log.info("moves.settled", count=len(found))
+        return len(found)
+    try:
+        with transaction(factory) as session:
+            chain.lock_chain(session)  # one settler at a time: two starting together would both save a move
+            # claims first, then moves: a service deletes a file's claim and saves its move in one transaction,
+            # so whatever this first look sees of that transaction, the second sees the move
+            busy = claim_rows.claimed(session, (o for _, o in found))
+            moved = queries.moved_results(session, [m.result_id for m, o in found if o not in busy])
+            keep = [m for m, o in found if o not in busy and m.result_id not in moved]
+            queries.record_moves(session, keep)
+    except DatabaseError as exc:
+        log.warning("moves.not_recorded", count=len(found), error=str(exc))
+        return 0
+    if keep:
+        log.info("moves.settled", count=len(keep))
+    return len(keep)
+
+
+def settle_claimed(factory: sessionmaker[Session], paths: Sequence[Path], claims: Claims) -> int:
+    """Claims taken over from a service that died, on files no longer in the watch folder: record the move of
+    a result whose file is at its target (the service moved it, then died before saving the move), then delete
+    the claims. Returns the moves recorded. Raises DatabaseError."""
+    with transaction(factory) as session:
+        chain.lock_chain(session)
+        held = claims.hold(session, paths)
+        found: list[Move] = []
+        for path in sorted(held):
+            row = queries.unmoved_at(session, str(path))
+            if row is not None and not os.path.lexists(path) and os.path.lexists(row.stored_path):
+                found.append(Move(result_id=row.id, ok=True, path=row.stored_path, error=None))
+        queries.record_moves(session, found)
+        claims.release(session, sorted(held))
+    if found:
+        log.info("moves.settled", count=len(found), taken_over=True)
     return len(found)

@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -81,6 +81,29 @@ class Settings(BaseSettings):
     )
 
     host: str = Field(default_factory=socket.gethostname, description="recorded with every result")
+
+    # --- several services, one PostgreSQL database ---------------------------------------------------
+    worker_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}",
+        min_length=1,
+        max_length=200,
+        description="this service in the claims table (a random suffix is added per start)",
+    )
+    claim_expiry_s: float = Field(
+        30.0, gt=0, description="a claim not renewed for this long (a service that died) is taken over"
+    )
+    claim_heartbeat_s: float = Field(
+        5.0, gt=0, description="how often a service renews its claims and looks for expired ones"
+    )
+
+    @model_validator(mode="after")
+    def _heartbeat_within_expiry(self) -> Settings:
+        if self.claim_heartbeat_s * 2 > self.claim_expiry_s:
+            raise ValueError(
+                f"claim_heartbeat_s ({self.claim_heartbeat_s}) must be at most half of claim_expiry_s "
+                f"({self.claim_expiry_s}): claims would expire between two renewals"
+            )
+        return self
 
     @field_validator("extensions")
     @classmethod

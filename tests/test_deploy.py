@@ -211,7 +211,7 @@ def test_env_example_documents_every_setting(monkeypatch: pytest.MonkeyPatch) ->
             monkeypatch.setenv(key, value)
     settings = load_settings()
     defaults = Settings.model_construct()
-    unit_values = {"data_dir", "watch_dir", "database_url", "model", "log_format", "host"}
+    unit_values = {"data_dir", "watch_dir", "database_url", "model", "log_format", "host", "worker_id"}
     for name in Settings.model_fields:
         if name not in unit_values:
             assert getattr(settings, name) == getattr(defaults, name), name
