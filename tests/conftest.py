@@ -58,3 +58,28 @@ def tiny_run_dir(tmp_path_factory: pytest.TempPathFactory, synthetic_dataset: Pa
     from histod.trainer.api import train
 
     return train(tiny_config(synthetic_dataset, tmp_path_factory.mktemp("runs") / "tiny"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[object]:
+    """A PostgreSQL server for the session (tests/postgres_support.py); skips the test when none can be started."""
+    from tests import postgres_support
+
+    try:
+        server = postgres_support.start()
+    except postgres_support.UnavailableError as exc:
+        pytest.skip(f"no PostgreSQL server: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: object) -> Iterator[str]:
+    """The URL (postgresql+psycopg://...) of a new, empty database for this test, dropped after it."""
+    from tests import postgres_support
+
+    assert isinstance(postgres_server, postgres_support.Server)
+    with postgres_support.database(postgres_server) as url:
+        yield url

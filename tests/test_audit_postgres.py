@@ -1,10 +1,9 @@
 """The audit trail on PostgreSQL: migration 0001 -> 0002 with rows, the plpgsql append-only triggers, the advisory
-lock under concurrent writers, and verify. Needs a server: set HISTOD_TEST_POSTGRES_URL to the URL of an empty
-database that may be wiped (e.g. postgresql+psycopg://postgres@/histod?host=/tmp/pgsock); skipped otherwise."""
+lock under concurrent writers, and verify. On the throw-away server of tests/postgres_support.py (skipped, with the
+reason, where none can be started)."""
 
 from __future__ import annotations
 
-import os
 import threading
 from datetime import UTC, datetime
 
@@ -14,12 +13,11 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from histod.db import queries
 from histod.db.chain import verify
-from histod.db.migrations import current_revision, upgrade
+from histod.db.migrations import current_revision, head_revision, upgrade
 from histod.db.models import Result
 from histod.db.session import make_engine, open_database, reading, transaction
 
-URL = os.environ.get("HISTOD_TEST_POSTGRES_URL", "")
-pytestmark = pytest.mark.skipif(not URL, reason="HISTOD_TEST_POSTGRES_URL is not set")
+pytestmark = pytest.mark.postgres
 T0 = datetime(2026, 1, 2, tzinfo=UTC)
 
 
@@ -42,7 +40,8 @@ def _result(name: str) -> Result:
     )
 
 
-def test_postgresql_migrates_chains_serializes_and_refuses_edits() -> None:
+def test_postgresql_migrates_chains_serializes_and_refuses_edits(postgres_url: str) -> None:
+    URL = postgres_url  # noqa: N806 - the name the test was written with
     engine = make_engine(URL)
     with engine.begin() as conn:
         conn.execute(text("DROP SCHEMA public CASCADE; CREATE SCHEMA public"))
@@ -64,7 +63,7 @@ def test_postgresql_migrates_chains_serializes_and_refuses_edits() -> None:
                 )
             )
     upgrade(engine)
-    assert current_revision(engine) == "0002"
+    assert current_revision(engine) == head_revision()
 
     def writer(k: int) -> None:
         factory = open_database(URL)
