@@ -7,7 +7,7 @@
 ``litert`` (the default) runs ``model.tflite`` with ``ai_edge_litert``; this module never imports TensorFlow
 for it. ``keras`` loads ``model.keras`` (importing TensorFlow/Keras then, lazily), for parity checks. Both
 check the served file against the sha256 recorded in ``model.json`` and raise :class:`ModelError` on any
-mismatch or missing file. When the run says ``tta``, p is the mean over the image and its horizontal flip.
+mismatch or missing file. When the run says ``tta`` N > 1, p is the mean over N flips/rotations (histod.tta).
 
 An engine is safe to call from several threads (calls are serialised); the service calls it from one.
 """
@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from numpy.typing import NDArray
 
+from histod import tta
 from histod.errors import ConfigError, ModelError
 from histod.logs import get_logger
 from histod.runs import KERAS_FILE, TFLITE_FILE, RunInfo, load_run
@@ -55,16 +56,14 @@ class Engine(ABC):
         x = self._check(batch)
         if x.shape[0] == 0:
             return np.zeros((0,), dtype=np.float32)
-        n = x.shape[0]
-        if self.run.tta:
-            x = np.concatenate([x, x[:, :, ::-1, :]])  # horizontal flip: width is axis 2 in NHWC
+        x = tta.views(x, self.run.tta)
         with self._lock:
             out = np.concatenate([self._infer(x[i : i + MAX_CHUNK]) for i in range(0, len(x), MAX_CHUNK)])
         if out.shape != (len(x),):
             raise ModelError(f"{self.model_path} returned {out.shape[0]} values for {len(x)} images")
         if not np.all(np.isfinite(out)):
             raise ModelError(f"{self.model_path} returned non-finite probabilities")
-        p = (out[:n] + out[n:]) / 2 if self.run.tta else out
+        p = tta.average(out, self.run.tta)
         return np.asarray(np.clip(p, 0.0, 1.0), dtype=np.float32)
 
     def _check(self, batch: NDArray[Any]) -> NDArray[np.float32]:

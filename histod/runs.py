@@ -11,10 +11,11 @@ import hashlib
 import json
 from pathlib import Path
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ValidationError, field_validator
 
 from histod import LABELS
 from histod.errors import ModelError
+from histod.tta import VIEWS
 
 MODEL_INFO = "model.json"
 KERAS_FILE = "model.keras"
@@ -35,8 +36,24 @@ class RunInfo(BaseModel):
     alpha: float
     keras_sha256: str
     tflite_sha256: str
-    tta: bool = False
-    """average p over the image and its horizontal flip when True"""
+    tta: int = 1
+    """p is averaged over this many flips/rotations of each image (histod.tta: 1 = off, 2, 4 or 8)"""
+    temperature: float = 1.0
+    """temperature scaling already folded into the model's last layer (recorded for the audit; 1.0 = none)"""
+
+    @field_validator("tta", mode="before")
+    @classmethod
+    def _tta_views(cls, value: object) -> object:
+        if isinstance(value, bool):  # format 1 files said true for "image and its horizontal flip"
+            return 2 if value else 1
+        return value
+
+    @field_validator("tta")
+    @classmethod
+    def _check_tta(cls, value: int) -> int:
+        if value not in VIEWS:
+            raise ValueError(f"tta must be one of {VIEWS}")
+        return value
 
     def write(self, run_dir: Path) -> Path:
         path = run_dir / MODEL_INFO

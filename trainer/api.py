@@ -20,7 +20,15 @@ from histod.logs import get_logger
 from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
 from histod.trainer import artefacts, data
 from histod.trainer.config import TrainConfig
-from histod.trainer.evaluate import choose_threshold, metrics, report_text
+from histod.trainer.evaluate import (
+    bootstrap_ci,
+    calibration_bins,
+    choose_threshold,
+    expected_calibration_error,
+    fit_temperature,
+    metrics,
+    report_text,
+)
 
 log = get_logger("histod.trainer")
 
@@ -44,11 +52,11 @@ def train(cfg: TrainConfig) -> Path:
     started = time.monotonic()
     # Fail fast, before anything slow: a bad folder, too few images or patients, a used RUN_DIR, unusable weights.
     samples = data.discover(cfg.data_dir, cfg.group_pattern)
-    data.split(samples, cfg.val_split, cfg.seed)  # a dry run; the real split below leaves out unreadable files
+    data.split(samples, cfg.val_split, cfg.seed, cfg.split_by)  # a dry run; the real one leaves out unreadable files
     _check_out(cfg.out)
     import keras
 
-    from histod.trainer.export import export, keras_predict, write_run_info
+    from histod.trainer.export import export, fold_temperature, predict_views, write_run_info
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
 
@@ -63,7 +71,7 @@ def train(cfg: TrainConfig) -> Path:
     for label, name in enumerate(data.CLASS_DIRS):
         if not np.any(labels == label):
             raise DatasetError(f"no readable {name} images in {cfg.data_dir} ({len(skipped)} unreadable files)")
-    split = data.split(kept, cfg.val_split, cfg.seed)
+    split = data.split(kept, cfg.val_split, cfg.seed, cfg.split_by)
     index = {s.path: i for i, s in enumerate(kept)}
     train_idx = np.array([index[s.path] for s in split.train])
     val_idx = np.array([index[s.path] for s in split.val])
@@ -73,22 +81,60 @@ def train(cfg: TrainConfig) -> Path:
 
     result = fit(model, cfg, x_train, y_train, x_val, y_val)
 
-    p_val = keras_predict(model, x_val)
-    threshold = choose_threshold(y_val, p_val, cfg.target_sensitivity)
+    p_views = predict_views(model, x_val, cfg.tta)  # (views, N); one view unless cfg.tta
+    ece_uncalibrated = expected_calibration_error(y_val, p_views.mean(axis=0))
+    temperature = 1.0
+    if cfg.calibrate:
+        temperature = fit_temperature(y_val, p_views)
+        fold_temperature(model, temperature)
+        p_views = predict_views(model, x_val, cfg.tta)
+    p_val = p_views.mean(axis=0)
+    threshold = cfg.threshold if cfg.threshold is not None else choose_threshold(y_val, p_val, cfg.target_sensitivity)
     scores = metrics(y_val, p_val, threshold)
-    log.info("validation", **{k: scores[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")})
+    val_groups = np.array([s.group for s in split.val])
+    ci = bootstrap_ci(y_val, p_val, val_groups, threshold)
+    calibration: dict[str, Any] = {
+        "ece": expected_calibration_error(y_val, p_val),
+        "ece_uncalibrated": ece_uncalibrated,
+        "temperature": temperature,
+        "bins": calibration_bins(y_val, p_val),
+    }
+    log.info(
+        "validation",
+        **{k: scores[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")},
+        ece=round(calibration["ece"], 4),
+        temperature=round(temperature, 4),
+    )
 
     diff, n_checked = export(model, cfg.out, x_val)
-    info = write_run_info(cfg.out, image_size=cfg.image_size, threshold=threshold, alpha=cfg.alpha)
+    info = write_run_info(
+        cfg.out,
+        image_size=cfg.image_size,
+        threshold=threshold,
+        alpha=cfg.alpha,
+        tta_views=cfg.tta,
+        temperature=temperature,
+    )
 
     run = cfg.out
-    rule = "max_balanced_accuracy" if cfg.target_sensitivity is None else f"sensitivity>={cfg.target_sensitivity}"
+    rule = (
+        "fixed"
+        if cfg.threshold is not None
+        else "max_balanced_accuracy"
+        if cfg.target_sensitivity is None
+        else f"sensitivity>={cfg.target_sensitivity}"
+    )
     artefacts.write_metrics(
         run,
         {
             **scores,
             "split": "validation",
+            "split_by": cfg.split_by,
             "threshold_rule": rule,
+            "ci95": ci,
+            "tta": cfg.tta,
+            "ece": calibration["ece"],
+            "calibration": calibration,
             "run_id": info.run_id,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.phases),
@@ -117,6 +163,8 @@ def train(cfg: TrainConfig) -> Path:
         run / "confusion_matrix.png", scores["confusion_matrix"], LABELS, f"validation (threshold {threshold:.3f})"
     )
     artefacts.plot_curves(run / "training_curves.png", result.history, result.phases, result.best_epoch)
+    title = f"validation (ECE {calibration['ece']:.3f}, temperature {temperature:.2f})"
+    artefacts.plot_reliability(run / "reliability_diagram.png", calibration["bins"], title)
     log.info("run_written", run_dir=str(run), wall_time_s=round(time.monotonic() - started, 1))
     return run
 
@@ -145,6 +193,7 @@ def load_scorer(run_dir: Path) -> Scorer:
     if model.image_size != info.image_size:
         raise ModelError(f"{path} takes {model.image_size} px input; {MODEL_INFO} says {info.image_size}")
     model.threshold = info.threshold
+    model.tta = info.tta
     return model
 
 

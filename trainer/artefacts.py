@@ -176,3 +176,37 @@ def plot_curves(path: Path, history: dict[str, list[float]], phases: Sequence[st
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_reliability(path: Path, bins: Sequence[dict[str, Any]], title: str) -> Path:
+    """Reliability diagram: share truly malignant against mean p(malignant) per bin, the diagonal being a
+    perfectly calibrated model; bar widths cover each bin, and the count of images is written above it."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="perfectly calibrated")
+    used = [b for b in bins if b["n"]]
+    ax.bar(
+        [(b["low"] + b["high"]) / 2 for b in used],
+        [b["malignant_share"] for b in used],
+        width=[b["high"] - b["low"] for b in used],
+        edgecolor="black",
+        alpha=0.6,
+        label="share malignant",
+    )
+    ax.plot([b["mean_p"] for b in used], [b["malignant_share"] for b in used], marker="o", color="C3", label="model")
+    for b in used:
+        ax.text((b["low"] + b["high"]) / 2, min(1.0, b["malignant_share"] + 0.03), str(b["n"]), ha="center", fontsize=7)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("mean p(malignant) in bin")
+    ax.set_ylabel("share truly malignant")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

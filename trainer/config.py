@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -47,9 +48,23 @@ class TrainConfig(BaseModel):
     val_split: float = Field(0.2, gt=0, lt=1)  # held out: one fold of round(1/val_split), stratified, grouped
     group_pattern: str | None = None  # regex with a named group `group` (patient/slide id); None: built-ins
     augment: bool = True  # rotation 20°, zoom 0.2, shear, horizontal flip on the training split only
+    split_by: Literal["patient", "image"] = "patient"  # "image" leaks a patient's tiles across the split (paper)
+
+    # --- histology extras (issue 7; each one measured in bench/README.md) ------------------------------
+    preset: str | None = None  # the --preset this config started from; recorded, never read back
+    scaling: Literal["mobilenet", "unit"] = "mobilenet"  # pixels to [-1, 1] (MobileNetV2's own) or / 255 (paper)
+    freeze_batchnorm: bool = True  # the pretrained base's BatchNorm stays in inference mode while fine-tuning
+    dihedral: bool = False  # also vertical flips and 90° rotations: tissue on a slide has no "up"
+    color_jitter: float = Field(0.0, ge=0, le=1)  # brightness, contrast, saturation, hue jitter strength; 0 = off
+    stain_jitter: float = Field(0.0, ge=0, le=0.5)  # H&E stain jitter in HED space (Tellez et al. 2018); 0 = off
+    label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    lr_schedule: Literal["plateau", "cosine"] = "plateau"  # fine-tuning: ReduceLROnPlateau, or cosine decay to 0
+    tta: Literal[1, 2, 4, 8] = 1  # prediction averages this many flips/rotations of each image (1 = off)
+    calibrate: bool = False  # temperature scaling on the validation split, folded into the last layer
 
     # --- decision threshold --------------------------------------------------------------------------
     target_sensitivity: float | None = Field(None, gt=0, le=1)  # None: maximise balanced accuracy
+    threshold: float | None = Field(None, gt=0, lt=1)  # a fixed threshold instead (the paper's 0.5)
 
     @field_validator("weights")
     @classmethod

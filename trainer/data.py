@@ -109,29 +109,50 @@ def discover(data_dir: Path, group_pattern: str | None = None) -> list[Sample]:
     return samples
 
 
-def split(samples: Sequence[Sample], val_split: float, seed: int) -> Split:
-    """Stratified by label AND grouped by patient: no group is ever on both sides."""
+def split(samples: Sequence[Sample], val_split: float, seed: int, by: str = "patient") -> Split:
+    """Stratified by label AND grouped by patient: no group is ever on both sides.
+
+    ``by="image"`` treats every file as its own group: the paper's image-level split, which puts tiles of one
+    patient on both sides and so overstates accuracy (kept only to reproduce it, see ``--preset paper``).
+    """
+    train_idx, val_idx = folds(samples, max(2, round(1 / val_split)), seed, by)[0]
+    train = [samples[i] for i in train_idx]
+    val = [samples[i] for i in val_idx]
+    check_sides(train, val)
+    return Split(train=train, val=val)
+
+
+def folds(
+    samples: Sequence[Sample], n_splits: int, seed: int, by: str = "patient"
+) -> list[tuple[NDArray[np.int64], NDArray[np.int64]]]:
+    """``n_splits`` patient-grouped, label-stratified folds: (train indices, validation indices) for each."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    n_splits = max(2, round(1 / val_split))
+    if by not in ("patient", "image"):
+        raise ConfigError(f"split by {by!r}: use patient or image")
     labels = np.array([s.label for s in samples])
-    groups = np.array([s.group for s in samples])
+    groups = np.array([s.group if by == "patient" else str(s.path) for s in samples])
     counts = np.bincount(labels, minlength=2)
     n_groups = len(set(groups.tolist()))
+    share = f"{1 / n_splits:.0%} validation split"
     if len(samples) < 2 * n_splits or counts.min() < 2:
         raise DatasetError(
-            f"too few images for a {val_split:.0%} validation split: {counts[0]} benign, {counts[1]} malignant "
+            f"too few images for a {share}: {counts[0]} benign, {counts[1]} malignant "
             f"(need at least 2 of each and {2 * n_splits} in all)"
         )
     if n_groups < n_splits:
         raise DatasetError(
-            f"too few patients/groups for a {val_split:.0%} validation split: {n_groups} groups, need {n_splits} "
+            f"too few patients/groups for a {share}: {n_groups} groups, need {n_splits} "
             "(check --group-pattern, or lower --val-split)"
         )
-    folds = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-    train_idx, val_idx = next(folds.split(np.zeros(len(samples)), labels, groups))
-    train = [samples[i] for i in train_idx]
-    val = [samples[i] for i in val_idx]
+    k_fold = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+    return [
+        (np.asarray(a, dtype=np.int64), np.asarray(b, dtype=np.int64)) for a, b in k_fold.split(labels, labels, groups)
+    ]
+
+
+def check_sides(train: Sequence[Sample], val: Sequence[Sample]) -> None:
+    """Both sides of a split must hold both classes."""
     for side, name in ((train, "training"), (val, "validation")):
         side_counts = np.bincount([s.label for s in side], minlength=2)
         if side_counts.min() == 0:
@@ -139,7 +160,6 @@ def split(samples: Sequence[Sample], val_split: float, seed: int) -> Split:
                 f"the {name} split has no {CLASS_DIRS[int(side_counts.argmin())]} images: the classes are spread "
                 "over too few patients for this split (add data or change --val-split)"
             )
-    return Split(train=train, val=val)
 
 
 @dataclass(frozen=True)

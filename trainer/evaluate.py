@@ -101,3 +101,108 @@ def report_text(y_true: ArrayLike, p: ArrayLike, threshold: float) -> str:
     pred = (np.asarray(p, dtype=np.float64).ravel() >= threshold).astype(np.int64)
     text: str = classification_report(y, pred, labels=[0, 1], target_names=list(LABELS), digits=4, zero_division=0)
     return text
+
+
+# --- calibration -----------------------------------------------------------------------------------------------
+
+
+def calibration_bins(y_true: ArrayLike, p: ArrayLike, bins: int = 10) -> list[dict[str, float | int]]:
+    """Equal-width bins of p(malignant): per bin its count, mean p (confidence) and share truly malignant."""
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    prob = np.asarray(p, dtype=np.float64).ravel()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.clip(np.digitize(prob, edges[1:-1]), 0, bins - 1)
+    out: list[dict[str, float | int]] = []
+    for b in range(bins):
+        mask = which == b
+        n = int(mask.sum())
+        out.append(
+            {
+                "low": float(edges[b]),
+                "high": float(edges[b + 1]),
+                "n": n,
+                "mean_p": float(prob[mask].mean()) if n else math.nan,
+                "malignant_share": float(y[mask].mean()) if n else math.nan,
+            }
+        )
+    return out
+
+
+def expected_calibration_error(y_true: ArrayLike, p: ArrayLike, bins: int = 10) -> float:
+    """ECE over equal-width bins of p(malignant): sum over bins of (n_bin / N) * |mean p - share malignant|."""
+    table = calibration_bins(y_true, p, bins)
+    total = sum(int(b["n"]) for b in table)
+    if total == 0:
+        return 0.0
+    return float(sum(int(b["n"]) / total * abs(b["mean_p"] - b["malignant_share"]) for b in table if b["n"]))
+
+
+def _logit(p: NDArray[np.float64]) -> NDArray[np.float64]:
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    return np.asarray(np.log(q / (1 - q)), dtype=np.float64)
+
+
+def fit_temperature(y_true: ArrayLike, p_views: ArrayLike) -> float:
+    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the log loss of the mean over test-time views
+    of sigmoid(logit(p_view) / T). ``p_views`` is (N,) or (views, N).
+
+    One parameter, monotone: without test-time views it cannot change the ranking (ROC AUC), and with the
+    threshold moved the same way it cannot change a label; it only makes p(malignant) honest. Found by a bounded
+    scalar search over log T."""
+    from scipy.optimize import minimize_scalar
+
+    y = np.asarray(y_true, dtype=np.float64).ravel()
+    z = _logit(np.atleast_2d(np.asarray(p_views, dtype=np.float64)))
+    if y.size == 0 or len(np.unique(y)) < 2:
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        q = np.clip(np.mean(1.0 / (1.0 + np.exp(-z / math.exp(log_t))), axis=0), 1e-12, 1 - 1e-12)
+        return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
+
+    best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    return float(math.exp(best.x))
+
+
+def apply_temperature(p: ArrayLike, temperature: float) -> NDArray[np.float64]:
+    """sigmoid(logit(p) / T)."""
+    z = _logit(np.asarray(p, dtype=np.float64)) / temperature
+    return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
+
+
+def bootstrap_ci(
+    y_true: ArrayLike,
+    p: ArrayLike,
+    groups: ArrayLike,
+    threshold: float,
+    n: int = 1000,
+    seed: int = 0,
+    decisions: ArrayLike | None = None,
+) -> dict[str, list[float]]:
+    """95 % intervals of balanced accuracy, ROC AUC, sensitivity and specificity by resampling GROUPS (patients)
+    with replacement: tiles of one patient are not independent, so resampling tiles would make them too narrow.
+    ``decisions`` (bool per image) replaces ``p >= threshold`` where each image had its own threshold."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    prob = np.asarray(p, dtype=np.float64).ravel()
+    g = np.asarray(groups).ravel()
+    unique = np.unique(g)
+    members = [np.flatnonzero(g == u) for u in unique]
+    called = prob >= threshold if decisions is None else np.asarray(decisions, dtype=bool).ravel()
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {"balanced_accuracy": [], "roc_auc": [], "sensitivity": [], "specificity": []}
+    for _ in range(n):
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), size=len(unique))])
+        yy, pp, pred = y[idx], prob[idx], called[idx]
+        if len(np.unique(yy)) < 2:
+            continue
+        sens, spec = float(np.mean(pred[yy == 1])), float(np.mean(~pred[yy == 0]))
+        samples["sensitivity"].append(sens)
+        samples["specificity"].append(spec)
+        samples["balanced_accuracy"].append((sens + spec) / 2)
+        samples["roc_auc"].append(float(roc_auc_score(yy, pp)))
+    return {
+        k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan, math.nan]
+        for k, v in samples.items()
+    }

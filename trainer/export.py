@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from histod import tta
 from histod.errors import ExportParityError, ModelError
 from histod.logs import get_logger
 from histod.runs import KERAS_FILE, TFLITE_FILE, RunInfo, sha256_file
 from histod.trainer.litert import LiteRTModel
+from histod.trainer.model import OUTPUT_LAYER
 
 log = get_logger("histod.trainer")
 
@@ -47,6 +49,19 @@ def keras_predict(model: Any, images: NDArray[Any], batch_size: int = 32) -> NDA
     return np.asarray(out, dtype=np.float32).reshape(-1)
 
 
+def predict_views(model: Any, images: NDArray[Any], n: int, batch_size: int = 32) -> NDArray[np.float32]:
+    """p(malignant) of each of the first ``n`` test-time views (histod.tta), shape (n, N)."""
+    return np.stack([keras_predict(model, tta.view(images, i), batch_size) for i in range(n)])
+
+
+def fold_temperature(model: Any, temperature: float) -> None:
+    """Temperature scaling inside the model: sigmoid(w.x + b) becomes sigmoid((w.x + b) / T) by dividing the
+    last Dense layer's kernel and bias by T, so model.keras, model.tflite and every server output calibrated p."""
+    layer = model.get_layer(OUTPUT_LAYER)
+    kernel, bias = layer.get_weights()
+    layer.set_weights([kernel / temperature, bias / temperature])
+
+
 def parity(keras_p: NDArray[np.float32], litert_p: NDArray[np.float32], tolerance: float = PARITY_TOLERANCE) -> float:
     """Max |Keras - LiteRT|; raise ExportParityError above ``tolerance``."""
     if keras_p.shape != litert_p.shape:
@@ -73,7 +88,9 @@ def export(model: Any, run_dir: Path, check_images: NDArray[np.uint8]) -> tuple[
     return diff, len(keras_p)
 
 
-def write_run_info(run_dir: Path, *, image_size: int, threshold: float, alpha: float) -> RunInfo:
+def write_run_info(
+    run_dir: Path, *, image_size: int, threshold: float, alpha: float, tta_views: int = 1, temperature: float = 1.0
+) -> RunInfo:
     """model.json: what a server needs, with the sha256 of both model files."""
     now = datetime.now(UTC)
     info = RunInfo(
@@ -82,6 +99,8 @@ def write_run_info(run_dir: Path, *, image_size: int, threshold: float, alpha: f
         image_size=image_size,
         threshold=threshold,
         alpha=alpha,
+        tta=tta_views,
+        temperature=temperature,
         keras_sha256=sha256_file(run_dir / KERAS_FILE),
         tflite_sha256=sha256_file(run_dir / TFLITE_FILE),
     )

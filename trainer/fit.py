@@ -18,6 +18,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from histod.logs import get_logger
+from histod.trainer import augment
 from histod.trainer.config import TrainConfig
 from histod.trainer.model import calibrate_batchnorm, freeze_base, unfreeze_top
 
@@ -41,21 +42,6 @@ def class_weights(labels: NDArray[np.int64]) -> dict[int, float]:
     return {c: (n / (2.0 * counts[c]) if counts[c] else 1.0) for c in range(2)}
 
 
-def augmenter(seed: int) -> Any:
-    """Rotation 20°, zoom 0.2, shear 0.2, horizontal flip; nearest fill (the paper's ImageDataGenerator)."""
-    import keras
-
-    return keras.Sequential(
-        [
-            keras.layers.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
-            keras.layers.RandomZoom(0.2, fill_mode="nearest", seed=seed + 1),
-            keras.layers.RandomShear(x_factor=0.2, y_factor=0.2, fill_mode="nearest", seed=seed + 2),
-            keras.layers.RandomFlip("horizontal", seed=seed + 3),
-        ],
-        name="augment",
-    )
-
-
 def datasets(
     cfg: TrainConfig,
     x_train: NDArray[np.uint8],
@@ -69,12 +55,9 @@ def datasets(
     train = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
     train = train.shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
     train = train.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
-    if cfg.augment:
-        aug = augmenter(cfg.seed)
-        train = train.map(
-            lambda x, y: (tf.clip_by_value(aug(x, training=True), 0.0, 255.0), y),
-            num_parallel_calls=tf.data.AUTOTUNE,
-        )
+    aug = augment.pipeline(cfg)
+    if aug is not None:
+        train = train.map(lambda x, y: (aug(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     val = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32))).batch(cfg.batch_size)
     val = val.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
@@ -96,22 +79,33 @@ def _epoch_logger(phase: str, total: int) -> Any:
     return EpochLog()
 
 
+def learning_rate(cfg: TrainConfig, phase: str, rate: float, epochs: int, steps_per_epoch: int) -> Any:
+    """A constant rate (ReduceLROnPlateau lowers it), or for fine-tuning with ``lr_schedule="cosine"`` a cosine
+    decay from ``rate`` to 0 over the phase's full length (an early stop cuts it short)."""
+    import keras
+
+    if phase == "fine_tune" and cfg.lr_schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, epochs * steps_per_epoch))
+    return rate
+
+
 def _phase(
     model: Any, cfg: TrainConfig, name: str, epochs: int, rate: float, train: Any, val: Any, weights: Any
 ) -> tuple[dict[str, list[float]], bool]:
     import keras
 
+    schedule = learning_rate(cfg, name, rate, epochs, int(train.cardinality()))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=rate),
-        loss=keras.losses.BinaryCrossentropy(),
+        optimizer=keras.optimizers.Adam(learning_rate=schedule),
+        loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
     )
     stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
-    callbacks = [
-        stop,
-        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience),
-        _epoch_logger(name, epochs),
-    ]
+    callbacks = [stop, _epoch_logger(name, epochs)]
+    if isinstance(schedule, float):  # a schedule owns the rate: ReduceLROnPlateau cannot set it
+        callbacks.insert(
+            1, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience)
+        )
     hist = model.fit(
         train, validation_data=val, epochs=epochs, class_weight=weights, callbacks=callbacks, verbose=0, shuffle=False
     )
@@ -145,7 +139,7 @@ def fit(
         if name == "head":
             freeze_base(model)
         else:
-            unfreeze_top(model, cfg.fine_tune_layers, freeze_batchnorm=cfg.weights != "none")
+            unfreeze_top(model, cfg.fine_tune_layers, freeze_batchnorm=cfg.freeze_batchnorm and cfg.weights != "none")
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
         log.info("phase", phase=name, epochs=epochs, learning_rate=rate, trainable_params=trainable)
         hist, stopped = _phase(model, cfg, name, epochs, rate, train, val, weights)

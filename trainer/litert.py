@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from histod import tta
 from histod.errors import ModelError
 
 
@@ -31,8 +32,14 @@ class LiteRTModel:
         self.image_size = int(detail["shape"][1])
         self._batch = -1
         self.threshold = 0.5  # set by the caller from model.json
+        self.tta = 1  # views averaged per image (histod.tta); set by the caller from model.json
 
     def predict(self, images: NDArray[Any], batch_size: int = 32) -> NDArray[np.float32]:
+        if self.tta > 1:
+            return tta.average(self._predict(tta.views(images, self.tta), batch_size), self.tta)
+        return self._predict(images, batch_size)
+
+    def _predict(self, images: NDArray[Any], batch_size: int) -> NDArray[np.float32]:
         out = np.empty((len(images),), dtype=np.float32)
         for start in range(0, len(images), batch_size):
             chunk = np.ascontiguousarray(images[start : start + batch_size], dtype=np.float32)

@@ -12,7 +12,8 @@ from histod.errors import ConfigError, ModelError
 from histod.trainer.config import TrainConfig
 
 BASE_NAME = "mobilenetv2_base"
-HEAD_LAYERS = ("pool", "head_bn", "head_dropout", "p_malignant")
+OUTPUT_LAYER = "p_malignant"
+HEAD_LAYERS = ("pool", "head_bn", "head_dropout", OUTPUT_LAYER)
 
 
 def build_base(cfg: TrainConfig) -> Any:
@@ -54,7 +55,10 @@ def build_model(cfg: TrainConfig) -> Any:
 
     base = build_base(cfg)
     inputs = keras.Input(shape=(cfg.image_size, cfg.image_size, 3), dtype="float32", name="rgb_0_255")
-    x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="mobilenet_v2_scaling")(inputs)
+    if cfg.scaling == "unit":  # the paper's pixels / 255: not the [-1, 1] range MobileNetV2 was trained on
+        x = keras.layers.Rescaling(1 / 255.0, name="divide_by_255")(inputs)
+    else:
+        x = keras.layers.Rescaling(1 / 127.5, offset=-1.0, name="mobilenet_v2_scaling")(inputs)
     if cfg.weights == "none":
         # a randomly initialised base has no statistics worth keeping: its BatchNorm layers must learn them, and
         # quickly (MobileNetV2's momentum 0.999 would need thousands of steps before inference mode is usable)
@@ -70,7 +74,7 @@ def build_model(cfg: TrainConfig) -> Any:
     x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
     x = keras.layers.BatchNormalization(name="head_bn")(x)
     x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
-    outputs = keras.layers.Dense(1, activation="sigmoid", name="p_malignant")(x)
+    outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(x)
     return keras.Model(inputs, outputs, name="histod_mobilenetv2")
 
 

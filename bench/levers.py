@@ -1,0 +1,250 @@
+"""One training recipe change at a time, scored on validation PATIENTS, with 95 % bootstrap intervals.
+
+    .venv/bin/python bench/levers.py run baseline dihedral lr_1e-4 ...   # train and score these levers
+    .venv/bin/python bench/levers.py table                               # the table of every lever run so far
+    .venv/bin/python bench/levers.py list                                # the levers and what they change
+
+Protocol (the same split as bench/accuracy.py and ``histod train --seed 42``):
+
+* Outer split: ``trainer.data.split`` (stratified, grouped by patient, 20 %, seed 42). The validation patients
+  are scored once per lever, at the end; they never steer training.
+* Inner split: the same function applied to the training patients. Its patients drive EarlyStopping and
+  ReduceLROnPlateau and choose the decision threshold (max balanced accuracy), which is then applied unchanged
+  to the validation patients.
+* Every lever starts from ``BASE`` (histod's own recipe at 96 px, alpha 0.35 ImageNet weights, 3 head epochs and
+  up to 12 fine-tuning epochs) and changes only what its row says. Same seed for every lever: one run each, so a
+  difference inside the intervals is not evidence.
+* Each lever's p(malignant) is kept for all 8 flips/rotations of the validation (and monitoring) images, so the
+  test-time-augmentation and threshold-rule rows cost no training: they re-score a trained lever.
+
+Writes bench/results/levers/<lever>.json (+ .npz of the predictions); ``table`` prints the markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from numpy.typing import NDArray
+
+if __package__ in (None, ""):  # run as a file: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import load_average, machine, say, shared_data, shared_weights
+
+RESULTS = Path(__file__).resolve().parent / "results" / "levers"
+
+BASE: dict[str, Any] = {
+    "image_size": 96,
+    "alpha": 0.35,
+    "head_epochs": 3,
+    "epochs": 12,
+    "seed": 42,
+    "val_split": 0.2,
+}
+
+LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
+    "baseline": ("histod's default recipe at 96 px (batch 8, fine-tune Adam 1e-5, last 30 layers)", {}),
+    "dihedral": ("+ vertical flips and 90° rotations", {"dihedral": True}),
+    "stain": ("+ H&E stain jitter in HED space (sigma 0.05)", {"stain_jitter": 0.05}),
+    "color": ("+ brightness/contrast/saturation/hue jitter (strength 1)", {"color_jitter": 1.0}),
+    "lr_1e-4": ("fine-tune learning rate 1e-4 instead of 1e-5", {"learning_rate": 1e-4}),
+    "cosine": ("cosine decay of the fine-tune rate instead of ReduceLROnPlateau", {"lr_schedule": "cosine"}),
+    "unfreeze_60": ("unfreeze the last 60 base layers instead of 30", {"fine_tune_layers": 60}),
+    "unfreeze_all": ("unfreeze the whole base (155 layers)", {"fine_tune_layers": 155}),
+    "smooth_0.1": ("label smoothing 0.1", {"label_smoothing": 0.1}),
+    "size_128": ("input 128 px instead of 96", {"image_size": 128}),
+    "size_160": ("input 160 px instead of 96", {"image_size": 160}),
+    "batch_32": ("batch 32 instead of 8", {"batch_size": 32}),
+}
+
+
+def set_results(path: Path) -> None:
+    global RESULTS
+    RESULTS = path
+
+
+def score(
+    y: NDArray[np.int64], p: NDArray[np.float32], groups: NDArray[Any], threshold: float, boot: int
+) -> dict[str, Any]:
+    from histod.trainer.evaluate import bootstrap_ci, expected_calibration_error, metrics
+
+    m = metrics(y, p, threshold)
+    return {
+        **{k: m[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity", "f1", "threshold")},
+        "ece": expected_calibration_error(y, p),
+        "ci95": bootstrap_ci(y, p, groups, threshold, n=boot, seed=0),
+    }
+
+
+def prepare(data_dir: Path, size: int, seed: int, val_split: float) -> dict[str, Any]:
+    from histod.trainer import data
+
+    samples = data.discover(data_dir)
+    say(f"decoding {len(samples)} images from {data_dir} at {size} px")
+    images, labels, kept, _ = data.load_images(samples, size)
+    outer = data.split(kept, val_split, seed)
+    inner = data.split(outer.train, val_split, seed)
+    index = {s.path: i for i, s in enumerate(kept)}
+
+    def take(side: list[Any]) -> NDArray[np.int64]:
+        return np.array([index[s.path] for s in side])
+
+    fit_idx, mon_idx, val_idx = take(inner.train), take(inner.val), take(outer.val)
+    return {
+        "x_fit": images[fit_idx],
+        "y_fit": labels[fit_idx],
+        "x_mon": images[mon_idx],
+        "y_mon": labels[mon_idx],
+        "x_val": images[val_idx],
+        "y_val": labels[val_idx],
+        "g_mon": np.array([s.group for s in inner.val]),
+        "g_val": np.array([s.group for s in outer.val]),
+        "patients": {
+            "fit": len({s.group for s in inner.train}),
+            "monitor": len({s.group for s in inner.val}),
+            "validation": len({s.group for s in outer.val}),
+        },
+    }
+
+
+def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: int) -> dict[str, Any]:
+    import keras
+
+    from histod.trainer.config import TrainConfig
+    from histod.trainer.evaluate import choose_threshold
+    from histod.trainer.export import predict_views
+    from histod.trainer.fit import fit
+    from histod.trainer.model import build_model
+
+    what, change = LEVERS[name]
+    with tempfile.TemporaryDirectory(prefix=f"histod-lever-{name}-") as tmp:
+        cfg = TrainConfig(data_dir=data_dir, out=Path(tmp), weights=weights, **{**BASE, **change})
+    keras.backend.clear_session()
+    keras.utils.set_random_seed(cfg.seed)
+    started = time.monotonic()
+    model = build_model(cfg)
+    result = fit(model, cfg, d["x_fit"], d["y_fit"], d["x_mon"], d["y_mon"])
+    train_s = time.monotonic() - started
+    p_mon = predict_views(model, d["x_mon"], 8)
+    p_val = predict_views(model, d["x_val"], 8)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(
+        RESULTS / f"{name}.npz", p_mon=p_mon, p_val=p_val, y_mon=d["y_mon"], y_val=d["y_val"], g_val=d["g_val"]
+    )
+    threshold = choose_threshold(d["y_mon"], p_mon[0])
+    row = {
+        "lever": name,
+        "what": what,
+        "change": change,
+        "config": cfg.model_dump(mode="json", exclude={"data_dir", "out"}),
+        "validation": score(d["y_val"], p_val[0], d["g_val"], threshold, boot),
+        "epochs_run": len(result.phases),
+        "best_epoch": result.best_epoch,
+        "history": result.history,
+        "train_min": round(train_s / 60, 2),
+        "patients": d["patients"],
+        "conditions": {**machine(), "load_average_at_end": load_average()},
+    }
+    (RESULTS / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
+    return row
+
+
+def rescore(name: str, views: int, rule: str, boot: int) -> dict[str, Any]:
+    """A trained lever re-scored with ``views`` test-time views and a threshold rule, all chosen on the inner
+    monitoring patients: ``bac`` (max balanced accuracy) or ``sens95`` (highest threshold reaching 0.95)."""
+    from histod.trainer.evaluate import choose_threshold
+
+    z = np.load(RESULTS / f"{name}.npz")
+    p_mon, p_val = z["p_mon"][:views].mean(axis=0), z["p_val"][:views].mean(axis=0)
+    target = 0.95 if rule == "sens95" else None
+    threshold = choose_threshold(z["y_mon"], p_mon, target)
+    return score(z["y_val"], p_val, z["g_val"], threshold, boot)
+
+
+def _ci(v: dict[str, Any], key: str) -> str:
+    lo, hi = v["ci95"][key]
+    return f"{v[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def table(boot: int) -> str:
+    rows = [
+        "| lever | change | balanced acc [95% CI] | ROC AUC [95% CI] | sensitivity | specificity | ECE | min |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    names = [n for n in [*LEVERS, *sorted(p.stem for p in RESULTS.glob("*.json"))] if (RESULTS / f"{n}.json").is_file()]
+    seen: set[str] = set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        r = json.loads((RESULTS / f"{name}.json").read_text())
+        v = r["validation"]
+        rows.append(
+            f"| {name} | {r['what']} | {_ci(v, 'balanced_accuracy')} | {_ci(v, 'roc_auc')} | "
+            f"{v['sensitivity']:.3f} | {v['specificity']:.3f} | {v['ece']:.3f} | {r['train_min']:.1f} |"
+        )
+        if name == "baseline" or r.get("rescore"):
+            for views, rule in ((2, "bac"), (8, "bac"), (1, "sens95"), (8, "sens95")):
+                s = rescore(name, views, rule, boot)
+                label = f"{name} + TTA {views}" if views > 1 else name
+                label += ", threshold for sensitivity 0.95" if rule == "sens95" else ""
+                rows.append(
+                    f"| {label} | re-scored, no training | {_ci(s, 'balanced_accuracy')} | {_ci(s, 'roc_auc')} | "
+                    f"{s['sensitivity']:.3f} | {s['specificity']:.3f} | {s['ece']:.3f} | 0 |"
+                )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("action", choices=("run", "table", "list"))
+    parser.add_argument("levers", nargs="*")
+    parser.add_argument("--data", type=Path, default=None, help="labelled folder (default ../shared idc-dev)")
+    parser.add_argument("--weights", default=None, help="base weights .h5 (default the ../shared alpha 0.35 file)")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples over patients")
+    parser.add_argument("--results", type=Path, default=RESULTS, help=f"where rows go (default {RESULTS})")
+    args = parser.parse_args(argv)
+    set_results(args.results)
+    if args.action == "list":
+        for name, (what, change) in LEVERS.items():
+            print(f"{name:<14} {what}  {change}")
+        return 0
+    if args.action == "table":
+        print(table(args.bootstrap))
+        return 0
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from histod.logs import configure
+
+    configure("info", "console", stream=sys.stderr)
+    data_dir = args.data or shared_data()
+    weights = args.weights or (str(shared_weights()) if shared_weights() else None)
+    if data_dir is None or weights is None:
+        say("skipped: needs ../shared/data/idc-dev and the ../shared alpha 0.35 weights (or --data and --weights)")
+        return 0
+    unknown = [n for n in args.levers if n not in LEVERS]
+    if unknown:
+        raise SystemExit(f"unknown lever(s) {unknown}: see `bench/levers.py list`")
+    prepared: dict[int, dict[str, Any]] = {}
+    for name in args.levers:
+        size = int({**BASE, **LEVERS[name][1]}["image_size"])
+        if size not in prepared:
+            prepared = {size: prepare(data_dir, size, BASE["seed"], BASE["val_split"])}  # keep one size in memory
+        row = run_lever(name, prepared[size], data_dir, weights, args.bootstrap)
+        v = row["validation"]
+        say(
+            f"{name}: balanced accuracy {v['balanced_accuracy']:.4f} {v['ci95']['balanced_accuracy']}, "
+            f"ROC AUC {v['roc_auc']:.4f} {v['ci95']['roc_auc']}, {row['train_min']:.1f} min"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

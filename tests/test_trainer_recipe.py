@@ -1,0 +1,289 @@
+"""The histology levers of issue 7: augmentation, test-time views, calibration, presets, cross-validation."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from histod import tta
+from histod.cli import cli
+from histod.errors import ConfigError
+from histod.runs import RunInfo, load_run
+from histod.trainer import augment, data, presets
+from histod.trainer.config import TrainConfig
+from histod.trainer.evaluate import (
+    apply_temperature,
+    bootstrap_ci,
+    calibration_bins,
+    expected_calibration_error,
+    fit_temperature,
+)
+from tests.conftest import tiny_config
+
+TINY = ["--weights", "none", "--alpha", "0.35", "--image-size", "48", "--batch-size", "16"]
+
+
+def _asymmetric(n: int = 2, size: int = 6) -> np.ndarray:
+    return np.arange(n * size * size * 3, dtype=np.float32).reshape(n, size, size, 3)
+
+
+# --- test-time views ---------------------------------------------------------------------------------------------
+
+
+def test_the_eight_views_are_the_eight_symmetries_of_the_square() -> None:
+    x = _asymmetric()
+    seen = {tta.view(x, i)[0].tobytes() for i in range(8)}
+    assert len(seen) == 8  # all distinct on an image with no symmetry
+    expected = {np.rot90(x[0], k, axes=(0, 1)).tobytes() for k in range(4)}
+    expected |= {np.rot90(x[0][:, ::-1], k, axes=(0, 1)).tobytes() for k in range(4)}
+    assert seen == expected
+    assert tta.views(x, 4).shape == (8, 6, 6, 3)
+    assert tta.views(x, 1) is x
+    with pytest.raises(ValueError, match="tta must be one of"):
+        tta.views(x, 3)
+
+
+def test_average_is_the_mean_over_views_per_image() -> None:
+    p = np.array([0.1, 0.9, 0.3, 0.5], dtype=np.float32)  # two views of two images, view-major
+    assert np.allclose(tta.average(p, 2), [0.2, 0.7])
+
+
+def test_run_info_reads_the_old_boolean_tta() -> None:
+    base = {
+        "run_id": "r",
+        "created": "now",
+        "image_size": 48,
+        "threshold": 0.5,
+        "alpha": 0.35,
+        "keras_sha256": "a",
+        "tflite_sha256": "b",
+    }
+    assert RunInfo.model_validate({**base, "tta": True}).tta == 2
+    assert RunInfo.model_validate({**base, "tta": False}).tta == 1
+    assert RunInfo.model_validate({**base, "tta": 8}).tta == 8
+    with pytest.raises(ValueError, match="tta must be one of"):
+        RunInfo.model_validate({**base, "tta": 3})
+
+
+# --- augmentation ------------------------------------------------------------------------------------------------
+
+
+def test_dihedral_gives_each_image_one_of_its_symmetries() -> None:
+    import tensorflow as tf
+
+    tf.random.set_seed(1)
+    x = _asymmetric(64)
+    out = augment.dihedral(tf.constant(x)).numpy()
+    changed = 0
+    for before, after in zip(x, out, strict=True):
+        options = {tta.view(before[None], i)[0].tobytes() for i in range(8)}
+        assert after.tobytes() in options
+        changed += after.tobytes() != before.tobytes()
+    assert 40 <= changed <= 64  # 7 of 8 draws change the image
+
+
+def test_stain_jitter_keeps_range_and_zero_sigma_is_identity() -> None:
+    import tensorflow as tf
+
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 256, size=(8, 16, 16, 3)).astype(np.float32)
+    same = augment.stain(tf.constant(x), 0.0).numpy()
+    assert np.allclose(same, x, atol=0.05)
+    moved = augment.stain(tf.constant(x), 0.2).numpy()
+    assert moved.min() >= 0 and moved.max() <= 255
+    assert np.abs(moved - x).mean() > 1.0
+    # white stays (nearly) white: no stain, nothing to jitter except the shift
+    white = augment.stain(tf.constant(np.full((4, 8, 8, 3), 255, np.float32)), 0.05).numpy()
+    assert white.min() > 150
+
+
+def test_colour_jitter_changes_colour_within_range() -> None:
+    import tensorflow as tf
+
+    rng = np.random.default_rng(1)
+    x = rng.integers(30, 220, size=(16, 16, 16, 3)).astype(np.float32)
+    out = np.asarray(augment.color(1.0, seed=3)(tf.constant(x)))
+    assert out.shape == x.shape
+    assert out.min() >= 0 and out.max() <= 255
+    assert np.abs(out - x).mean() > 1.0
+
+
+def test_pipeline_follows_the_config(tmp_path: Path) -> None:
+    cfg = tiny_config(tmp_path, tmp_path / "o", augment=False)
+    assert augment.pipeline(cfg) is None
+    cfg = tiny_config(tmp_path, tmp_path / "o", augment=False, dihedral=True, stain_jitter=0.05, color_jitter=0.5)
+    run = augment.pipeline(cfg)
+    assert run is not None
+    import tensorflow as tf
+
+    out = run(tf.constant(_asymmetric(4, 8) % 256)).numpy()
+    assert out.shape == (4, 8, 8, 3) and out.min() >= 0 and out.max() <= 255
+
+
+def test_cosine_schedule_decays_to_zero_and_plateau_stays_constant(tmp_path: Path) -> None:
+    from histod.trainer.fit import learning_rate
+
+    cosine = learning_rate(tiny_config(tmp_path, tmp_path / "o", lr_schedule="cosine"), "fine_tune", 1e-4, 5, 10)
+    assert math.isclose(float(cosine(0)), 1e-4, rel_tol=1e-6)
+    assert float(cosine(50)) < 1e-9
+    plateau = tiny_config(tmp_path, tmp_path / "o")
+    assert learning_rate(plateau, "fine_tune", 1e-4, 5, 10) == 1e-4
+    head = tiny_config(tmp_path, tmp_path / "o", lr_schedule="cosine")
+    assert learning_rate(head, "head", 1e-3, 5, 10) == 1e-3  # the schedule is for fine-tuning only
+
+
+# --- calibration and intervals -----------------------------------------------------------------------------------
+
+
+def test_temperature_scaling_recovers_an_overconfident_model() -> None:
+    rng = np.random.default_rng(0)
+    z = rng.normal(0, 2, size=20_000)
+    y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(np.int64)  # labels drawn from sigmoid(z)
+    overconfident = 1 / (1 + np.exp(-3 * z))  # logits three times too large
+    t = fit_temperature(y, overconfident)
+    assert 2.7 < t < 3.3
+    fixed = apply_temperature(overconfident, t)
+    assert expected_calibration_error(y, fixed) < 0.02 < expected_calibration_error(y, overconfident)
+    # monotone: the ranking (and so ROC AUC) is unchanged
+    assert np.all(np.diff(fixed[np.argsort(overconfident)]) >= 0)
+
+
+def test_calibration_bins_count_every_image() -> None:
+    p = np.array([0.0, 0.05, 0.55, 0.95, 1.0])
+    y = np.array([0, 0, 1, 1, 1])
+    bins = calibration_bins(y, p, bins=10)
+    assert sum(int(b["n"]) for b in bins) == 5
+    assert bins[0]["n"] == 2 and bins[9]["n"] == 2 and bins[5]["n"] == 1
+    assert expected_calibration_error(y, p) == pytest.approx((0.025 * 2 + 0.45 + 0.025 * 2) / 5)
+
+
+def test_bootstrap_resamples_patients_and_brackets_the_estimate() -> None:
+    rng = np.random.default_rng(3)
+    groups = np.repeat(np.arange(30), 20)
+    y = (rng.random(groups.size) < 0.4).astype(np.int64)
+    p = np.clip(y * 0.3 + rng.random(groups.size) * 0.7, 0, 1)
+    ci = bootstrap_ci(y, p, groups, 0.5, n=300, seed=1)
+    from histod.trainer.evaluate import metrics
+
+    m = metrics(y, p, 0.5)
+    for key in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity"):
+        lo, hi = ci[key]
+        assert lo <= m[key] <= hi and hi - lo > 0.005
+    # one group: resampling patients can only ever draw that patient, so the interval collapses
+    one = bootstrap_ci(y, p, np.zeros_like(groups), 0.5, n=50)
+    assert one["roc_auc"][0] == pytest.approx(one["roc_auc"][1])
+    decided = bootstrap_ci(y, p, groups, 0.5, n=50, decisions=np.ones_like(y, dtype=bool))
+    assert decided["sensitivity"] == [1.0, 1.0] and decided["specificity"] == [0.0, 0.0]
+
+
+# --- split by image (the paper) ----------------------------------------------------------------------------------
+
+
+def test_image_split_puts_a_patient_on_both_sides_patient_split_never(synthetic_dataset: Path) -> None:
+    samples = data.discover(synthetic_dataset)
+    by_patient = data.split(samples, 0.2, 0)
+    assert not {s.group for s in by_patient.train} & {s.group for s in by_patient.val}
+    by_image = data.split(samples, 0.2, 0, by="image")
+    assert {s.group for s in by_image.train} & {s.group for s in by_image.val}
+    with pytest.raises(ConfigError, match="use patient or image"):
+        data.split(samples, 0.2, 0, by="slide")
+
+
+# --- presets -----------------------------------------------------------------------------------------------------
+
+
+def test_presets_are_valid_configs_and_record_their_name(tmp_path: Path) -> None:
+    for name in presets.PRESETS:
+        cfg = TrainConfig(data_dir=tmp_path, out=tmp_path / "o", **presets.preset(name))
+        assert cfg.preset == name
+    paper = TrainConfig(data_dir=tmp_path, out=tmp_path / "o", **presets.preset("paper"))
+    assert (paper.scaling, paper.split_by, paper.threshold, paper.head_epochs) == ("unit", "image", 0.5, 0)
+    assert presets.preset(None) == {}
+    with pytest.raises(ConfigError, match="unknown preset"):
+        presets.preset("fast")
+
+
+def test_train_with_a_preset_flags_win_and_every_artefact_is_written(synthetic_dataset: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    args = ["train", str(synthetic_dataset), "--out", str(run), "--preset", "histology", *TINY]
+    args += ["--head-epochs", "1", "--epochs", "1", "--tta", "2", "--calibrate", "--stain-jitter", "0.05"]
+    result = CliRunner().invoke(cli, ["--log-format", "json", *args])
+    assert result.exit_code == 0, result.output
+    cfg = json.loads((run / "config.json").read_text())
+    assert cfg["preset"] == "histology" and cfg["dihedral"] is True  # from the preset
+    assert cfg["image_size"] == 48 and cfg["stain_jitter"] == 0.05  # flags win
+    info = load_run(run)
+    assert info.tta == 2 and info.temperature > 0
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["tta"] == 2 and m["calibration"]["temperature"] == info.temperature
+    assert 0 <= m["ece"] <= 1 and len(m["calibration"]["bins"]) == 10
+    lo, hi = m["ci95"]["balanced_accuracy"]
+    assert lo <= m["balanced_accuracy"] <= hi
+    assert (run / "reliability_diagram.png").stat().st_size > 1000
+
+
+def test_temperature_is_folded_into_the_served_model(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """Dividing the last layer by T gives sigmoid(logit(p) / T) from model.keras AND model.tflite."""
+    import keras
+
+    from histod.trainer.export import fold_temperature, keras_predict, to_tflite
+    from histod.trainer.litert import LiteRTModel
+
+    model = keras.models.load_model(tiny_run_dir / "model.keras")
+    x = np.random.default_rng(0).integers(0, 256, size=(6, 48, 48, 3)).astype(np.uint8)
+    before = keras_predict(model, x)
+    fold_temperature(model, 2.5)
+    after = keras_predict(model, x)
+    assert np.allclose(after, apply_temperature(before, 2.5), atol=1e-5)
+    (tmp_path / "m.tflite").write_bytes(to_tflite(model))
+    assert np.allclose(LiteRTModel(tmp_path / "m.tflite").predict(x), after, atol=1e-4)
+
+
+def test_scorer_applies_the_runs_tta(tiny_run_dir: Path, tmp_path: Path) -> None:
+    from histod.trainer.api import load_scorer
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run_dir, run)
+    info = load_run(run).model_copy(update={"tta": 8})
+    info.write(run)
+    x = np.random.default_rng(1).integers(0, 256, size=(3, 48, 48, 3)).astype(np.uint8)
+    plain = load_scorer(tiny_run_dir)
+    averaged = load_scorer(run).predict(x)
+    expected = np.mean([plain.predict(tta.view(x, i)) for i in range(8)], axis=0)
+    assert np.allclose(averaged, expected, atol=1e-6)
+
+
+# --- cross-validation --------------------------------------------------------------------------------------------
+
+
+def test_cv_holds_every_patient_out_exactly_once(synthetic_dataset: Path, tmp_path: Path) -> None:
+    out = tmp_path / "cv"
+    args = ["train", str(synthetic_dataset), "--out", str(out), *TINY, "--head-epochs", "1", "--epochs", "0"]
+    result = CliRunner().invoke(cli, ["--log-format", "json", *args, "--cv", "2"])
+    assert result.exit_code == 0, result.output
+    assert "2-fold cross-validation" in result.stdout
+    summary = json.loads((out / "cv.json").read_text())
+    assert [f["fold"] for f in summary["folds"]] == [1, 2]
+    with (out / "cv_predictions.csv").open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == summary["n"] == len(data.discover(synthetic_dataset))
+    assert len({r["path"] for r in rows}) == len(rows)  # each image scored once
+    fold_of_patient: dict[str, set[str]] = {}
+    for r in rows:
+        fold_of_patient.setdefault(r["group"], set()).add(r["fold"])
+        assert 0.0 <= float(r["p_malignant"]) <= 1.0
+    assert all(len(f) == 1 for f in fold_of_patient.values())  # a patient is in one held-out fold only
+    assert sum(f["n"] for f in summary["folds"]) == summary["n"]
+    for key in ("balanced_accuracy", "roc_auc"):
+        lo, hi = summary["pooled_ci95"][key]
+        assert lo <= summary["pooled"][key] <= hi
+    assert not (out / "model.keras").exists()  # an estimate, not a model
+    again = CliRunner().invoke(cli, [*args, "--cv", "2"])
+    assert again.exit_code == 2 and "already holds a cross-validation" in again.output

@@ -1,0 +1,110 @@
+"""`histod train --cv K`: k-fold patient-grouped cross-validation of a recipe. An estimate, not a model.
+
+Every patient is held out exactly once. In each fold the training patients are split again (the same patient-
+grouped split `histod train` makes) into a fitting part and a monitoring part: the monitoring patients drive
+EarlyStopping and choose the decision threshold, so the held-out fold only ever scores. Writes OUT/cv.json (per
+fold, mean and standard deviation over folds, and the pooled out-of-fold figures with a 95 % bootstrap interval
+over patients) and OUT/cv_predictions.csv. No model is kept: train one with the same flags and no --cv.
+"""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from histod.errors import ConfigError
+from histod.logs import get_logger
+from histod.trainer import artefacts, data
+from histod.trainer.config import TrainConfig
+from histod.trainer.evaluate import bootstrap_ci, choose_threshold, expected_calibration_error, metrics
+
+log = get_logger("histod.trainer")
+
+KEYS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")
+SUMMARY = "cv.json"
+
+
+def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
+    """Train and score ``k`` models, one per held-out fold of patients; return (and write) the summary."""
+    if k < 2:
+        raise ConfigError(f"--cv {k}: need at least 2 folds")
+    started = time.monotonic()
+    samples = data.discover(cfg.data_dir, cfg.group_pattern)
+    folds = data.folds(samples, k, cfg.seed, cfg.split_by)  # fail fast: too few patients for k folds
+    if (cfg.out / SUMMARY).exists():
+        raise ConfigError(f"--out {cfg.out} already holds a cross-validation; choose a new folder")
+    import keras
+
+    from histod.trainer.export import predict_views
+    from histod.trainer.fit import fit
+    from histod.trainer.model import build_model
+
+    cfg.out.mkdir(parents=True, exist_ok=True)
+    cfg.save(cfg.out)
+    images, labels, kept, skipped = data.load_images(samples, cfg.image_size)
+    folds = data.folds(kept, k, cfg.seed, cfg.split_by)
+    p_oof = np.full(len(kept), np.nan)
+    decided = np.zeros(len(kept), dtype=bool)
+    fold_of = np.zeros(len(kept), dtype=np.int64)
+    rows: list[dict[str, Any]] = []
+    index = {s.path: j for j, s in enumerate(kept)}
+    for i, (train_idx, val_idx) in enumerate(folds, start=1):
+        inner = data.split([kept[j] for j in train_idx], cfg.val_split, cfg.seed, cfg.split_by)
+        fit_idx = np.array([index[s.path] for s in inner.train])
+        mon_idx = np.array([index[s.path] for s in inner.val])
+        keras.backend.clear_session()
+        keras.utils.set_random_seed(cfg.seed + i)
+        model = build_model(cfg)
+        fit(model, cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
+        p_mon = predict_views(model, images[mon_idx], cfg.tta).mean(axis=0)
+        threshold = (
+            cfg.threshold
+            if cfg.threshold is not None
+            else choose_threshold(labels[mon_idx], p_mon, cfg.target_sensitivity)
+        )
+        p = predict_views(model, images[val_idx], cfg.tta).mean(axis=0)
+        p_oof[val_idx] = p
+        decided[val_idx] = p >= threshold
+        fold_of[val_idx] = i
+        m = metrics(labels[val_idx], p, threshold)
+        row = {
+            "fold": i,
+            **{key: m[key] for key in (*KEYS, "threshold", "confusion_matrix")},
+            "n": len(val_idx),
+            "val_patients": len({kept[j].group for j in val_idx}),
+        }
+        rows.append(row)
+        log.info("cv_fold", **{key: row[key] for key in ("fold", *KEYS, "n")})
+    groups = np.array([s.group for s in kept])
+    # pooled: every image scored by the model that never saw its patient, at its own fold's threshold
+    pooled = metrics(labels, decided.astype(np.float64), 0.5)
+    pooled["roc_auc"] = metrics(labels, p_oof, 0.5)["roc_auc"]
+    summary: dict[str, Any] = {
+        "k": k,
+        "n": len(kept),
+        "patients": len(set(groups.tolist())),
+        "skipped": len(skipped),
+        "folds": rows,
+        "mean": {key: float(np.mean([r[key] for r in rows])) for key in KEYS},
+        "sd": {key: float(np.std([r[key] for r in rows], ddof=1)) for key in KEYS},
+        "pooled": {key: pooled[key] for key in KEYS},
+        "pooled_ci95": bootstrap_ci(labels, p_oof, groups, 0.5, decisions=decided),
+        "ece_pooled": expected_calibration_error(labels, p_oof),
+        "wall_time_s": round(time.monotonic() - started, 1),
+        "config": cfg.model_dump(mode="json"),
+    }
+    artefacts.write_json(cfg.out / SUMMARY, summary)
+    _write_predictions(cfg.out / "cv_predictions.csv", cfg.data_dir, kept, p_oof, decided, fold_of)
+    return summary
+
+
+def _write_predictions(path: Path, root: Path, kept: list[data.Sample], p: Any, decided: Any, fold_of: Any) -> None:
+    with path.open("w", newline="") as fh:
+        out = csv.writer(fh)
+        out.writerow(["path", "group", "true", "fold", "p_malignant", "predicted_malignant"])
+        for s, pi, di, fi in zip(kept, p.tolist(), decided.tolist(), fold_of.tolist(), strict=True):
+            out.writerow([s.path.relative_to(root).as_posix(), s.group, s.label, fi, f"{pi:.6f}", int(di)])

@@ -1,0 +1,48 @@
+"""Named starting points for `histod train --preset NAME`; any flag given on the command line wins over them.
+
+* ``paper``: the method's literal recipe, to reproduce its figure: alpha 0.35, 224 px, pixels / 255 (not the
+  [-1, 1] MobileNetV2 was trained on), no head warm-up, one phase at Adam 1e-5 with the last 30 base layers and
+  their BatchNorm training, no class weights, an image-level 80/20 split (tiles of one patient on both sides, so
+  its validation figures are optimistic), threshold 0.5.
+* ``histology``: what the lever measurements in bench/README.md kept, on patient-grouped splits of IDC tiles.
+
+With no preset, TrainConfig's own defaults apply (224 px, alpha 1.0, two phases, class weights, patient split).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from histod.errors import ConfigError
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {
+        "image_size": 224,
+        "alpha": 0.35,
+        "head_epochs": 0,
+        "epochs": 20,
+        "learning_rate": 1e-5,
+        "fine_tune_layers": 30,
+        "scaling": "unit",
+        "freeze_batchnorm": False,
+        "class_weights": False,
+        "split_by": "image",
+        "threshold": 0.5,
+    },
+    "histology": {
+        "image_size": 96,
+        "alpha": 0.35,
+        "head_epochs": 3,
+        "epochs": 12,
+        "dihedral": True,
+    },
+}
+
+
+def preset(name: str | None) -> dict[str, Any]:
+    """The TrainConfig values of a preset (with ``preset`` itself recorded), or {} for None."""
+    if name is None:
+        return {}
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}: use one of {', '.join(sorted(PRESETS))}")
+    return {**PRESETS[name], "preset": name}
