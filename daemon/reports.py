@@ -4,6 +4,7 @@ in reports/ and one log event) and what `histod report` prints."""
 from __future__ import annotations
 
 import json
+import os
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -48,18 +49,30 @@ def write_report(
 
 
 def _write_json(reports_dir: Path, until: datetime, data: dict[str, Any]) -> Path:
+    """``report-<end>.json`` (``-1``, ``-2``, ... when taken). Written under a name of this process's own, then
+    linked into place, which fails rather than replace: services sharing the folder (PostgreSQL) may report in
+    the same second."""
     reports_dir.mkdir(parents=True, exist_ok=True)
     stamp = until.strftime("%Y%m%dT%H%M%SZ")
-    n = 0
-    while True:
-        path = reports_dir / (f"report-{stamp}.json" if n == 0 else f"report-{stamp}-{n}.json")
-        if not path.exists():
-            break
-        n += 1
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = reports_dir / f".report-{stamp}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
-    return path
+    try:
+        n = 0
+        while True:
+            path = reports_dir / (f"report-{stamp}.json" if n == 0 else f"report-{stamp}-{n}.json")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                n += 1
+                continue
+            except OSError:  # no hard links on this filesystem (some shares): rename, if the name is still free
+                if path.exists():
+                    n += 1
+                    continue
+                tmp.replace(path)
+            return path
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _flat(summary: Summary) -> dict[str, Any]:
