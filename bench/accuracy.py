@@ -1,6 +1,6 @@
 """Our default recipe against the paper's literal recipe, same training patients, same validation patients.
 
-    .venv/bin/python bench/accuracy.py [--data DIR] [--ours-head-epochs 3 --ours-epochs 12] [--paper-epochs 8]
+    .venv/bin/python bench/accuracy.py [--data DIR] [--recipes ours,histology,paper] [--paper-epochs 8]
 
 Protocol (both recipes see ONLY the training patients; the validation patients are scored once, at the end):
 
@@ -11,6 +11,8 @@ Protocol (both recipes see ONLY the training patients; the validation patients a
   fine-tuned, class weights, augmentation, EarlyStopping/ReduceLROnPlateau. Its monitoring set is an inner
   patient-grouped split of the training patients, and its decision threshold (max balanced accuracy) is chosen
   there, then applied to the validation patients.
+* ``histology``: ``histod train --preset histology`` (see bench/levers.py for how each part of it was chosen),
+  with the same inner split; its test-time views (``tta``) are used for the threshold and the validation score.
 * ``paper``: the paper's literal recipe in plain Keras: pixels / 255 (MobileNetV2 expects [-1, 1]), the
   ImageNet base and a GlobalAveragePooling -> Dense(1, sigmoid) head all trainable from the start, one phase at
   Adam 1e-5, batch 8, the same augmentation, no class weights, a fixed number of epochs, an image-level random
@@ -33,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 if __package__ in (None, ""):  # run as a file: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -52,31 +53,6 @@ from bench.common import (
 )
 
 KEYS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")
-
-
-def bootstrap_ci(
-    y: NDArray[np.int64], p: NDArray[np.float32], groups: NDArray[Any], threshold: float, n: int, seed: int
-) -> dict[str, list[float]]:
-    """95 % intervals of balanced accuracy and ROC AUC, resampling validation patients with replacement."""
-    from sklearn.metrics import roc_auc_score
-
-    unique = np.unique(groups)
-    members = {g: np.flatnonzero(groups == g) for g in unique}
-    rng = np.random.default_rng(seed)
-    bac: list[float] = []
-    auc: list[float] = []
-    for _ in range(n):
-        idx = np.concatenate([members[g] for g in rng.choice(unique, size=len(unique), replace=True)])
-        yy, pp = y[idx], p[idx]
-        if len(np.unique(yy)) < 2:
-            continue
-        pred = pp >= threshold
-        bac.append(float((np.mean(pred[yy == 1]) + np.mean(~pred[yy == 0])) / 2))
-        auc.append(float(roc_auc_score(yy, pp)))
-    return {
-        "balanced_accuracy": [float(np.percentile(bac, 2.5)), float(np.percentile(bac, 97.5))],
-        "roc_auc": [float(np.percentile(auc, 2.5)), float(np.percentile(auc, 97.5))],
-    }
 
 
 def paper_model(cfg: Any) -> Any:
@@ -100,14 +76,14 @@ def train_ours(cfg: Any, x_fit: Any, y_fit: Any, x_mon: Any, y_mon: Any) -> tupl
     import keras
 
     from histod.trainer.evaluate import choose_threshold
-    from histod.trainer.export import keras_predict
+    from histod.trainer.export import predict_views
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg)
     result = fit(model, cfg, x_fit, y_fit, x_mon, y_mon)
-    threshold = choose_threshold(y_mon, keras_predict(model, x_mon), cfg.target_sensitivity)
+    threshold = choose_threshold(y_mon, predict_views(model, x_mon, cfg.tta).mean(axis=0), cfg.target_sensitivity)
     return model, {
         "threshold": threshold,
         "threshold_rule": "max balanced accuracy on the inner patient-grouped monitoring split",
@@ -159,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ours-head-epochs", type=int, default=3)
     parser.add_argument("--ours-epochs", type=int, default=12, help="fine-tuning epochs of ours (EarlyStopping on)")
     parser.add_argument("--paper-epochs", type=int, default=8)
-    parser.add_argument("--recipes", default="ours,paper")
+    parser.add_argument("--recipes", default="ours,histology,paper", help="any of ours, histology, paper")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--val-split", type=float, default=0.2)
     parser.add_argument("--limit", type=int, default=0, help="use only this many images (smoke tests), 0 = all")
@@ -173,8 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     from histod.trainer import data
     from histod.trainer.config import TrainConfig
-    from histod.trainer.evaluate import choose_threshold, metrics
-    from histod.trainer.export import keras_predict
+    from histod.trainer.evaluate import bootstrap_ci, choose_threshold, expected_calibration_error, metrics
+    from histod.trainer.export import predict_views
+    from histod.trainer.presets import preset
 
     conditions = machine()
     data_dir: Path = (
@@ -232,6 +209,10 @@ def main(argv: list[str] | None = None) -> int:
                 cfg = TrainConfig(**common, head_epochs=args.ours_head_epochs, epochs=args.ours_epochs)
                 say(f"training ours: {args.ours_head_epochs} head + up to {args.ours_epochs} fine-tuning epochs")
                 model, info = train_ours(cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
+            elif recipe == "histology":
+                cfg = TrainConfig(**{**preset("histology"), **common})
+                say(f"training histology (--preset histology): {cfg.model_dump(exclude={'data_dir', 'out'})}")
+                model, info = train_ours(cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
             elif recipe == "paper":
                 cfg = TrainConfig(**common, head_epochs=0, epochs=args.paper_epochs, learning_rate=1e-5)
                 say(f"training paper: {args.paper_epochs} epochs, everything trainable, Adam 1e-5, pixels / 255")
@@ -239,20 +220,22 @@ def main(argv: list[str] | None = None) -> int:
                     cfg, images[paper_fit], labels[paper_fit], images[paper_mon], labels[paper_mon], args.paper_epochs
                 )
             else:
-                raise SystemExit(f"unknown recipe {recipe!r}: use ours, paper")
+                raise SystemExit(f"unknown recipe {recipe!r}: use ours, histology, paper")
             train_s = time.monotonic() - started
-            p_val = keras_predict(model, x_val)
+            p_val = predict_views(model, x_val, cfg.tta).mean(axis=0)
             wall_s = time.monotonic() - started
             threshold = float(info["threshold"])
             scored = metrics(y_val, p_val, threshold)
             oracle_t = choose_threshold(y_val, p_val)
             oracle = metrics(y_val, p_val, oracle_t)
             ci = bootstrap_ci(y_val, p_val, val_groups, threshold, args.bootstrap, args.seed)
+            ece = expected_calibration_error(y_val, p_val)
             results[recipe] = {
                 **info,
                 "config": cfg.model_dump(mode="json"),
                 "validation": {k: scored[k] for k in (*KEYS, "threshold", "confusion_matrix", "f1")},
                 "ci95": ci,
+                "ece": ece,
                 "oracle": {k: oracle[k] for k in (*KEYS, "threshold")},
                 "train_s": round(train_s, 1),
                 "wall_s": round(wall_s, 1),
