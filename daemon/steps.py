@@ -6,6 +6,8 @@ If the process dies after the commit and before the move, the file is still in t
 is seen again, :func:`intake` finds the row for the same path and the same sha256 with no successful move,
 and only moves it. Content seen before under any path is a new event, recorded with ``duplicate_of``.
 A move that fails (permissions, disk full) is recorded as a failed Move; the file stays and is retried.
+With several services on one PostgreSQL database, :func:`record` and :func:`save_moves` also check the service's
+claims on the files in their transactions (histod.daemon.claims).
 """
 
 from __future__ import annotations
