@@ -11,7 +11,7 @@ import socket
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from histod.errors import ConfigError
 from histod.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
 
 CONFIG_ENV = "HISTOD_CONFIG"
@@ -150,5 +151,12 @@ class Settings(BaseSettings):
 
 
 def load_settings(**overrides: Any) -> Settings:
-    """Build Settings; ``None`` overrides (flags the user did not give) are dropped so lower layers apply."""
-    return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    """Build Settings; ``None`` overrides (flags the user did not give) are dropped so lower layers apply.
+    Raises ConfigError for a value that does not validate (the CLI prints it, not a traceback)."""
+    try:
+        return Settings(**{k: v for k, v in overrides.items() if v is not None})
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(part) for part in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from exc

@@ -5,6 +5,7 @@ The statements are portable: the first test runs on SQLite too."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -176,3 +177,16 @@ def test_services_starting_together_migrate_once(postgres_url: str) -> None:
     errors = [p.communicate(timeout=120)[1] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], errors
     assert current_revision(make_engine(postgres_url)) == head_revision()
+
+
+def test_claim_settings_heartbeat_within_expiry_and_a_worker_id_per_process() -> None:
+    from histod.errors import ConfigError
+    from histod.settings import load_settings
+
+    settings = load_settings()
+    assert settings.worker_id.endswith(f":{os.getpid()}")
+    assert settings.claim_heartbeat_s * 2 <= settings.claim_expiry_s
+    with pytest.raises(ConfigError, match="at most half of claim_expiry_s"):
+        load_settings(claim_expiry_s=10, claim_heartbeat_s=6)
+    with pytest.raises(ConfigError, match="claim_expiry_s"):
+        load_settings(claim_expiry_s=0)

@@ -59,7 +59,9 @@ def test_flags_override_environment_and_none_flags_do_not(monkeypatch: pytest.Mo
 
 
 def test_invalid_values_are_rejected() -> None:
-    with pytest.raises(ValueError, match="batch_size"):
+    from histod.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="batch_size"):
         load_settings(batch_size=0)
-    with pytest.raises(ValueError, match="engine"):
+    with pytest.raises(ConfigError, match="engine"):
         load_settings(engine="onnx")
