@@ -126,6 +126,7 @@ def test_a_service_whose_claim_was_taken_over_neither_records_nor_moves(postgres
     wait_for(lambda: other.take([image]) == {image}, 10, what="the takeover")
     (planned,) = _record(factory, served, outcome, tmp_path, other)
     assert _record(factory, served, outcome, tmp_path, slow) == []  # refused: no second row
+    assert slow.ensure([image]) == set()  # and it may not move the file
     assert steps.save_moves(factory, [steps.move(planned)], claims=other, sources=[image])
     with reading(factory) as s:
         assert s.scalar(select(func.count(Result.id))) == 1
