@@ -37,9 +37,10 @@ from numpy.typing import NDArray
 if __package__ in (None, ""):  # run as a file: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import load_average, machine, say, shared_data, shared_weights
+from bench.common import SHARED, load_average, machine, say, shared_data, shared_weights
 
 RESULTS = Path(__file__).resolve().parent / "results" / "levers"
+ALPHA1_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_no_top_imagenet_then_dogs_last30.h5"
 
 BASE: dict[str, Any] = {
     "image_size": 96,
@@ -59,10 +60,22 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "cosine": ("cosine decay of the fine-tune rate instead of ReduceLROnPlateau", {"lr_schedule": "cosine"}),
     "unfreeze_60": ("unfreeze the last 60 base layers instead of 30", {"fine_tune_layers": 60}),
     "unfreeze_all": ("unfreeze the whole base (155 layers)", {"fine_tune_layers": 155}),
+    "bn_adapt": ("the base's BatchNorm adapts while fine-tuning (not frozen)", {"freeze_batchnorm": False}),
     "smooth_0.1": ("label smoothing 0.1", {"label_smoothing": 0.1}),
     "size_128": ("input 128 px instead of 96", {"image_size": 128}),
     "size_160": ("input 160 px instead of 96", {"image_size": 160}),
     "batch_32": ("batch 32 instead of 8", {"batch_size": 32}),
+    # stacks of the levers that helped alone
+    "dihedral+lr": ("dihedral + lr_1e-4", {"dihedral": True, "learning_rate": 1e-4}),
+    "dihedral+lr+all": (
+        "dihedral + lr_1e-4 + unfreeze_all",
+        {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155},
+    ),
+    "dihedral+lr+alpha1": (
+        "dihedral + lr_1e-4 at alpha 1.0 (the ../shared alpha 1.0 base: ImageNet, last 30 layers dog-tuned)",
+        {"dihedral": True, "learning_rate": 1e-4, "alpha": 1.0, "weights": str(ALPHA1_WEIGHTS)},
+    ),
+    "dihedral+lr+128": ("dihedral + lr_1e-4 + size_128", {"dihedral": True, "learning_rate": 1e-4, "image_size": 128}),
 }
 
 
@@ -126,7 +139,7 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
 
     what, change = LEVERS[name]
     with tempfile.TemporaryDirectory(prefix=f"histod-lever-{name}-") as tmp:
-        cfg = TrainConfig(data_dir=data_dir, out=Path(tmp), weights=weights, **{**BASE, **change})
+        cfg = TrainConfig(data_dir=data_dir, out=Path(tmp), **{**BASE, "weights": weights, **change})
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
     started = time.monotonic()
@@ -169,6 +182,17 @@ def rescore(name: str, views: int, rule: str, boot: int) -> dict[str, Any]:
     return score(z["y_val"], p_val, z["g_val"], threshold, boot)
 
 
+def calibrated_ece(name: str, views: int, shift: bool) -> float:
+    """ECE on the validation patients after Platt scaling (``shift``) or temperature scaling fitted on the
+    monitoring patients, as ``histod train --calibrate`` does (there on the validation split itself)."""
+    from histod.trainer.evaluate import apply_calibration, expected_calibration_error, fit_calibration
+
+    z = np.load(RESULTS / f"{name}.npz")
+    a, b = fit_calibration(z["y_mon"], z["p_mon"][:views], shift=shift)
+    p = np.mean([apply_calibration(v, a, b) for v in z["p_val"][:views]], axis=0)
+    return expected_calibration_error(z["y_val"], p)
+
+
 def _ci(v: dict[str, Any], key: str) -> str:
     lo, hi = v["ci95"][key]
     return f"{v[key]:.3f} [{lo:.3f}, {hi:.3f}]"
@@ -176,7 +200,8 @@ def _ci(v: dict[str, Any], key: str) -> str:
 
 def table(boot: int) -> str:
     rows = [
-        "| lever | change | balanced acc [95% CI] | ROC AUC [95% CI] | sensitivity | specificity | ECE | min |",
+        "| lever | change | balanced acc [95% CI] | ROC AUC [95% CI] | sensitivity | specificity | ECE "
+        "(temperature / Platt) | min |",
         "|---|---|---|---|---|---|---|---|",
     ]
     names = [n for n in [*LEVERS, *sorted(p.stem for p in RESULTS.glob("*.json"))] if (RESULTS / f"{n}.json").is_file()]
@@ -189,7 +214,8 @@ def table(boot: int) -> str:
         v = r["validation"]
         rows.append(
             f"| {name} | {r['what']} | {_ci(v, 'balanced_accuracy')} | {_ci(v, 'roc_auc')} | "
-            f"{v['sensitivity']:.3f} | {v['specificity']:.3f} | {v['ece']:.3f} | {r['train_min']:.1f} |"
+            f"{v['sensitivity']:.3f} | {v['specificity']:.3f} | {v['ece']:.3f} ({calibrated_ece(name, 1, False):.3f} / "
+            f"{calibrated_ece(name, 1, True):.3f}) | {r['train_min']:.1f} |"
         )
         if name == "baseline" or r.get("rescore"):
             for views, rule in ((2, "bac"), (8, "bac"), (1, "sens95"), (8, "sens95")):
@@ -198,7 +224,8 @@ def table(boot: int) -> str:
                 label += ", threshold for sensitivity 0.95" if rule == "sens95" else ""
                 rows.append(
                     f"| {label} | re-scored, no training | {_ci(s, 'balanced_accuracy')} | {_ci(s, 'roc_auc')} | "
-                    f"{s['sensitivity']:.3f} | {s['specificity']:.3f} | {s['ece']:.3f} | 0 |"
+                    f"{s['sensitivity']:.3f} | {s['specificity']:.3f} | {s['ece']:.3f} "
+                    f"({calibrated_ece(name, views, False):.3f} / {calibrated_ece(name, views, True):.3f}) | 0 |"
                 )
     return "\n".join(rows)
 

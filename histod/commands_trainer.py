@@ -124,7 +124,7 @@ def _print_metrics(result: dict[str, Any]) -> None:
 @click.option(
     "--calibrate/--no-calibrate",
     default=None,
-    help=f"temperature scaling on the validation split, folded into the model {_d('calibrate')}",
+    help=f"Platt scaling fitted on the validation split, folded into the model {_d('calibrate')}",
 )
 @click.option(
     "--cv",

@@ -38,8 +38,10 @@ class RunInfo(BaseModel):
     tflite_sha256: str
     tta: int = 1
     """p is averaged over this many flips/rotations of each image (histod.tta: 1 = off, 2, 4 or 8)"""
-    temperature: float = 1.0
-    """temperature scaling already folded into the model's last layer (recorded for the audit; 1.0 = none)"""
+    calibration_scale: float = 1.0
+    calibration_shift: float = 0.0
+    """Platt scaling already folded into the model's last layer: p = sigmoid(scale * logit + shift) (recorded for
+    the audit; 1 and 0 = none)"""
 
     @field_validator("tta", mode="before")
     @classmethod

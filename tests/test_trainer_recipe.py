@@ -19,11 +19,11 @@ from histod.runs import RunInfo, load_run
 from histod.trainer import augment, data, presets
 from histod.trainer.config import TrainConfig
 from histod.trainer.evaluate import (
-    apply_temperature,
+    apply_calibration,
     bootstrap_ci,
     calibration_bins,
     expected_calibration_error,
-    fit_temperature,
+    fit_calibration,
 )
 from tests.conftest import tiny_config
 
@@ -142,15 +142,20 @@ def test_cosine_schedule_decays_to_zero_and_plateau_stays_constant(tmp_path: Pat
 # --- calibration and intervals -----------------------------------------------------------------------------------
 
 
-def test_temperature_scaling_recovers_an_overconfident_model() -> None:
+def test_calibration_recovers_an_overconfident_and_biased_model() -> None:
     rng = np.random.default_rng(0)
     z = rng.normal(0, 2, size=20_000)
     y = (rng.random(z.size) < 1 / (1 + np.exp(-z))).astype(np.int64)  # labels drawn from sigmoid(z)
     overconfident = 1 / (1 + np.exp(-3 * z))  # logits three times too large
-    t = fit_temperature(y, overconfident)
-    assert 2.7 < t < 3.3
-    fixed = apply_temperature(overconfident, t)
+    a, b = fit_calibration(y, overconfident, shift=False)  # temperature scaling: T = 1 / a
+    assert 0.3 < a < 0.37 and b == 0.0
+    fixed = apply_calibration(overconfident, a, b)
     assert expected_calibration_error(y, fixed) < 0.02 < expected_calibration_error(y, overconfident)
+    biased = 1 / (1 + np.exp(-(3 * z + 1.5)))  # ... and shifted, as class weights do
+    a, b = fit_calibration(y, biased)
+    assert 0.3 < a < 0.37 and -0.6 < b < -0.4  # z = (logit - 1.5) / 3
+    assert expected_calibration_error(y, apply_calibration(biased, a, b)) < 0.02
+    assert expected_calibration_error(y, apply_calibration(biased, *fit_calibration(y, biased, shift=False))) > 0.03
     # monotone: the ranking (and so ROC AUC) is unchanged
     assert np.all(np.diff(fixed[np.argsort(overconfident)]) >= 0)
 
@@ -220,28 +225,29 @@ def test_train_with_a_preset_flags_win_and_every_artefact_is_written(synthetic_d
     assert cfg["preset"] == "histology" and cfg["dihedral"] is True  # from the preset
     assert cfg["image_size"] == 48 and cfg["stain_jitter"] == 0.05  # flags win
     info = load_run(run)
-    assert info.tta == 2 and info.temperature > 0
+    assert info.tta == 2 and info.calibration_scale > 0
     m = json.loads((run / "metrics.json").read_text())
-    assert m["tta"] == 2 and m["calibration"]["temperature"] == info.temperature
+    assert m["tta"] == 2 and m["calibration"]["method"] == "platt"
+    assert (m["calibration"]["scale"], m["calibration"]["shift"]) == (info.calibration_scale, info.calibration_shift)
     assert 0 <= m["ece"] <= 1 and len(m["calibration"]["bins"]) == 10
     lo, hi = m["ci95"]["balanced_accuracy"]
     assert lo <= m["balanced_accuracy"] <= hi
     assert (run / "reliability_diagram.png").stat().st_size > 1000
 
 
-def test_temperature_is_folded_into_the_served_model(tiny_run_dir: Path, tmp_path: Path) -> None:
-    """Dividing the last layer by T gives sigmoid(logit(p) / T) from model.keras AND model.tflite."""
+def test_calibration_is_folded_into_the_served_model(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """Scaling the last layer gives sigmoid(a * logit(p) + b) from model.keras AND model.tflite."""
     import keras
 
-    from histod.trainer.export import fold_temperature, keras_predict, to_tflite
+    from histod.trainer.export import fold_calibration, keras_predict, to_tflite
     from histod.trainer.litert import LiteRTModel
 
     model = keras.models.load_model(tiny_run_dir / "model.keras")
     x = np.random.default_rng(0).integers(0, 256, size=(6, 48, 48, 3)).astype(np.uint8)
     before = keras_predict(model, x)
-    fold_temperature(model, 2.5)
+    fold_calibration(model, 0.4, -0.7)
     after = keras_predict(model, x)
-    assert np.allclose(after, apply_temperature(before, 2.5), atol=1e-5)
+    assert np.allclose(after, apply_calibration(before, 0.4, -0.7), atol=1e-5)
     (tmp_path / "m.tflite").write_bytes(to_tflite(model))
     assert np.allclose(LiteRTModel(tmp_path / "m.tflite").predict(x), after, atol=1e-4)
 

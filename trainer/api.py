@@ -25,7 +25,7 @@ from histod.trainer.evaluate import (
     calibration_bins,
     choose_threshold,
     expected_calibration_error,
-    fit_temperature,
+    fit_calibration,
     metrics,
     report_text,
 )
@@ -56,7 +56,7 @@ def train(cfg: TrainConfig) -> Path:
     _check_out(cfg.out)
     import keras
 
-    from histod.trainer.export import export, fold_temperature, predict_views, write_run_info
+    from histod.trainer.export import export, fold_calibration, predict_views, write_run_info
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
 
@@ -83,10 +83,10 @@ def train(cfg: TrainConfig) -> Path:
 
     p_views = predict_views(model, x_val, cfg.tta)  # (views, N); one view unless cfg.tta
     ece_uncalibrated = expected_calibration_error(y_val, p_views.mean(axis=0))
-    temperature = 1.0
+    scale, shift = 1.0, 0.0
     if cfg.calibrate:
-        temperature = fit_temperature(y_val, p_views)
-        fold_temperature(model, temperature)
+        scale, shift = fit_calibration(y_val, p_views)
+        fold_calibration(model, scale, shift)
         p_views = predict_views(model, x_val, cfg.tta)
     p_val = p_views.mean(axis=0)
     threshold = cfg.threshold if cfg.threshold is not None else choose_threshold(y_val, p_val, cfg.target_sensitivity)
@@ -96,14 +96,16 @@ def train(cfg: TrainConfig) -> Path:
     calibration: dict[str, Any] = {
         "ece": expected_calibration_error(y_val, p_val),
         "ece_uncalibrated": ece_uncalibrated,
-        "temperature": temperature,
+        "method": "platt" if cfg.calibrate else "none",
+        "scale": scale,
+        "shift": shift,
         "bins": calibration_bins(y_val, p_val),
     }
     log.info(
         "validation",
         **{k: scores[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")},
         ece=round(calibration["ece"], 4),
-        temperature=round(temperature, 4),
+        calibration=f"{scale:.3f} {shift:+.3f}",
     )
 
     diff, n_checked = export(model, cfg.out, x_val)
@@ -113,7 +115,7 @@ def train(cfg: TrainConfig) -> Path:
         threshold=threshold,
         alpha=cfg.alpha,
         tta_views=cfg.tta,
-        temperature=temperature,
+        calibration=(scale, shift),
     )
 
     run = cfg.out
@@ -163,7 +165,9 @@ def train(cfg: TrainConfig) -> Path:
         run / "confusion_matrix.png", scores["confusion_matrix"], LABELS, f"validation (threshold {threshold:.3f})"
     )
     artefacts.plot_curves(run / "training_curves.png", result.history, result.phases, result.best_epoch)
-    title = f"validation (ECE {calibration['ece']:.3f}, temperature {temperature:.2f})"
+    title = f"validation: ECE {calibration['ece']:.3f}" + (
+        f" (Platt {scale:.2f}, {shift:+.2f})" if cfg.calibrate else ""
+    )
     artefacts.plot_reliability(run / "reliability_diagram.png", calibration["bins"], title)
     log.info("run_written", run_dir=str(run), wall_time_s=round(time.monotonic() - started, 1))
     return run

@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
     lr_schedule: Literal["plateau", "cosine"] = "plateau"  # fine-tuning: ReduceLROnPlateau, or cosine decay to 0
     tta: Literal[1, 2, 4, 8] = 1  # prediction averages this many flips/rotations of each image (1 = off)
-    calibrate: bool = False  # temperature scaling on the validation split, folded into the last layer
+    calibrate: bool = False  # Platt scaling (scale and shift of the logit) fitted on the validation split, in the model
 
     # --- decision threshold --------------------------------------------------------------------------
     target_sensitivity: float | None = Field(None, gt=0, le=1)  # None: maximise balanced accuracy

@@ -142,31 +142,34 @@ def _logit(p: NDArray[np.float64]) -> NDArray[np.float64]:
     return np.asarray(np.log(q / (1 - q)), dtype=np.float64)
 
 
-def fit_temperature(y_true: ArrayLike, p_views: ArrayLike) -> float:
-    """Temperature scaling (Guo et al. 2017): the T > 0 minimising the log loss of the mean over test-time views
-    of sigmoid(logit(p_view) / T). ``p_views`` is (N,) or (views, N).
+def fit_calibration(y_true: ArrayLike, p_views: ArrayLike, *, shift: bool = True) -> tuple[float, float]:
+    """Platt scaling of the model's logit z: (a, b) minimising the log loss of the mean over test-time views of
+    sigmoid(a * z + b). ``p_views`` is (N,) or (views, N). ``shift=False`` fits a alone (b = 0): temperature
+    scaling (Guo et al. 2017, T = 1 / a).
 
-    One parameter, monotone: without test-time views it cannot change the ranking (ROC AUC), and with the
-    threshold moved the same way it cannot change a label; it only makes p(malignant) honest. Found by a bounded
-    scalar search over log T."""
-    from scipy.optimize import minimize_scalar
+    Monotone in z (a > 0), so without test-time views it cannot change the ranking (ROC AUC), and with the
+    threshold moved the same way it cannot change a label; it only makes p(malignant) honest. The shift is what
+    undoes the bias that class weights put into p (they train the model as if the classes were balanced); a
+    temperature alone cannot."""
+    from scipy.optimize import minimize
 
     y = np.asarray(y_true, dtype=np.float64).ravel()
     z = _logit(np.atleast_2d(np.asarray(p_views, dtype=np.float64)))
     if y.size == 0 or len(np.unique(y)) < 2:
-        return 1.0
+        return 1.0, 0.0
 
-    def nll(log_t: float) -> float:
-        q = np.clip(np.mean(1.0 / (1.0 + np.exp(-z / math.exp(log_t))), axis=0), 1e-12, 1 - 1e-12)
+    def nll(w: NDArray[np.float64]) -> float:
+        a, b = math.exp(float(w[0])), float(w[1]) if shift else 0.0  # a = exp(w0) > 0 keeps the ranking
+        q = np.clip(np.mean(1.0 / (1.0 + np.exp(-(a * z + b))), axis=0), 1e-12, 1 - 1e-12)
         return float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q)))
 
-    best = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
-    return float(math.exp(best.x))
+    best = minimize(nll, np.zeros(2), method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-9})
+    return math.exp(float(best.x[0])), float(best.x[1]) if shift else 0.0
 
 
-def apply_temperature(p: ArrayLike, temperature: float) -> NDArray[np.float64]:
-    """sigmoid(logit(p) / T)."""
-    z = _logit(np.asarray(p, dtype=np.float64)) / temperature
+def apply_calibration(p: ArrayLike, scale: float, shift: float) -> NDArray[np.float64]:
+    """sigmoid(scale * logit(p) + shift)."""
+    z = scale * _logit(np.asarray(p, dtype=np.float64)) + shift
     return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
 
 

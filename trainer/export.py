@@ -54,12 +54,12 @@ def predict_views(model: Any, images: NDArray[Any], n: int, batch_size: int = 32
     return np.stack([keras_predict(model, tta.view(images, i), batch_size) for i in range(n)])
 
 
-def fold_temperature(model: Any, temperature: float) -> None:
-    """Temperature scaling inside the model: sigmoid(w.x + b) becomes sigmoid((w.x + b) / T) by dividing the
-    last Dense layer's kernel and bias by T, so model.keras, model.tflite and every server output calibrated p."""
+def fold_calibration(model: Any, scale: float, shift: float) -> None:
+    """Platt scaling inside the model: sigmoid(w.x + c) becomes sigmoid(scale * (w.x + c) + shift) by scaling the
+    last Dense layer's kernel and bias, so model.keras, model.tflite and every server output calibrated p."""
     layer = model.get_layer(OUTPUT_LAYER)
     kernel, bias = layer.get_weights()
-    layer.set_weights([kernel / temperature, bias / temperature])
+    layer.set_weights([kernel * scale, bias * scale + shift])
 
 
 def parity(keras_p: NDArray[np.float32], litert_p: NDArray[np.float32], tolerance: float = PARITY_TOLERANCE) -> float:
@@ -89,7 +89,13 @@ def export(model: Any, run_dir: Path, check_images: NDArray[np.uint8]) -> tuple[
 
 
 def write_run_info(
-    run_dir: Path, *, image_size: int, threshold: float, alpha: float, tta_views: int = 1, temperature: float = 1.0
+    run_dir: Path,
+    *,
+    image_size: int,
+    threshold: float,
+    alpha: float,
+    tta_views: int = 1,
+    calibration: tuple[float, float] = (1.0, 0.0),
 ) -> RunInfo:
     """model.json: what a server needs, with the sha256 of both model files."""
     now = datetime.now(UTC)
@@ -100,7 +106,8 @@ def write_run_info(
         threshold=threshold,
         alpha=alpha,
         tta=tta_views,
-        temperature=temperature,
+        calibration_scale=calibration[0],
+        calibration_shift=calibration[1],
         keras_sha256=sha256_file(run_dir / KERAS_FILE),
         tflite_sha256=sha256_file(run_dir / TFLITE_FILE),
     )
