@@ -131,7 +131,11 @@ COLUMNS = (
     "model_sha256",
     "original_path",
     "stored_path",
+    "kind",
+    "amends_id",
 )
+"""Columns of `histod results --format csv|json`. ``kind`` is ``classification`` (the service's call) or ``review``
+(`histod audit review`); a review's ``amends_id`` is the result it amends. New columns go at the end."""
 
 
 @click.command()
@@ -139,7 +143,7 @@ COLUMNS = (
 @click.option("--since", default=None, help="a duration (24h, 7d) or an ISO date/time; default: everything")
 @click.option("--until", default=None)
 @click.option("--label", default=None, help="Benign or Malignant")
-@click.option("--status", type=click.Choice(["classified", "failed"]), default=None)
+@click.option("--status", type=click.Choice(["classified", "failed", "reviewed"]), default=None)
 @click.option("--limit", type=click.IntRange(min=1), default=None)
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
 def results(
@@ -181,7 +185,18 @@ def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
         writer.writeheader()
         writer.writerows(rows)
         return out.getvalue()
-    shown = ("id", "received_at", "status", "label", "p_malignant", "error_reason", "duplicate_of", "name")
+    shown = (
+        "id",
+        "received_at",
+        "kind",
+        "status",
+        "label",
+        "p_malignant",
+        "error_reason",
+        "duplicate_of",
+        "amends_id",
+        "name",
+    )
     table = [list(shown)] + [[_cell(r[c], c) for c in shown] for r in rows]
     widths = [max(len(row[i]) for row in table) for i in range(len(shown))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]

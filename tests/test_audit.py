@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import sqlite3
 import subprocess
@@ -200,6 +201,42 @@ def test_a_review_is_a_new_chained_row_that_amends_the_original(tmp_path: Path) 
         queries.add_review(s, 3, label="maybe", reviewer="x", note=None, host="h")
     with pytest.raises(ConfigError, match="no result 99"), transaction(factory) as s:
         queries.add_review(s, 99, label="Benign", reviewer="x", note=None, host="h")
+
+
+def test_results_show_which_rows_are_reviews_and_what_they_amend(tmp_path: Path) -> None:
+    path, factory = _db(tmp_path, n=3)
+    with transaction(factory) as s:
+        queries.add_review(s, 2, label="Benign", reviewer="Dr. A", note=None, host="h")
+    runner = CliRunner()
+    db = ["--db", f"sqlite:///{path}"]
+
+    def run(*args: str) -> str:
+        got = runner.invoke(cli, ["results", *args, *db])
+        assert got.exit_code == 0, got.output
+        return got.stdout
+
+    expected = [(1, "classification", None), (2, "classification", None), (3, "classification", None), (4, "review", 2)]
+    as_json = json.loads(run("--format", "json"))
+    assert [(r["id"], r["kind"], r["amends_id"]) for r in as_json] == expected
+    as_csv = list(csv.DictReader(io.StringIO(run("--format", "csv"))))
+    assert [(int(r["id"]), r["kind"], int(r["amends_id"]) if r["amends_id"] else None) for r in as_csv] == expected
+    header, *lines = run().splitlines()
+    assert header.split() == [
+        "id",
+        "received_at",
+        "kind",
+        "status",
+        "label",
+        "p_malignant",
+        "error_reason",
+        "duplicate_of",
+        "amends_id",
+        "name",
+    ]
+    cells = lines[3].split()  # received_at is two cells (date, time)
+    assert (cells[0], cells[3], cells[4], cells[5], cells[9]) == ("4", "review", "reviewed", "Benign", "2")
+    (reviewed,) = json.loads(run("--status", "reviewed", "--format", "json"))
+    assert (reviewed["id"], reviewed["kind"], reviewed["amends_id"]) == (4, "review", 2)
 
 
 def test_the_models_row_records_provenance(tmp_path: Path) -> None:
