@@ -166,7 +166,7 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
 
 def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: bool, started: datetime) -> ServeResult:
     assert settings.model is not None
-    factory = open_database(settings.resolved_database_url)
+    factory = open_database(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
 
     from histod.daemon.engine import load_engine
 
@@ -233,6 +233,6 @@ def _run_forever(
         ping()
         reporter.tick()
 
-    # a batch waiting for a locked database (up to ~68 s with the 10 s busy timeout) still pings the watchdog
+    # a batch waiting for a locked database (up to ~68 s with the default 10 s busy timeout) still pings the watchdog
     service.heartbeat = ping
     run_loop(service, watcher.watch, stop, on_tick=tick)

@@ -24,6 +24,7 @@ from histod.logs import get_logger
 log: Any = get_logger("histod.db")
 
 BUSY_TIMEOUT_MS = 10_000
+"""the default; the service and the CLI pass the ``busy_timeout_ms`` setting (histod.settings)"""
 
 
 def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:

@@ -83,7 +83,10 @@ def review(result_id: int, label: str, reviewer: str, note: str | None, **flags:
     from histod.db.queries import add_review
     from histod.db.session import check_schema, open_database, transaction
 
-    factory = open_database(_settings(**flags).resolved_database_url, migrate=False, must_exist=True)
+    settings = _settings(**flags)
+    factory = open_database(
+        settings.resolved_database_url, migrate=False, must_exist=True, busy_timeout_ms=settings.busy_timeout_ms
+    )
     check_schema(factory.kw["bind"])  # a reviewer never migrates either
     with transaction(factory) as session:
         row = add_review(session, result_id, label=label, reviewer=reviewer, note=note, host=socket.gethostname())

@@ -96,7 +96,7 @@ def _open(settings: Settings) -> Any:
     """Read-only, never migrating: auditors who may read but not write the database use these commands."""
     from histod.db.session import open_read_only
 
-    return open_read_only(settings.resolved_database_url)
+    return open_read_only(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
 
 
 def _print_report(settings: Settings, since: datetime, until: datetime, *, as_json: bool) -> None:

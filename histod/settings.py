@@ -47,6 +47,14 @@ class Settings(BaseSettings):
     watch_dir: Path | None = Field(None, description="folder watched for new images (default <data_dir>/prediction)")
     database_url: str | None = Field(None, description="SQLAlchemy URL (default sqlite:///<data_dir>/histod.db)")
     model: Path | None = Field(None, description="a RUN_DIR written by `histod train`")
+    busy_timeout_ms: int = Field(
+        10_000,
+        ge=0,
+        le=30_000,
+        description="SQLite: how long a statement waits for another connection's lock before the database counts as "
+        "busy (the service then retries the batch); at most 30 s, since a waiting statement holds up the systemd "
+        "watchdog pings (WatchdogSec=60); not used for PostgreSQL",
+    )
 
     # --- classifying --------------------------------------------------------------------------------
     engine: Literal["litert", "keras"] = Field(

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import inspect, select, text
@@ -13,7 +15,8 @@ from histod.db import queries
 from histod.db.migrations import current_revision, head_revision, upgrade
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, ModelRecord, Move, Result
 from histod.db.session import make_engine, open_database, reading, transaction
-from histod.errors import DatabaseError
+from histod.errors import ConfigError, DatabaseError
+from histod.settings import load_settings
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -199,3 +202,50 @@ def test_target_lookups_use_an_index_not_a_table_scan(tmp_path: Path) -> None:
     assert "USING INDEX uq_results_stored_path" in plans[0], plans[0]
     assert "USING INDEX ix_results_original_path" in plans[1] or "USING INDEX ix_results_sha256" in plans[1], plans[1]
     assert not any(" SCAN results" in f" {plan}" for plan in plans), plans
+
+
+class _OpenedError(Exception):
+    """Raised by the spy below once the service has opened its database: nothing after that is needed here."""
+
+
+def test_the_busy_timeout_setting_reaches_every_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from click.testing import CliRunner
+
+    from histod import commands_service
+    from histod.cli import cli
+    from histod.daemon import app
+    from histod.db import session as db_session
+
+    monkeypatch.setenv("HISTOD_BUSY_TIMEOUT_MS", "1234")
+    settings = load_settings(data_dir=tmp_path / "data", model=tmp_path / "no-model")
+    assert settings.busy_timeout_ms == 1234
+    opened: list[sessionmaker[Session]] = []
+    real_open = db_session.open_database
+
+    def spy(url: str, **kwargs: Any) -> sessionmaker[Session]:
+        opened.append(real_open(url, **kwargs))
+        return opened[-1]
+
+    def service_spy(url: str, **kwargs: Any) -> sessionmaker[Session]:
+        spy(url, **kwargs)
+        raise _OpenedError  # before the (missing) model is loaded
+
+    # the service opens (and migrates) the SQLite file with it
+    monkeypatch.setattr(app, "open_database", service_spy)
+    with pytest.raises(_OpenedError):
+        app.serve(settings, threading.Event())
+    assert (settings.data_dir / "histod.db").is_file()
+    # `histod audit review` (writes) and `histod results` (read-only) too
+    monkeypatch.setattr(db_session, "open_database", spy)
+    with transaction(opened[0]) as s:
+        (row,) = queries.record_results(s, [_result("a.png", "a")])
+    db = ["--data-dir", str(settings.data_dir)]
+    got = CliRunner().invoke(cli, ["audit", "review", str(row.id), "--label", "Benign", "--reviewer", "A", *db])
+    assert got.exit_code == 0, got.output
+    readers = [commands_service._open(settings)]
+    assert len(opened) == 2
+    for factory in [*opened, *readers]:
+        with reading(factory) as s:
+            assert s.execute(text("pragma busy_timeout")).scalar_one() == 1234
+    with pytest.raises(ConfigError, match="busy_timeout_ms"):
+        load_settings(busy_timeout_ms=60_000)

@@ -6,7 +6,6 @@ is the whole service.)"""
 from __future__ import annotations
 
 import contextlib
-import functools
 import socket
 import sqlite3
 import threading
@@ -19,7 +18,7 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from histod.daemon import app, steps
+from histod.daemon import steps
 from histod.db.models import Move
 from histod.db.session import open_database, reading, transaction
 from histod.errors import DatabaseError
@@ -31,6 +30,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 FILES = knob("DB_FILES", 200)
 BUSY_MS = 200
+"""the busy_timeout_ms setting of these services (10 s by default), so that "past the busy timeout" takes moments"""
 
 
 def _drop(watch: Path, prefix: str, count: int, start: int = 0) -> list[str]:
@@ -38,12 +38,6 @@ def _drop(watch: Path, prefix: str, count: int, start: int = 0) -> list[str]:
     for i, name in enumerate(names):
         (watch / name).write_bytes(tiny_png(start + i))
     return names
-
-
-@pytest.fixture
-def short_busy_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The service's busy timeout is 10 s; 200 ms here, so that "past the busy timeout" takes moments."""
-    monkeypatch.setattr(app, "open_database", functools.partial(open_database, busy_timeout_ms=BUSY_MS))
 
 
 @pytest.fixture
@@ -75,9 +69,9 @@ def _db_path(settings: Settings) -> Path:
 
 
 def test_an_auditors_long_read_transaction_neither_blocks_nor_loses_writes(
-    tiny_run_dir: Path, tmp_path: Path, short_busy_timeout: None, capsys: pytest.CaptureFixture[str]
+    tiny_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, busy_timeout_ms=BUSY_MS)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
     thread, stop, errors = running_service(settings)
@@ -114,11 +108,10 @@ def test_an_auditors_long_read_transaction_neither_blocks_nor_loses_writes(
 def test_a_writer_holding_the_lock_past_the_busy_timeout_delays_the_batch_not_loses_it(
     tiny_run_dir: Path,
     tmp_path: Path,
-    short_busy_timeout: None,
     refused: list[DatabaseError],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, busy_timeout_ms=BUSY_MS)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
     thread, stop, errors = running_service(settings)
@@ -152,13 +145,12 @@ def test_a_writer_holding_the_lock_past_the_busy_timeout_delays_the_batch_not_lo
 def test_a_writer_holding_the_lock_past_every_retry_leaves_the_batch_for_later_not_lost(
     tiny_run_dir: Path,
     tmp_path: Path,
-    short_busy_timeout: None,
     refused: list[DatabaseError],
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     """Locked for longer than record()'s whole retry schedule: the batch gives up, the service keeps running,
     the files stay in the watch folder, and they are recorded (once) after the lock is gone."""
-    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, busy_timeout_ms=BUSY_MS)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
     thread, stop, errors = running_service(settings)
@@ -260,7 +252,7 @@ def test_a_move_row_refused_by_a_locked_database_is_saved_with_the_next_ones(tmp
 
 
 def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_service(
-    tiny_run_dir: Path, tmp_path: Path, short_busy_timeout: None, monkeypatch: pytest.MonkeyPatch
+    tiny_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The report is written from the loop; a lock held past the busy timeout at report time used to raise out
     of the loop and stop `histod serve`. Now the report waits for a later tick, and files keep being served."""
@@ -279,7 +271,9 @@ def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_servic
             raise
 
     monkeypatch.setattr(reports, "transaction", counting)
-    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, report_interval_s=0.3)
+    settings = service_settings(
+        tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, report_interval_s=0.3, busy_timeout_ms=BUSY_MS
+    )
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
     thread, stop, errors = running_service(settings)
@@ -310,7 +304,6 @@ def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_servic
 def test_a_batch_waiting_for_a_locked_database_still_pings_the_watchdog(
     tiny_run_dir: Path,
     tmp_path: Path,
-    short_busy_timeout: None,
     refused: list[DatabaseError],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -333,7 +326,7 @@ def test_a_batch_waiting_for_a_locked_database_still_pings_the_watchdog(
     monkeypatch.setenv("NOTIFY_SOCKET", str(address))
     monkeypatch.setenv("WATCHDOG_USEC", "400000")  # ping every 0.2 s
     monkeypatch.delenv("WATCHDOG_PID", raising=False)
-    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50)
+    settings = service_settings(tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, busy_timeout_ms=BUSY_MS)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
     thread, stop, errors = running_service(settings)
