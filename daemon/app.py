@@ -1,6 +1,9 @@
 """Start and stop the service: open the database (migrating it), load the model, register it, run the loop
 (or one pass with ``once``), write reports, talk to systemd. The CLI installs the signal handlers that set
-``stop``; nothing here imports TensorFlow unless the keras engine is chosen."""
+``stop`` (before it imports this module; histod.stopping catches SIGTERM from the process's first line). A stop
+set during start-up ends it after the step in progress (migrating, loading the model, settling moves): each
+step is complete or not begun, nothing is taken from the folder, and ``service.stopped`` is logged. Nothing here
+imports TensorFlow unless the keras engine is chosen."""
 
 from __future__ import annotations
 
@@ -45,6 +48,22 @@ class ServeResult:
     files: int
     started: datetime
     stopped: datetime
+    start_up_only: bool = False
+    """stopped during start-up: the folder was not looked at (and the database may not exist)"""
+
+
+def _stopped_in_start_up(started: datetime, after: str) -> ServeResult:
+    """A stop requested before the loop began: the steps done so far are complete; nothing else is begun."""
+    notify("STOPPING=1")
+    stopped = utcnow()
+    log.info(
+        "service.stopped",
+        files=0,
+        seconds=round((stopped - started).total_seconds(), 2),
+        during="start-up",
+        after=after,
+    )
+    return ServeResult(0, started, stopped, start_up_only=True)
 
 
 def _prepare_folders(settings: Settings) -> Path:
@@ -157,6 +176,8 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
     started = utcnow()
     if settings.model is None:
         raise ConfigError("no model: pass --model RUN_DIR or set HISTOD_MODEL (train one with `histod train`)")
+    if stop.is_set():
+        return _stopped_in_start_up(started, "nothing")
     watch_dir = _prepare_folders(settings)
     # absolute paths from here on: rows record where files came from and went, whatever the working folder
     settings = settings.model_copy(update={"data_dir": settings.data_dir.absolute(), "watch_dir": watch_dir})
@@ -167,13 +188,19 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
 def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: bool, started: datetime) -> ServeResult:
     assert settings.model is not None
     factory = open_database(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
+    if stop.is_set():
+        return _stopped_in_start_up(started, "database")
 
     from histod.daemon.engine import load_engine
 
     engine = load_engine(settings.model, kind=settings.engine, threads=settings.threads)
+    if stop.is_set():
+        return _stopped_in_start_up(started, "model")
     served = _register(factory, engine, settings.model, settings.engine)
     claims = _claims(factory, settings)
     settle_moves(factory, shared=claims is not None)
+    if stop.is_set():
+        return _stopped_in_start_up(started, "settle_moves")
     reporter = _Reporter(factory, settings, served.sha256)
     log.info(
         "service.started",

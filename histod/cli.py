@@ -10,7 +10,7 @@ from typing import Any
 
 import click
 
-from histod import __version__
+from histod import __version__, stopping
 from histod.errors import HistodError
 from histod.logs import configure
 from histod.settings import load_settings
@@ -47,6 +47,8 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> No
 
     A research tool, not a medical device: every result needs a pathologist's review.
     """
+    if ctx.invoked_subcommand not in stopping.CLEAN_STOP_COMMANDS:
+        stopping.release()  # SIGTERM ends this command by its default action, as before
     settings = load_settings(log_level=log_level, log_format=log_format)
     configure(settings.log_level, settings.log_format)
     ctx.obj = {"log_level": log_level, "log_format": log_format}

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import click
 
+from histod import stopping
 from histod.errors import ConfigError
 from histod.settings import Settings, load_settings
 
@@ -60,7 +61,9 @@ def _settings(**flags: Any) -> Settings:
 
 @contextmanager
 def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM/SIGINT set the event (stop taking files, finish the batch in flight); a second one aborts."""
+    """SIGTERM/SIGINT set the event (stop taking files, finish the batch in flight); a second one aborts.
+    A SIGTERM caught since the process started (histod.stopping) sets it at once: the service stops during its
+    start-up, after the step in progress."""
     stop = threading.Event()
 
     def handler(signum: int, _frame: Any) -> None:
@@ -70,6 +73,9 @@ def _stop_on_signals() -> Iterator[threading.Event]:
         stop.set()
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    if stopping.take_early():
+        click.echo("histod: SIGTERM during start-up, stopping", err=True)
+        stop.set()
     try:
         yield stop
     finally:
@@ -83,12 +89,12 @@ def _stop_on_signals() -> Iterator[threading.Event]:
 @click.option("--once", is_flag=True, help="process what is in the folder, write a report and exit")
 def serve(once: bool, **flags: Any) -> None:
     """Watch a folder; classify, record and move every image dropped into it."""
-    from histod.daemon.app import serve as run
+    with _stop_on_signals() as stop:  # first: a SIGTERM from here on (or caught earlier) is a clean stop
+        from histod.daemon.app import serve as run
 
-    settings = _settings(**flags)
-    with _stop_on_signals() as stop:
+        settings = _settings(**flags)
         result = run(settings, stop, once=once)
-    if once:
+    if once and not result.start_up_only:
         _print_report(settings, result.started, result.stopped, as_json=False)
 
 

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -165,6 +166,93 @@ def test_a_signal_mid_stream_finishes_the_batch_and_loses_nothing(
     done = subprocess.run([*_start_args(root, tiny_run_dir), "--once"], cwd=root, capture_output=True, check=False)
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     _check_nothing_lost(root, tiny_run_dir, 150, all_done=True)
+
+
+def _events(stderr: bytes) -> list[dict[str, object]]:
+    lines = stderr.decode(errors="replace").splitlines()
+    return [json.loads(line) for line in lines if line.startswith("{")]
+
+
+def _loaded(pid: int, library: str) -> bool:
+    """Whether the process has mapped ``library`` (a shared object: it is importing the package by now)."""
+    try:
+        return library in Path(f"/proc/{pid}/maps").read_text()
+    except OSError:  # it has exited
+        return False
+
+
+def test_a_sigterm_while_it_still_imports_is_a_clean_stop(
+    serve_process: tuple[Path, list[subprocess.Popen[bytes]]], tiny_run_dir: Path
+) -> None:
+    """systemd may stop the service at any moment of its start-up. pydantic's extension is loaded while histod's
+    settings are imported, long before the serve command's own handler exists: the SIGTERM lands in the middle
+    of the imports, which once ended the process by the default action (status -15)."""
+    root, procs = serve_process
+    settings = service_settings(root, tiny_run_dir)
+    write_images(settings.resolved_watch_dir, 3, size=48)
+    proc = _start(root, tiny_run_dir)
+    procs.append(proc)
+    wait_for(lambda: _loaded(proc.pid, "_pydantic_core") or proc.poll() is not None, 60, 0.002, "the imports")
+    assert proc.poll() is None
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    (stopped,) = [e for e in _events(err) if e["event"] == "service.stopped"]
+    assert stopped["during"] == "start-up" and stopped["files"] == 0
+    assert "service.ready" not in {e["event"] for e in _events(err)}
+    # nothing begun: no database, nothing taken from the folder
+    assert not (settings.data_dir / "histod.db").exists()
+    assert len(files_under(settings.resolved_watch_dir)) == 3 and not settings.processed_dir.exists()
+
+
+def test_a_sigterm_while_another_command_imports_still_ends_it(tmp_path: Path) -> None:
+    """Only serve and demo stop cleanly; the early catch gives every other command SIGTERM's default back and
+    delivers one that arrived meanwhile (histod.stopping.release)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "histod", "results", *_flags(tmp_path)], cwd=tmp_path, stderr=subprocess.PIPE
+    )
+    try:
+        wait_for(lambda: _loaded(proc.pid, "_pydantic_core") or proc.poll() is not None, 60, 0.002, "the imports")
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    assert proc.returncode == -signal.SIGTERM, err.decode()[-2000:]
+
+
+def test_a_sigterm_at_the_first_start_up_log_line_is_a_clean_stop(
+    serve_process: tuple[Path, list[subprocess.Popen[bytes]]], tiny_run_dir: Path
+) -> None:
+    """The database is migrated and the model loaded by then: whatever step the SIGTERM meets is finished, the
+    service stops with status 0 and the audit chain is intact."""
+    root, procs = serve_process
+    settings = service_settings(root, tiny_run_dir)
+    proc = _start(root, tiny_run_dir)
+    procs.append(proc)
+    stream = proc.stderr
+    assert stream is not None
+    lines: list[bytes] = []
+
+    def read() -> None:
+        for line in stream:
+            lines.append(line)
+
+    reader = threading.Thread(target=read, name="stderr", daemon=True)
+    reader.start()
+    wait_for(lambda: any(line.startswith(b"{") for line in lines) or proc.poll() is not None, 60, 0.002, "a log line")
+    assert proc.poll() is None, b"".join(lines).decode()[-2000:]
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(60)
+    reader.join(10)
+    err = b"".join(lines)
+    assert proc.returncode == 0, err.decode()[-2000:]
+    assert "service.stopped" in {e["event"] for e in _events(err)}
+    verified = CliRunner().invoke(cli, ["audit", "verify", *_flags(root)])
+    assert verified.exit_code == 0, verified.output
+    assert settings.resolved_watch_dir.is_dir()
 
 
 def _start_args(root: Path, run_dir: Path) -> list[str]:

@@ -38,7 +38,7 @@ def test_wheel_holds_the_namespace_and_data(wheel: Path) -> None:
         assert expected in names, expected
     assert not any(n.startswith(("trainer/", "daemon/", "db/", "tests/")) for n in names)
     entry_points = next(n for n in names if n.endswith("entry_points.txt"))
-    assert "histod = histod.cli:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
+    assert "histod = histod.__main__:main" in zipfile.ZipFile(wheel).read(entry_points).decode()
 
 
 def test_installed_wheel_imports_from_outside_the_repo(wheel: Path, tmp_path: Path) -> None:
