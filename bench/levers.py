@@ -77,6 +77,10 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
         "dihedral + lr_1e-4 + unfreeze_all, up to 30 fine-tuning epochs (the candidate for --preset histology)",
         {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155, "epochs": 30},
     ),
+    "dihedral+lr+all+30+128": (
+        "the histology candidate at 128 px",
+        {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155, "epochs": 30, "image_size": 128},
+    ),
     "dihedral+lr+alpha1": (
         "dihedral + lr_1e-4 at alpha 1.0 (the ../shared alpha 1.0 base: ImageNet, last 30 layers dog-tuned)",
         {"dihedral": True, "learning_rate": 1e-4, "alpha": 1.0, "weights": str(ALPHA1_WEIGHTS)},
