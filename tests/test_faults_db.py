@@ -40,11 +40,10 @@ def _drop(watch: Path, prefix: str, count: int, start: int = 0) -> list[str]:
     return names
 
 
-@pytest.fixture
-def refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[DatabaseError]]:
-    """Every transaction of the batch steps that the database refused (counted, then re-raised)."""
+def count_refusals(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[DatabaseError]:
+    """Patch ``module.transaction`` so that every transaction the database refuses is counted, then re-raised."""
     seen: list[DatabaseError] = []
-    real = transaction  # what histod.daemon.steps imported
+    real = transaction  # what the module imported
 
     @contextmanager
     def counting(factory: sessionmaker[Session]) -> Iterator[Session]:
@@ -55,8 +54,14 @@ def refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[DatabaseError]]:
             seen.append(exc)
             raise
 
-    monkeypatch.setattr(steps, "transaction", counting)
-    yield seen
+    monkeypatch.setattr(module, "transaction", counting)
+    return seen
+
+
+@pytest.fixture
+def refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[DatabaseError]]:
+    """Every transaction of the batch steps that the database refused (counted, then re-raised)."""
+    yield count_refusals(monkeypatch, steps)
 
 
 def _first_file_done(settings: Settings) -> bool:
@@ -258,19 +263,7 @@ def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_servic
     of the loop and stop `histod serve`. Now the report waits for a later tick, and files keep being served."""
     from histod.daemon import reports
 
-    refused_reports: list[DatabaseError] = []
-    real = transaction
-
-    @contextmanager
-    def counting(factory: sessionmaker[Session]) -> Iterator[Session]:
-        try:
-            with real(factory) as session:
-                yield session
-        except DatabaseError as exc:
-            refused_reports.append(exc)
-            raise
-
-    monkeypatch.setattr(reports, "transaction", counting)
+    refused_reports = count_refusals(monkeypatch, reports)
     settings = service_settings(
         tmp_path, tiny_run_dir, batch_size=8, stable_ms=50, report_interval_s=0.3, busy_timeout_ms=BUSY_MS
     )
