@@ -85,6 +85,21 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
         "dihedral + lr_1e-4 at alpha 1.0 (the ../shared alpha 1.0 base: ImageNet, last 30 layers dog-tuned)",
         {"dihedral": True, "learning_rate": 1e-4, "alpha": 1.0, "weights": str(ALPHA1_WEIGHTS)},
     ),
+    "histology+b32": (
+        "the histology preset at batch 32 instead of 8",
+        {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155, "epochs": 30, "batch_size": 32},
+    ),
+    "histology+b32+128": (
+        "the histology preset at batch 32 and 128 px",
+        {
+            "dihedral": True,
+            "learning_rate": 1e-4,
+            "fine_tune_layers": 155,
+            "epochs": 30,
+            "batch_size": 32,
+            "image_size": 128,
+        },
+    ),
     "dihedral+lr+128": ("dihedral + lr_1e-4 + size_128", {"dihedral": True, "learning_rate": 1e-4, "image_size": 128}),
 }
 
