@@ -51,6 +51,7 @@ BASE: dict[str, Any] = {
     "val_split": 0.2,
 }
 
+STAIN_NORM = "stain_norm"  # not a TrainConfig field: run_lever normalises the arrays before training and scoring
 RESCORED = ("baseline", "dihedral+lr+all+30")  # levers also shown with test-time views and the other threshold
 
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -98,6 +99,23 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
             "epochs": 30,
             "batch_size": 32,
             "image_size": 128,
+        },
+    ),
+    "stain_norm": (
+        "+ stain normalisation: each image's H&E concentrations standardised to the training images' (Reinhard, "
+        "in HED space)",
+        {STAIN_NORM: True},
+    ),
+    "histology+b32+hbn0.9": (
+        "the histology preset at batch 32, head BatchNorm momentum 0.9 instead of 0.99 (its moving statistics "
+        "keep up with a base that learns at 1e-4)",
+        {
+            "dihedral": True,
+            "learning_rate": 1e-4,
+            "fine_tune_layers": 155,
+            "epochs": 30,
+            "batch_size": 32,
+            "head_bn_momentum": 0.9,
         },
     ),
     "dihedral+lr+128": ("dihedral + lr_1e-4 + size_128", {"dihedral": True, "learning_rate": 1e-4, "image_size": 128}),
@@ -153,6 +171,33 @@ def prepare(data_dir: Path, size: int, seed: int, val_split: float) -> dict[str,
     }
 
 
+def _hed(x: NDArray[np.uint8]) -> NDArray[np.float32]:
+    from histod.trainer.augment import HED_FROM_RGB
+
+    od = -np.log((x.astype(np.float32) + 1.0) / 256.0)
+    return np.asarray(od @ HED_FROM_RGB.astype(np.float32), dtype=np.float32)
+
+
+def stain_stats(x: NDArray[np.uint8]) -> tuple[NDArray[np.float32], NDArray[np.float32]]:
+    """The target: median over images of each image's mean and sd of its H, E and D concentrations."""
+    hed = np.concatenate([_hed(x[i : i + 512]).reshape(-1, x.shape[1] * x.shape[2], 3) for i in range(0, len(x), 512)])
+    return np.median(hed.mean(axis=1), axis=0), np.median(hed.std(axis=1), axis=0)
+
+
+def stain_normalise(x: NDArray[np.uint8], mean: NDArray[np.float32], sd: NDArray[np.float32]) -> NDArray[np.uint8]:
+    """Reinhard's colour transfer in HED optical-density space, per image: (c - mean_i) / sd_i * sd + mean."""
+    from histod.trainer.augment import RGB_FROM_HED
+
+    out = np.empty_like(x)
+    for i in range(0, len(x), 512):
+        hed = _hed(x[i : i + 512])
+        mu, s = hed.mean(axis=(1, 2), keepdims=True), hed.std(axis=(1, 2), keepdims=True)
+        hed = (hed - mu) / np.maximum(s, 1e-3) * sd + mean
+        rgb = 256.0 * np.exp(-(hed @ RGB_FROM_HED.astype(np.float32))) - 1.0
+        out[i : i + 512] = np.clip(np.rint(rgb), 0, 255).astype(np.uint8)
+    return out
+
+
 def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: int) -> dict[str, Any]:
     import keras
 
@@ -163,8 +208,12 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
     from histod.trainer.model import build_model
 
     what, change = LEVERS[name]
+    if change.get(STAIN_NORM):
+        target = stain_stats(d["x_fit"])
+        d = {**d, **{k: stain_normalise(d[k], *target) for k in ("x_fit", "x_mon", "x_val")}}
+    config = {k: v for k, v in change.items() if k != STAIN_NORM}
     with tempfile.TemporaryDirectory(prefix=f"histod-lever-{name}-") as tmp:
-        cfg = TrainConfig(data_dir=data_dir, out=Path(tmp), **{**BASE, "weights": weights, **change})
+        cfg = TrainConfig(data_dir=data_dir, out=Path(tmp), **{**BASE, "weights": weights, **config})
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
     started = time.monotonic()
@@ -255,9 +304,51 @@ def table(boot: int) -> str:
     return "\n".join(rows)
 
 
+def ensemble(names: list[str], boot: int) -> str:
+    """Each trained lever alone, then the mean p of all of them (an ensemble), with 1 and 8 test-time views; the
+    threshold is chosen on the monitoring patients as always."""
+    from histod.trainer.evaluate import choose_threshold
+
+    zs = {n: np.load(RESULTS / f"{n}.npz") for n in names}
+    z = zs[names[0]]
+    rows = ["| models | views | balanced acc [95% CI] | ROC AUC [95% CI] |", "|---|---|---|---|"]
+    for members in [[n] for n in names] + ([names] if len(names) > 1 else []):
+        for views in (1, 8):
+            p_mon = np.mean([zs[n]["p_mon"][:views].mean(axis=0) for n in members], axis=0)
+            p_val = np.mean([zs[n]["p_val"][:views].mean(axis=0) for n in members], axis=0)
+            s = score(z["y_val"], p_val, z["g_val"], choose_threshold(z["y_mon"], p_mon), boot)
+            rows.append(f"| {' + '.join(members)} | {views} | {_ci(s, 'balanced_accuracy')} | {_ci(s, 'roc_auc')} |")
+    return "\n".join(rows)
+
+
+def patients(name: str, top: int) -> str:
+    """Which validation patients cost the most ROC AUC: the AUC without each patient, minus the AUC with all."""
+    from histod.trainer.evaluate import metrics
+
+    z = np.load(RESULTS / f"{name}.npz")
+    y, p, g = z["y_val"], z["p_val"][0], z["g_val"]
+    auc = metrics(y, p, 0.5)["roc_auc"]
+    rows = []
+    for patient in sorted(set(g.tolist())):
+        mine = g == patient
+        pos, neg = p[mine & (y == 1)], p[mine & (y == 0)]
+        gain = metrics(y[~mine], p[~mine], 0.5)["roc_auc"] - auc
+        mean_pos = f"{pos.mean():.2f}" if pos.size else "-"
+        mean_neg = f"{neg.mean():.2f}" if neg.size else "-"
+        rows.append((gain, f"| {patient} | {pos.size} | {neg.size} | {mean_pos} | {mean_neg} | {gain:+.4f} |"))
+    rows.sort(key=lambda r: -r[0])
+    head = [
+        f"ROC AUC of {name} on all {len(set(g.tolist()))} validation patients: {auc:.4f}",
+        "| patient | malignant tiles | benign tiles | mean p (malignant tiles) | mean p (benign tiles) | AUC gain "
+        "without it |",
+        "|---|---|---|---|---|---|",
+    ]
+    return "\n".join(head + [r[1] for r in rows[:top]])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("run", "table", "list"))
+    parser.add_argument("action", choices=("run", "table", "list", "ensemble", "patients"))
     parser.add_argument("levers", nargs="*")
     parser.add_argument("--data", type=Path, default=None, help="labelled folder (default ../shared idc-dev)")
     parser.add_argument("--weights", default=None, help="base weights .h5 (default the ../shared alpha 0.35 file)")
@@ -271,6 +362,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.action == "table":
         print(table(args.bootstrap))
+        return 0
+    if args.action == "ensemble":
+        print(ensemble(args.levers, args.bootstrap))
+        return 0
+    if args.action == "patients":
+        print("\n\n".join(patients(name, 8) for name in args.levers))
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from histod.logs import configure

@@ -300,6 +300,7 @@ def run(args: argparse.Namespace) -> int:
             if proc.poll() is not None or elapsed > args.deadline:
                 if proc.poll() is None:
                     proc.kill()
+                    proc.wait()
                     print(f"killed at the deadline: {name} seed {seed}", flush=True)
                 running.remove((proc, name, seed, t0))
                 print(f"done {name} seed {seed} rc={proc.returncode} {time.monotonic() - t0:.0f}s", flush=True)

@@ -73,6 +73,9 @@ def _print_metrics(result: dict[str, Any]) -> None:
     "--head-learning-rate", type=float, default=None, help=f"Adam rate for the head phase {_d('head_learning_rate')}"
 )
 @click.option("--dropout", type=float, default=None, help=f"head dropout {_d('dropout')}")
+@click.option(
+    "--head-bn-momentum", type=float, default=None, help=f"head BatchNorm moving-average rate {_d('head_bn_momentum')}"
+)
 @click.option("--patience", type=int, default=None, help=f"EarlyStopping patience on val_loss {_d('patience')}")
 @click.option("--lr-patience", type=int, default=None, help=f"ReduceLROnPlateau patience {_d('lr_patience')}")
 @click.option("--lr-factor", type=float, default=None, help=f"ReduceLROnPlateau factor {_d('lr_factor')}")

@@ -62,6 +62,21 @@ def test_the_saved_model_takes_raw_pixels(tiny_run_dir: Path) -> None:
     assert [layer.name for layer in model.layers[-4:]] == ["pool", "head_bn", "head_dropout", "p_malignant"]
 
 
+def test_head_batchnorm_momentum_is_configured_and_saved(tmp_path: Path) -> None:
+    import keras
+
+    from histod.trainer.model import build_model
+
+    assert build_model(_cfg(tmp_path)).get_layer("head_bn").momentum == pytest.approx(0.99)  # Keras' own default
+    model = build_model(_cfg(tmp_path, head_bn_momentum=0.9))
+    assert model.get_layer("head_bn").momentum == pytest.approx(0.9)
+    model.save(tmp_path / "m.keras")
+    loaded = keras.models.load_model(tmp_path / "m.keras", compile=False)
+    assert loaded.get_layer("head_bn").momentum == pytest.approx(0.9)
+    with pytest.raises(ValueError, match="head_bn_momentum"):
+        _cfg(tmp_path, head_bn_momentum=1.0)
+
+
 @pytest.mark.parametrize("freeze_batchnorm", [True, False])
 def test_unfreeze_top_unfreezes_the_last_layers(tmp_path: Path, freeze_batchnorm: bool) -> None:
     import keras

@@ -34,6 +34,7 @@ class TrainConfig(BaseModel):
     weights: str = "imagenet"  # "imagenet", "none" (random init) or the path of an .h5 file of base weights
     fine_tune_layers: int = Field(30, ge=0)  # how many of the base's last layers are unfrozen in phase 2
     dropout: float = Field(0.4, ge=0, lt=1)  # in the head, before the final Dense
+    head_bn_momentum: float = Field(0.99, gt=0, lt=1)  # the head BatchNorm's moving-average momentum (Keras' 0.99)
 
     # --- optimiser -----------------------------------------------------------------------------------
     head_learning_rate: float = Field(1e-3, gt=0)  # Adam, phase 1
