@@ -118,6 +118,11 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
             "head_bn_momentum": 0.9,
         },
     ),
+    "histology+auc": (
+        "the histology preset with EarlyStopping, ReduceLROnPlateau and the best epoch on the monitoring patients' "
+        "ROC AUC instead of their loss",
+        {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155, "epochs": 30, "monitor": "val_auc"},
+    ),
     "dihedral+lr+128": ("dihedral + lr_1e-4 + size_128", {"dihedral": True, "learning_rate": 1e-4, "image_size": 128}),
 }
 

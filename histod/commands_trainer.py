@@ -76,7 +76,13 @@ def _print_metrics(result: dict[str, Any]) -> None:
 @click.option(
     "--head-bn-momentum", type=float, default=None, help=f"head BatchNorm moving-average rate {_d('head_bn_momentum')}"
 )
-@click.option("--patience", type=int, default=None, help=f"EarlyStopping patience on val_loss {_d('patience')}")
+@click.option(
+    "--monitor",
+    type=click.Choice(["val_loss", "val_auc"]),
+    default=None,
+    help=f"what EarlyStopping, ReduceLROnPlateau and the best epoch follow {_d('monitor')}",
+)
+@click.option("--patience", type=int, default=None, help=f"EarlyStopping patience {_d('patience')}")
 @click.option("--lr-patience", type=int, default=None, help=f"ReduceLROnPlateau patience {_d('lr_patience')}")
 @click.option("--lr-factor", type=float, default=None, help=f"ReduceLROnPlateau factor {_d('lr_factor')}")
 @click.option(

@@ -235,6 +235,28 @@ def test_train_with_a_preset_flags_win_and_every_artefact_is_written(synthetic_d
     assert (run / "reliability_diagram.png").stat().st_size > 1000
 
 
+def test_monitoring_auc_picks_the_epoch_with_the_highest_validation_auc(
+    synthetic_dataset: Path, tmp_path: Path
+) -> None:
+    run = tmp_path / "run"
+    args = ["train", str(synthetic_dataset), "--out", str(run), *TINY, "--head-epochs", "1", "--epochs", "2"]
+    result = CliRunner().invoke(cli, ["--log-format", "json", *args, "--monitor", "val_auc"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["monitor"] == "val_auc"
+
+    def no_nan(name: str) -> None:
+        raise AssertionError(f"metrics.json holds {name}: not strict JSON")
+
+    m = json.loads((run / "metrics.json").read_text(), parse_constant=no_nan)
+    history = m["history"]
+    assert len(history["val_auc"]) == len(history["auc"]) == len(history["val_loss"]) == m["epochs_run"] == 3
+    assert all(0.0 <= v <= 1.0 for v in history["val_auc"])
+    assert m["best_epoch"] == history["val_auc"].index(max(history["val_auc"])) + 1
+    assert '"best_epoch"' in result.output and '"val_auc"' in result.output  # the log names what it followed
+    bad = CliRunner().invoke(cli, ["train", str(synthetic_dataset), "--out", str(tmp_path / "x"), "--monitor", "auc"])
+    assert bad.exit_code == 2 and "val_auc" in bad.output
+
+
 def test_calibration_is_folded_into_the_served_model(tiny_run_dir: Path, tmp_path: Path) -> None:
     """Scaling the last layer gives sigmoid(a * logit(p) + b) from model.keras AND model.tflite."""
     import keras

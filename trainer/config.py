@@ -39,8 +39,11 @@ class TrainConfig(BaseModel):
     # --- optimiser -----------------------------------------------------------------------------------
     head_learning_rate: float = Field(1e-3, gt=0)  # Adam, phase 1
     learning_rate: float = Field(1e-5, gt=0)  # Adam, phase 2 (the paper's rate)
-    patience: int = Field(5, ge=1)  # EarlyStopping on val_loss; best weights restored
-    lr_patience: int = Field(3, ge=1)  # ReduceLROnPlateau on val_loss ...
+    monitor: Literal["val_loss", "val_auc"] = (
+        "val_loss"  # what EarlyStopping, ReduceLROnPlateau and the best epoch follow
+    )
+    patience: int = Field(5, ge=1)  # EarlyStopping on `monitor`; best weights restored
+    lr_patience: int = Field(3, ge=1)  # ReduceLROnPlateau on `monitor` ...
     lr_factor: float = Field(0.5, gt=0, lt=1)  # ... multiplies the rate by this
     class_weights: bool = True  # weight the loss by inverse class frequency (imbalanced data)
 

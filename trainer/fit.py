@@ -5,7 +5,9 @@
    the low ``learning_rate`` (the base's BatchNorm stays in inference mode, see trainer.model).
 
 Both phases use Adam, binary cross-entropy, class weights, EarlyStopping (best weights restored) and
-ReduceLROnPlateau on the validation loss. Augmentation runs in the tf.data pipeline of the training split only.
+ReduceLROnPlateau on ``monitor``: the validation loss, or the validation ROC AUC (``val_auc``), which ignores the
+shifts of the output's bias that make the loss swing while the whole base learns (bench/README.md, "levers").
+Augmentation runs in the tf.data pipeline of the training split only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from histod.trainer.model import calibrate_batchnorm, freeze_base, unfreeze_top
 log = get_logger("histod.trainer")
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
+AUC_KEYS = ("auc", "val_auc")  # recorded too when cfg.monitor is "val_auc"
 
 
 @dataclass
@@ -73,7 +76,7 @@ def _epoch_logger(phase: str, total: int) -> Any:
                 "epoch",
                 phase=phase,
                 epoch=f"{epoch + 1}/{total}",
-                **{k: float(f"{float(v):.5g}") for k, v in logs.items() if k in HISTORY_KEYS},
+                **{k: float(f"{float(v):.5g}") for k, v in logs.items() if k in HISTORY_KEYS + AUC_KEYS},
             )
 
     return EpochLog()
@@ -95,21 +98,32 @@ def _phase(
     import keras
 
     schedule = learning_rate(cfg, name, rate, epochs, int(train.cardinality()))
+    metrics = [keras.metrics.BinaryAccuracy(name="accuracy")]
+    if cfg.monitor == "val_auc":
+        metrics.append(keras.metrics.AUC(name="auc"))
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=schedule),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
+        metrics=metrics,
     )
-    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=cfg.patience, restore_best_weights=True)
+    mode = _mode(cfg)
+    stop = keras.callbacks.EarlyStopping(
+        monitor=cfg.monitor, mode=mode, patience=cfg.patience, restore_best_weights=True
+    )
     callbacks = [stop, _epoch_logger(name, epochs)]
     if isinstance(schedule, float):  # a schedule owns the rate: ReduceLROnPlateau cannot set it
-        callbacks.insert(
-            1, keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=cfg.lr_factor, patience=cfg.lr_patience)
+        plateau = keras.callbacks.ReduceLROnPlateau(
+            monitor=cfg.monitor, mode=mode, factor=cfg.lr_factor, patience=cfg.lr_patience
         )
+        callbacks.insert(1, plateau)
     hist = model.fit(
         train, validation_data=val, epochs=epochs, class_weight=weights, callbacks=callbacks, verbose=0, shuffle=False
     )
     return {k: [float(v) for v in vs] for k, vs in hist.history.items()}, bool(stop.stopped_epoch > 0)
+
+
+def _mode(cfg: TrainConfig) -> str:
+    return "max" if cfg.monitor == "val_auc" else "min"
 
 
 def fit(
@@ -120,9 +134,9 @@ def fit(
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
 ) -> FitResult:
-    """Run both phases. The model ends up holding the weights of the epoch with the lowest val_loss over both
-    phases: EarlyStopping restores the best epoch of each phase, and the head phase's best is kept when
-    fine-tuning never beats it."""
+    """Run both phases. The model ends up holding the weights of the best epoch over both phases (lowest
+    val_loss, or highest val_auc with ``monitor="val_auc"``): EarlyStopping restores the best epoch of each phase,
+    and the head phase's best is kept when fine-tuning never beats it."""
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
@@ -130,8 +144,10 @@ def fit(
         calibrate_batchnorm(model, x_train[: max(cfg.batch_size, 64)])
     train, val = datasets(cfg, x_train, y_train, x_val, y_val)
     weights = class_weights(y_train) if cfg.class_weights else None
-    result = FitResult()
-    best_loss, best_weights = math.inf, None
+    keys = HISTORY_KEYS + (AUC_KEYS if cfg.monitor == "val_auc" else ())
+    result = FitResult(history={k: [] for k in keys})
+    sign = -1.0 if _mode(cfg) == "max" else 1.0  # minimise sign * monitor
+    best_score, best_weights = math.inf, None
     phases = [("head", cfg.head_epochs, cfg.head_learning_rate), ("fine_tune", cfg.epochs, cfg.learning_rate)]
     for name, epochs, rate in phases:
         if epochs <= 0:
@@ -145,15 +161,15 @@ def fit(
         hist, stopped = _phase(model, cfg, name, epochs, rate, train, val, weights)
         start = len(result.history["loss"])
         n = len(hist.get("loss", []))
-        for k in HISTORY_KEYS:
+        for k in keys:
             result.history[k].extend(hist.get(k, [math.nan] * n))
         result.phases.extend([name] * n)
         result.stopped_early.append(stopped)
-        val_loss = [v if math.isfinite(v) else math.inf for v in result.history["val_loss"][start:]]
-        if val_loss and (min(val_loss) < best_loss or best_weights is None):
-            best_loss, best_weights = min(val_loss), model.get_weights()  # the phase's best, restored by EarlyStopping
-            result.best_epoch = start + int(np.argmin(val_loss)) + 1
+        scores = [sign * v if math.isfinite(v) else math.inf for v in result.history[cfg.monitor][start:]]
+        if scores and (min(scores) < best_score or best_weights is None):
+            best_score, best_weights = min(scores), model.get_weights()  # the phase's best, restored by EarlyStopping
+            result.best_epoch = start + int(np.argmin(scores)) + 1
     if best_weights is not None:
         model.set_weights(best_weights)
-    log.info("best_epoch", epoch=result.best_epoch, val_loss=best_loss)
+    log.info("best_epoch", epoch=result.best_epoch, **{cfg.monitor: sign * best_score})
     return result
