@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a file: make the `bench` package importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import SHARED, load_average, machine, say, shared_data, shared_weights
+from histod.trainer.presets import PRESETS
 
 RESULTS = Path(__file__).resolve().parent / "results" / "levers"
 ALPHA1_WEIGHTS = SHARED / "weights" / "mobilenet_v2_1.0_no_top_imagenet_then_dogs_last30.h5"
@@ -51,6 +52,8 @@ BASE: dict[str, Any] = {
     "val_split": 0.2,
 }
 
+# --preset histology as a change to BASE (dihedral, rate 1e-4, whole base, 30 epochs): derived, so it cannot drift
+HISTOLOGY: dict[str, Any] = {k: v for k, v in PRESETS["histology"].items() if BASE.get(k) != v}
 STAIN_NORM = "stain_norm"  # not a TrainConfig field: run_lever normalises the arrays before training and scoring
 RESCORED = ("baseline", "dihedral+lr+all+30")  # levers also shown with test-time views and the other threshold
 
@@ -76,11 +79,11 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "dihedral+lr+all+30": (
         "dihedral + lr_1e-4 + unfreeze_all, up to 30 fine-tuning epochs (the candidate for --preset histology)",
-        {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155, "epochs": 30},
+        dict(HISTOLOGY),
     ),
     "dihedral+lr+all+30+128": (
         "the histology candidate at 128 px",
-        {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155, "epochs": 30, "image_size": 128},
+        {**HISTOLOGY, "image_size": 128},
     ),
     "dihedral+lr+alpha1": (
         "dihedral + lr_1e-4 at alpha 1.0 (the ../shared alpha 1.0 base: ImageNet, last 30 layers dog-tuned)",
@@ -88,18 +91,11 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "histology+b32": (
         "the histology preset at batch 32 instead of 8",
-        {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155, "epochs": 30, "batch_size": 32},
+        {**HISTOLOGY, "batch_size": 32},
     ),
     "histology+b32+128": (
         "the histology preset at batch 32 and 128 px",
-        {
-            "dihedral": True,
-            "learning_rate": 1e-4,
-            "fine_tune_layers": 155,
-            "epochs": 30,
-            "batch_size": 32,
-            "image_size": 128,
-        },
+        {**HISTOLOGY, "batch_size": 32, "image_size": 128},
     ),
     "stain_norm": (
         "+ stain normalisation: each image's H&E concentrations standardised to the training images' (Reinhard, "
@@ -109,19 +105,12 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "histology+b32+hbn0.9": (
         "the histology preset at batch 32, head BatchNorm momentum 0.9 instead of 0.99 (its moving statistics "
         "keep up with a base that learns at 1e-4)",
-        {
-            "dihedral": True,
-            "learning_rate": 1e-4,
-            "fine_tune_layers": 155,
-            "epochs": 30,
-            "batch_size": 32,
-            "head_bn_momentum": 0.9,
-        },
+        {**HISTOLOGY, "batch_size": 32, "head_bn_momentum": 0.9},
     ),
     "histology+auc": (
         "the histology preset with EarlyStopping, ReduceLROnPlateau and the best epoch on the monitoring patients' "
         "ROC AUC instead of their loss",
-        {"dihedral": True, "learning_rate": 1e-4, "fine_tune_layers": 155, "epochs": 30, "monitor": "val_auc"},
+        {**HISTOLOGY, "monitor": "val_auc"},
     ),
     "dihedral+lr+128": ("dihedral + lr_1e-4 + size_128", {"dihedral": True, "learning_rate": 1e-4, "image_size": 128}),
 }

@@ -6,7 +6,8 @@
 
 Both phases use Adam, binary cross-entropy, class weights, EarlyStopping (best weights restored) and
 ReduceLROnPlateau on ``monitor``: the validation loss, or the validation ROC AUC (``val_auc``), which ignores the
-shifts of the output's bias that make the loss swing while the whole base learns (bench/README.md, "levers").
+shifts of the output's bias that make the loss swing while the whole base learns (measured in bench/README.md,
+"levers": the AUC swings too, and following it did not help).
 Augmentation runs in the tf.data pipeline of the training split only.
 """
 
