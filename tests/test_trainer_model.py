@@ -214,6 +214,12 @@ def test_parity_check_fails_loudly() -> None:
         parity(a, np.array([0.1, np.nan, 0.9], dtype=np.float32))
     with pytest.raises(ExportParityError, match="shape"):
         parity(a, a[:2])
+    # a folded Platt scale s magnifies rounding s-fold, and the allowance with it; never below the base tolerance
+    assert parity(a, a + np.array([0, 0, 2e-4], dtype=np.float32), calibration_scale=4.0) <= 4e-4
+    with pytest.raises(ExportParityError, match="calibration scale 4"):
+        parity(a, a + np.array([0, 0, 5e-4], dtype=np.float32), calibration_scale=4.0)
+    with pytest.raises(ExportParityError, match="disagrees"):
+        parity(a, a + np.array([0, 0, 2e-4], dtype=np.float32), calibration_scale=0.5)
 
 
 def test_litert_matches_keras_at_any_batch_size(tiny_run_dir: Path, synthetic_dataset: Path) -> None:

@@ -160,6 +160,19 @@ def test_calibration_recovers_an_overconfident_and_biased_model() -> None:
     assert np.all(np.diff(fixed[np.argsort(overconfident)]) >= 0)
 
 
+def test_calibration_stays_finite_when_a_small_split_is_separated() -> None:
+    # 20 images, every malignant p above every benign one, logits within 0.01 of each other (a head barely
+    # trained): hard 0/1 targets would drive the scale towards infinity; Platt's targets (N+1)/(N+2), 1/(N+2) stop
+    # where the fitted p match them
+    y = np.array([0] * 10 + [1] * 10)
+    z = np.concatenate([np.linspace(-0.010, -0.001, 10), np.linspace(0.001, 0.010, 10)])
+    a, b = fit_calibration(y, 1 / (1 + np.exp(-z)))
+    assert 0 < a < 1000 and abs(b) < 0.1  # hard targets ran to a = 52,000
+    p = apply_calibration(1 / (1 + np.exp(-z)), a, b)
+    assert 0.9 < p[-1] < 0.99 and 0.01 < p[0] < 0.1  # about the targets' spread, not pinned at 0 and 1
+    assert np.all(np.diff(p) > 0)
+
+
 def test_calibration_bins_count_every_image() -> None:
     p = np.array([0.0, 0.05, 0.55, 0.95, 1.0])
     y = np.array([0, 0, 1, 1, 1])

@@ -56,7 +56,7 @@ def train(cfg: TrainConfig) -> Path:
     _check_out(cfg.out)
     import keras
 
-    from histod.trainer.export import export, fold_calibration, predict_views, write_run_info
+    from histod.trainer.export import PARITY_TOLERANCE, export, fold_calibration, predict_views, write_run_info
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
 
@@ -108,7 +108,7 @@ def train(cfg: TrainConfig) -> Path:
         calibration=f"{scale:.3f} {shift:+.3f}",
     )
 
-    diff, n_checked = export(model, cfg.out, x_val)
+    diff, n_checked = export(model, cfg.out, x_val, calibration_scale=scale)
     info = write_run_info(
         cfg.out,
         image_size=cfg.image_size,
@@ -153,7 +153,7 @@ def train(cfg: TrainConfig) -> Path:
             "seed": cfg.seed,
             "versions": artefacts.versions(),
             "sha256": {KERAS_FILE: info.keras_sha256, TFLITE_FILE: info.tflite_sha256},
-            "parity": {"max_abs_diff": diff, "images": n_checked},
+            "parity": {"max_abs_diff": diff, "images": n_checked, "tolerance": PARITY_TOLERANCE * max(1.0, scale)},
             "wall_time_s": round(time.monotonic() - started, 1),
             "config": cfg.model_dump(mode="json"),
         },
