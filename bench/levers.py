@@ -112,6 +112,15 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
         "ROC AUC instead of their loss",
         {**HISTOLOGY, "monitor": "val_auc"},
     ),
+    "histology+ema": (
+        "the histology preset, validation, EarlyStopping and the kept model on an exponential moving average of "
+        "the weights (Adam EMA, momentum 0.999: about the last 1,000 steps)",
+        {**HISTOLOGY, "ema": 0.999},
+    ),
+    "histology+lr3e-5": (
+        "the histology preset with the whole base fine-tuned at 3e-5 instead of 1e-4",
+        {**HISTOLOGY, "learning_rate": 3e-5},
+    ),
     "dihedral+lr+128": ("dihedral + lr_1e-4 + size_128", {"dihedral": True, "learning_rate": 1e-4, "image_size": 128}),
 }
 

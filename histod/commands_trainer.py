@@ -82,6 +82,7 @@ def _print_metrics(result: dict[str, Any]) -> None:
     default=None,
     help=f"what EarlyStopping, ReduceLROnPlateau and the best epoch follow {_d('monitor')}",
 )
+@click.option("--ema", type=float, default=None, help=f"weights moving average, scored and kept (0 = off) {_d('ema')}")
 @click.option("--patience", type=int, default=None, help=f"EarlyStopping patience {_d('patience')}")
 @click.option("--lr-patience", type=int, default=None, help=f"ReduceLROnPlateau patience {_d('lr_patience')}")
 @click.option("--lr-factor", type=float, default=None, help=f"ReduceLROnPlateau factor {_d('lr_factor')}")

@@ -270,6 +270,31 @@ def test_monitoring_auc_picks_the_epoch_with_the_highest_validation_auc(
     assert bad.exit_code == 2 and "val_auc" in bad.output
 
 
+def test_ema_keeps_the_averaged_weights_that_validation_scored(synthetic_dataset: Path, tmp_path: Path) -> None:
+    """With --ema the model written is the moving average that EarlyStopping saw score best: its loss on the
+    validation images is the best epoch's recorded val_loss (keeping the raw weights would miss it)."""
+    import keras
+
+    from histod.trainer.export import keras_predict
+
+    run = tmp_path / "run"
+    args = ["train", str(synthetic_dataset), "--out", str(run), *TINY, "--head-epochs", "3", "--epochs", "1"]
+    result = CliRunner().invoke(cli, ["--log-format", "json", *args, "--ema", "0.9"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((run / "config.json").read_text())["ema"] == 0.9
+    m = json.loads((run / "metrics.json").read_text())
+    with (run / "split.csv").open() as fh:
+        val = {r["path"] for r in csv.DictReader(fh) if r["split"] == "val"}
+    samples = [s for s in data.discover(synthetic_dataset) if s.path.relative_to(synthetic_dataset).as_posix() in val]
+    images, labels, _, _ = data.load_images(samples, 48)
+    p = keras_predict(keras.models.load_model(run / "model.keras"), images).astype(np.float64)
+    q = np.clip(p, 1e-7, 1 - 1e-7)
+    loss = float(-np.mean(labels * np.log(q) + (1 - labels) * np.log(1 - q)))
+    assert loss == pytest.approx(m["history"]["val_loss"][m["best_epoch"] - 1], abs=2e-4)
+    bad = CliRunner().invoke(cli, ["train", str(synthetic_dataset), "--out", str(tmp_path / "x"), "--ema", "1"])
+    assert bad.exit_code != 0 and "ema" in bad.output
+
+
 def test_calibration_is_folded_into_the_served_model(tiny_run_dir: Path, tmp_path: Path) -> None:
     """Scaling the last layer gives sigmoid(a * logit(p) + b) from model.keras AND model.tflite."""
     import keras

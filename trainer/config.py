@@ -42,6 +42,8 @@ class TrainConfig(BaseModel):
     monitor: Literal["val_loss", "val_auc"] = (
         "val_loss"  # what EarlyStopping, ReduceLROnPlateau and the best epoch follow
     )
+    ema: float = Field(0.0, ge=0, lt=1)  # >0: Adam keeps this exponential moving average of the weights, which
+    # is what validation scores, EarlyStopping keeps and the run ends with (0 = off; 0.999 ~ the last 1,000 steps)
     patience: int = Field(5, ge=1)  # EarlyStopping on `monitor`; best weights restored
     lr_patience: int = Field(3, ge=1)  # ReduceLROnPlateau on `monitor` ...
     lr_factor: float = Field(0.5, gt=0, lt=1)  # ... multiplies the rate by this

@@ -102,8 +102,9 @@ def _phase(
     metrics = [keras.metrics.BinaryAccuracy(name="accuracy")]
     if cfg.monitor == "val_auc":
         metrics.append(keras.metrics.AUC(name="auc"))
+    ema = {"use_ema": True, "ema_momentum": cfg.ema} if cfg.ema > 0 else {}
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=schedule),
+        optimizer=keras.optimizers.Adam(learning_rate=schedule, **ema),
         loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
         metrics=metrics,
     )
@@ -112,6 +113,8 @@ def _phase(
         monitor=cfg.monitor, mode=mode, patience=cfg.patience, restore_best_weights=True
     )
     callbacks = [stop, _epoch_logger(name, epochs)]
+    if ema:  # the averaged weights go into the model at each epoch's end, before EarlyStopping looks at them
+        callbacks.insert(0, keras.callbacks.SwapEMAWeights(swap_on_epoch=True))
     if isinstance(schedule, float):  # a schedule owns the rate: ReduceLROnPlateau cannot set it
         plateau = keras.callbacks.ReduceLROnPlateau(
             monitor=cfg.monitor, mode=mode, factor=cfg.lr_factor, patience=cfg.lr_patience
