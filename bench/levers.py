@@ -121,6 +121,16 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
         "the histology preset with the whole base fine-tuned at 3e-5 instead of 1e-4",
         {**HISTOLOGY, "learning_rate": 3e-5},
     ),
+    "histology+mixup": (
+        "the histology preset with MixUp (alpha 0.2) of the training images and labels (soft labels dull the pull "
+        "of wrong ones)",
+        {**HISTOLOGY, "mixup": 0.2},
+    ),
+    "histology+alpha1": (
+        "the histology preset at alpha 1.0 (the ../shared alpha 1.0 base: ImageNet, last 30 layers dog-tuned; the "
+        "whole base is fine-tuned anyway)",
+        {**HISTOLOGY, "alpha": 1.0, "weights": str(ALPHA1_WEIGHTS)},
+    ),
     "dihedral+lr+128": ("dihedral + lr_1e-4 + size_128", {"dihedral": True, "learning_rate": 1e-4, "image_size": 128}),
 }
 

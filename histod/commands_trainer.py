@@ -122,6 +122,7 @@ def _print_metrics(result: dict[str, Any]) -> None:
 @click.option("--color-jitter", type=float, default=None, help=f"colour jitter strength 0..1 {_d('color_jitter')}")
 @click.option("--stain-jitter", type=float, default=None, help=f"H&E stain jitter sigma {_d('stain_jitter')}")
 @click.option("--label-smoothing", type=float, default=None, help=_d("label_smoothing"))
+@click.option("--mixup", type=float, default=None, help=f"MixUp Beta(a, a) of training images and labels {_d('mixup')}")
 @click.option(
     "--lr-schedule", type=click.Choice(["plateau", "cosine"]), default=None, help=f"fine-tuning {_d('lr_schedule')}"
 )

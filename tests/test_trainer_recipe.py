@@ -104,6 +104,20 @@ def test_stain_jitter_keeps_range_and_zero_sigma_is_identity() -> None:
     assert white.min() > 150
 
 
+def test_mixup_mixes_each_label_as_its_image() -> None:
+    import tensorflow as tf
+
+    # flat images whose value encodes the label: 255 malignant, 0 benign; a mix's value says its label
+    y = np.array([0, 1] * 16, dtype=np.float32)
+    x = np.broadcast_to((255.0 * y)[:, None, None, None], (32, 4, 4, 3)).astype(np.float32)
+    mixed_x, mixed_y = (t.numpy() for t in augment.mixup(0.2, seed=0)(tf.constant(x), tf.constant(y)))
+    assert mixed_x.shape == x.shape and mixed_y.shape == y.shape
+    assert np.allclose(mixed_x[:, 0, 0, 0] / 255.0, mixed_y, atol=1e-5)
+    assert np.all(mixed_x == mixed_x[:, :1, :1, :1])  # one weight per image, every pixel and channel alike
+    soft = (mixed_y > 0.01) & (mixed_y < 0.99)
+    assert 0 < soft.sum() < 32  # Beta(0.2, 0.2) puts most weight near 0 and 1, some in between
+
+
 def test_colour_jitter_changes_colour_within_range() -> None:
     import tensorflow as tf
 

@@ -88,6 +88,22 @@ def stain(x: Batch, sigma: float) -> Batch:
     return tf.clip_by_value(256.0 * tf.exp(-od) - 1.0, 0.0, 255.0)
 
 
+def mixup(alpha: float, seed: int) -> Callable[[Batch, Batch], tuple[Batch, Batch]]:
+    """MixUp (Zhang et al. 2018) of a training batch and its labels: each image becomes w * itself + (1 - w) * another
+    of the batch, w ~ Beta(alpha, alpha), and its label the same mixture (a soft label); known to soften the pull of
+    wrong labels. Keras' own layer; the labels go through it as a (B, 1) column."""
+    import keras
+    import tensorflow as tf
+
+    layer = keras.layers.MixUp(alpha=alpha, seed=seed + 20)
+
+    def run(x: Batch, y: Batch) -> tuple[Batch, Batch]:
+        out = layer({"images": x, "labels": tf.reshape(y, (-1, 1))})
+        return out["images"], tf.reshape(out["labels"], (-1,))
+
+    return run
+
+
 def pipeline(cfg: TrainConfig) -> Callable[[Batch], Batch] | None:
     """The configured augmentation of a training batch, or None when there is none."""
     import tensorflow as tf

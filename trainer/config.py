@@ -64,6 +64,7 @@ class TrainConfig(BaseModel):
     color_jitter: float = Field(0.0, ge=0, le=1)  # brightness, contrast, saturation, hue jitter strength; 0 = off
     stain_jitter: float = Field(0.0, ge=0, le=0.5)  # H&E stain jitter in HED space (Tellez et al. 2018); 0 = off
     label_smoothing: float = Field(0.0, ge=0, lt=0.5)
+    mixup: float = Field(0.0, ge=0, le=1)  # MixUp of training images and labels, Beta(mixup, mixup) weights; 0 = off
     lr_schedule: Literal["plateau", "cosine"] = "plateau"  # fine-tuning: ReduceLROnPlateau, or cosine decay to 0
     tta: Literal[1, 2, 4, 8] = 1  # prediction averages this many flips/rotations of each image (1 = off)
     calibrate: bool = False  # Platt scaling (scale and shift of the logit) fitted on the validation split, in the model

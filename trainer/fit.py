@@ -62,6 +62,9 @@ def datasets(
     aug = augment.pipeline(cfg)
     if aug is not None:
         train = train.map(lambda x, y: (aug(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if cfg.mixup > 0:
+        mix = augment.mixup(cfg.mixup, cfg.seed)
+        train = train.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
     val = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32))).batch(cfg.batch_size)
     val = val.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
