@@ -8,6 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from histod.errors import ConfigError, ModelError
 from histod.trainer.config import TrainConfig
 
@@ -94,6 +96,26 @@ def calibrate_batchnorm(model: Any, images: Any) -> None:
     finally:
         for layer, momentum in zip(layers, momenta, strict=True):
             layer.momentum = momentum
+
+
+def head_features(model: Any) -> Any:
+    """The model up to the pooled base features (the head BatchNorm's input), sharing its layers and weights."""
+    import keras
+
+    return keras.Model(model.input, model.get_layer("pool").output)
+
+
+def recalibrate_head_bn(model: Any, images: Any, features: Any = None, batch_size: int = 64) -> None:
+    """Set the head BatchNorm's moving mean and variance to those of the pooled base features of ``images`` under
+    the model's current weights (inference mode, nothing else touched). Weights that were not trained in this
+    state, such as a moving average of them, need this: the moving statistics were gathered under the raw
+    weights, and through a base that has moved they are off (SWA's "update BN", Izmailov et al. 2018). Pass
+    ``features`` (head_features(model)) when calling this often: each new keras.Model traces predict again."""
+    features = head_features(model) if features is None else features
+    f = np.asarray(features.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
+    bn = model.get_layer("head_bn")
+    bn.moving_mean.assign(f.mean(axis=0).astype(np.float32))
+    bn.moving_variance.assign(f.var(axis=0).astype(np.float32))
 
 
 def base_of(model: Any) -> Any:
