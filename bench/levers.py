@@ -126,6 +126,10 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
         "of wrong ones)",
         {**HISTOLOGY, "mixup": 0.2},
     ),
+    "histology+ema+mixup": (
+        "histology+ema with MixUp (alpha 0.2) as well",
+        {**HISTOLOGY, "ema": 0.999, "mixup": 0.2},
+    ),
     "histology+alpha1": (
         "the histology preset at alpha 1.0 (the ../shared alpha 1.0 base: ImageNet, last 30 layers dog-tuned; the "
         "whole base is fine-tuned anyway)",
