@@ -249,7 +249,7 @@ def test_train_with_a_preset_flags_win_and_every_artefact_is_written(synthetic_d
     result = CliRunner().invoke(cli, ["--log-format", "json", *args])
     assert result.exit_code == 0, result.output
     cfg = json.loads((run / "config.json").read_text())
-    assert cfg["preset"] == "histology" and cfg["dihedral"] is True  # from the preset
+    assert cfg["preset"] == "histology" and cfg["dihedral"] is True and cfg["ema"] == 0.999  # from the preset
     assert cfg["image_size"] == 48 and cfg["stain_jitter"] == 0.05  # flags win
     info = load_run(run)
     assert info.tta == 2 and info.calibration_scale > 0
