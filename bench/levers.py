@@ -58,7 +58,7 @@ BASE: dict[str, Any] = {
 LATER = ("ema", "calibrate")  # the levers score their own calibration (the ECE column), on held-out patients
 HISTOLOGY: dict[str, Any] = {k: v for k, v in PRESETS["histology"].items() if BASE.get(k) != v and k not in LATER}
 STAIN_NORM = "stain_norm"  # not a TrainConfig field: run_lever normalises the arrays before training and scoring
-RESCORED = ("baseline", "dihedral+lr+all+30")  # levers also shown with test-time views and the other threshold
+RESCORED = ("baseline", "dihedral+lr+all+30", "histology+ema")  # levers also shown with test-time views and the other threshold
 
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "baseline": ("histod's default recipe at 96 px (batch 8, fine-tune Adam 1e-5, last 30 layers)", {}),
