@@ -347,11 +347,15 @@ def test_scorer_applies_the_runs_tta(tiny_run_dir: Path, tmp_path: Path) -> None
 def test_cv_holds_every_patient_out_exactly_once(synthetic_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "cv"
     args = ["train", str(synthetic_dataset), "--out", str(out), *TINY, "--head-epochs", "1", "--epochs", "0"]
-    result = CliRunner().invoke(cli, ["--log-format", "json", *args, "--cv", "2"])
+    result = CliRunner().invoke(cli, ["--log-format", "json", *args, "--cv", "2", "--calibrate"])
     assert result.exit_code == 0, result.output
     assert "2-fold cross-validation" in result.stdout
     summary = json.loads((out / "cv.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [1, 2]
+    # each fold's own Platt fit on its monitoring patients (a tiny model: not the identity)
+    assert all(
+        f["calibration"]["scale"] > 0 and f["calibration"] != {"scale": 1.0, "shift": 0.0} for f in summary["folds"]
+    )
     with (out / "cv_predictions.csv").open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == summary["n"] == len(data.discover(synthetic_dataset))

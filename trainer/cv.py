@@ -20,7 +20,14 @@ from histod.errors import ConfigError
 from histod.logs import get_logger
 from histod.trainer import artefacts, data
 from histod.trainer.config import TrainConfig
-from histod.trainer.evaluate import bootstrap_ci, choose_threshold, expected_calibration_error, metrics
+from histod.trainer.evaluate import (
+    apply_calibration,
+    bootstrap_ci,
+    choose_threshold,
+    expected_calibration_error,
+    fit_calibration,
+    metrics,
+)
 
 log = get_logger("histod.trainer")
 
@@ -60,13 +67,20 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
         keras.utils.set_random_seed(cfg.seed + i)
         model = build_model(cfg)
         fit(model, cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
-        p_mon = predict_views(model, images[mon_idx], cfg.tta).mean(axis=0)
+        mon_views = predict_views(model, images[mon_idx], cfg.tta).astype(np.float64)
+        val_views = predict_views(model, images[val_idx], cfg.tta).astype(np.float64)
+        scale, shift = 1.0, 0.0
+        if cfg.calibrate:  # Platt on the monitoring patients, as histod train folds it in on its validation split
+            scale, shift = fit_calibration(labels[mon_idx], mon_views)
+            mon_views = apply_calibration(mon_views, scale, shift)
+            val_views = apply_calibration(val_views, scale, shift)
+        p_mon = mon_views.mean(axis=0)
         threshold = (
             cfg.threshold
             if cfg.threshold is not None
             else choose_threshold(labels[mon_idx], p_mon, cfg.target_sensitivity)
         )
-        p = predict_views(model, images[val_idx], cfg.tta).mean(axis=0)
+        p = val_views.mean(axis=0)
         p_oof[val_idx] = p
         decided[val_idx] = p >= threshold
         fold_of[val_idx] = i
@@ -76,6 +90,7 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
             **{key: m[key] for key in (*KEYS, "threshold", "confusion_matrix")},
             "n": len(val_idx),
             "val_patients": len({kept[j].group for j in val_idx}),
+            "calibration": {"scale": scale, "shift": shift},
         }
         rows.append(row)
         log.info("cv_fold", **{key: row[key] for key in ("fold", *KEYS, "n")})
