@@ -106,7 +106,7 @@ def test_hostile_corpus_through_the_running_service(
             120,
             what=f"{len(expected)} hostile entries recorded and moved",
         )
-        assert thread.is_alive() and errors == []
+        assert thread.is_alive() and errors == [], errors
         (watch / "after.png").write_bytes(encode(noise(48, seed=14), "PNG"))  # still serving
         wait_for(lambda: row_count(settings) == 2 + len(expected) or errors, 60, what="a good file after the corpus")
     finally:
