@@ -46,7 +46,7 @@ def main() -> int:
     from histod.trainer.augment import pipeline
     from histod.trainer.config import TrainConfig
     from histod.trainer.fit import class_weights, datasets
-    from histod.trainer.model import build_model, freeze_base, unfreeze_top
+    from histod.trainer.model import HEAD_BN_LAYER, build_model, freeze_base, head_features, unfreeze_top
 
     d = prepare(data_dir, 64, 42, 0.2)
     pick = np.random.default_rng(0).permutation(len(d["y_fit"]))[:2400]
@@ -58,8 +58,8 @@ def main() -> int:
     keras.utils.set_random_seed(1)
     model = build_model(cfg)
     train, val = datasets(cfg, xf, yf, xm, ym)
-    features = keras.Model(model.input, model.get_layer("pool").output)
-    bn = model.get_layer("head_bn")
+    features = head_features(model)
+    bn = model.get_layer(HEAD_BN_LAYER)
     maybe_augment = pipeline(cfg)
     if maybe_augment is None:  # dihedral is on, so this cannot happen
         raise SystemExit("no augmentation configured")

@@ -15,7 +15,9 @@ from histod.trainer.config import TrainConfig
 
 BASE_NAME = "mobilenetv2_base"
 OUTPUT_LAYER = "p_malignant"
-HEAD_LAYERS = ("pool", "head_bn", "head_dropout", OUTPUT_LAYER)
+POOL_LAYER = "pool"  # the pooled base features: the head's input
+HEAD_BN_LAYER = "head_bn"
+HEAD_LAYERS = (POOL_LAYER, HEAD_BN_LAYER, "head_dropout", OUTPUT_LAYER)
 
 
 def build_base(cfg: TrainConfig) -> Any:
@@ -73,8 +75,8 @@ def build_model(cfg: TrainConfig) -> Any:
         # wreck the ImageNet statistics (the Keras transfer-learning guide). Keras 3 lets fit's training=True
         # override this, so unfreeze_top also keeps those layers frozen.
         x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
-    x = keras.layers.BatchNormalization(momentum=cfg.head_bn_momentum, name="head_bn")(x)
+    x = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
+    x = keras.layers.BatchNormalization(momentum=cfg.head_bn_momentum, name=HEAD_BN_LAYER)(x)
     x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(x)
     return keras.Model(inputs, outputs, name="histod_mobilenetv2")
@@ -102,7 +104,7 @@ def head_features(model: Any) -> Any:
     """The model up to the pooled base features (the head BatchNorm's input), sharing its layers and weights."""
     import keras
 
-    return keras.Model(model.input, model.get_layer("pool").output)
+    return keras.Model(model.input, model.get_layer(POOL_LAYER).output)
 
 
 def recalibrate_head_bn(model: Any, images: Any, features: Any = None, batch_size: int = 64) -> None:
@@ -113,7 +115,7 @@ def recalibrate_head_bn(model: Any, images: Any, features: Any = None, batch_siz
     ``features`` (head_features(model)) when calling this often: each new keras.Model traces predict again."""
     features = head_features(model) if features is None else features
     f = np.asarray(features.predict(images, batch_size=batch_size, verbose=0), dtype=np.float64)
-    bn = model.get_layer("head_bn")
+    bn = model.get_layer(HEAD_BN_LAYER)
     bn.moving_mean.assign(f.mean(axis=0).astype(np.float32))
     bn.moving_variance.assign(f.var(axis=0).astype(np.float32))
 
