@@ -97,7 +97,7 @@ def learning_rate(cfg: TrainConfig, phase: str, rate: float, epochs: int, steps_
     return rate
 
 
-def _head_bn_for_ema(images: NDArray[np.uint8]) -> Any:
+def _head_bn_for_ema(images: NDArray[np.float32]) -> Any:
     """After SwapEMAWeights has put the averaged weights in for validation: the head BatchNorm's statistics for
     them (gathered under the raw weights they are far off: validation loss 12 instead of 0.5 was measured)."""
     import keras
@@ -107,7 +107,7 @@ def _head_bn_for_ema(images: NDArray[np.uint8]) -> Any:
 
         def on_test_begin(self, logs: dict[str, float] | None = None) -> None:
             self.features = head_features(self.model) if self.features is None else self.features
-            recalibrate_head_bn(self.model, images.astype(np.float32), self.features)
+            recalibrate_head_bn(self.model, images, self.features)
 
     return HeadBatchNorm()
 
@@ -121,7 +121,7 @@ def _phase(
     train: Any,
     val: Any,
     weights: Any,
-    bn_images: NDArray[np.uint8],
+    bn_images: NDArray[np.float32] | None,
 ) -> tuple[dict[str, list[float]], bool]:
     import keras
 
@@ -140,7 +140,8 @@ def _phase(
         monitor=cfg.monitor, mode=mode, patience=cfg.patience, restore_best_weights=True
     )
     callbacks = [stop, _epoch_logger(name, epochs)]
-    if ema:  # the averaged weights go into the model at each epoch's end, before EarlyStopping looks at them
+    if bn_images is not None:  # ema: the averaged weights go into the model at each epoch's end, before
+        # EarlyStopping looks at them
         callbacks[:0] = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), _head_bn_for_ema(bn_images)]
     if isinstance(schedule, float):  # a schedule owns the rate: ReduceLROnPlateau cannot set it
         plateau = keras.callbacks.ReduceLROnPlateau(
@@ -175,7 +176,10 @@ def fit(
         calibrate_batchnorm(model, x_train[: max(cfg.batch_size, 64)])
     train, val = datasets(cfg, x_train, y_train, x_val, y_val)
     weights = class_weights(y_train) if cfg.class_weights else None
-    bn_images = x_train[np.random.default_rng(cfg.seed).permutation(len(x_train))[:EMA_BN_IMAGES]]
+    bn_images = None  # with ema (only): the fixed training images whose features set the head BatchNorm for it
+    if cfg.ema > 0:
+        pick = np.random.default_rng(cfg.seed).permutation(len(x_train))[:EMA_BN_IMAGES]
+        bn_images = x_train[pick].astype(np.float32)
     keys = HISTORY_KEYS + (AUC_KEYS if cfg.monitor == "val_auc" else ())
     result = FitResult(history={k: [] for k in keys})
     sign = -1.0 if _mode(cfg) == "max" else 1.0  # minimise sign * monitor
