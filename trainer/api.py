@@ -56,7 +56,7 @@ def train(cfg: TrainConfig) -> Path:
     _check_out(cfg.out)
     import keras
 
-    from histod.trainer.export import PARITY_TOLERANCE, export, fold_calibration, predict_views, write_run_info
+    from histod.trainer.export import export, fold_calibration, parity_allowance, predict_views, write_run_info
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
 
@@ -153,7 +153,7 @@ def train(cfg: TrainConfig) -> Path:
             "seed": cfg.seed,
             "versions": artefacts.versions(),
             "sha256": {KERAS_FILE: info.keras_sha256, TFLITE_FILE: info.tflite_sha256},
-            "parity": {"max_abs_diff": diff, "images": n_checked, "tolerance": PARITY_TOLERANCE * max(1.0, scale)},
+            "parity": {"max_abs_diff": diff, "images": n_checked, "tolerance": parity_allowance(scale)},
             "wall_time_s": round(time.monotonic() - started, 1),
             "config": cfg.model_dump(mode="json"),
         },

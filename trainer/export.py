@@ -62,6 +62,11 @@ def fold_calibration(model: Any, scale: float, shift: float) -> None:
     layer.set_weights([kernel * scale, bias * scale + shift])
 
 
+def parity_allowance(calibration_scale: float = 1.0, tolerance: float = PARITY_TOLERANCE) -> float:
+    """The largest |Keras - LiteRT| accepted: ``tolerance``, times the folded Platt scale when that is above 1."""
+    return tolerance * max(1.0, calibration_scale)
+
+
 def parity(
     keras_p: NDArray[np.float32],
     litert_p: NDArray[np.float32],
@@ -75,7 +80,7 @@ def parity(
     move p by 1e-2 and more, not for rounding."""
     if keras_p.shape != litert_p.shape:
         raise ExportParityError(f"LiteRT returned shape {litert_p.shape}, Keras {keras_p.shape}")
-    allowed = tolerance * max(1.0, calibration_scale)
+    allowed = parity_allowance(calibration_scale, tolerance)
     diff = float(np.max(np.abs(keras_p.astype(np.float64) - litert_p))) if keras_p.size else 0.0
     if not np.isfinite(diff) or diff > allowed:
         scaled = f" (calibration scale {calibration_scale:.3g})" if calibration_scale > 1.0 else ""
