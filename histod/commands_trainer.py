@@ -185,6 +185,12 @@ def _cross_validate(cfg: TrainConfig, k: int) -> None:
         click.echo(
             f"  fold {fold['fold']}: balanced accuracy {_fmt(fold['balanced_accuracy'])}  "
             f"ROC AUC {_fmt(fold['roc_auc'])}  ({fold['val_patients']} patients, {fold['n']} images)"
+            + (
+                f"; first view alone {_fmt(fold['single_view']['balanced_accuracy'])} / "
+                f"{_fmt(fold['single_view']['roc_auc'])}"
+                if "single_view" in fold
+                else ""
+            )
         )
     for key in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity"):
         m = summary["mean"][key]

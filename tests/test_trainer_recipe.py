@@ -347,11 +347,17 @@ def test_scorer_applies_the_runs_tta(tiny_run_dir: Path, tmp_path: Path) -> None
 def test_cv_holds_every_patient_out_exactly_once(synthetic_dataset: Path, tmp_path: Path) -> None:
     out = tmp_path / "cv"
     args = ["train", str(synthetic_dataset), "--out", str(out), *TINY, "--head-epochs", "1", "--epochs", "0"]
-    result = CliRunner().invoke(cli, ["--log-format", "json", *args, "--cv", "2", "--calibrate"])
+    result = CliRunner().invoke(cli, ["--log-format", "json", *args, "--cv", "2", "--calibrate", "--tta", "2"])
     assert result.exit_code == 0, result.output
-    assert "2-fold cross-validation" in result.stdout
+    assert "2-fold cross-validation" in result.stdout and "first view alone" in result.stdout
     summary = json.loads((out / "cv.json").read_text())
     assert [f["fold"] for f in summary["folds"]] == [1, 2]
+    assert all(f["epochs"] == 1 and f["best_epoch"] == 1 and f["seconds"] > 0 for f in summary["folds"])
+    # with 2 views each fold also scores its first view alone, thresholded on that view's monitoring p
+    for key in ("balanced_accuracy", "roc_auc"):
+        singles = [f["single_view"][key] for f in summary["folds"]]
+        assert all(0.0 <= v <= 1.0 for v in singles)
+        assert summary["mean_single_view"][key] == pytest.approx(sum(singles) / 2)
     # each fold's own Platt fit on its monitoring patients (a tiny model: not the identity)
     assert all(
         f["calibration"]["scale"] > 0 and f["calibration"] != {"scale": 1.0, "shift": 0.0} for f in summary["folds"]

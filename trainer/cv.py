@@ -4,7 +4,9 @@ Every patient is held out exactly once. In each fold the training patients are s
 grouped split `histod train` makes) into a fitting part and a monitoring part: the monitoring patients drive
 EarlyStopping and choose the decision threshold, so the held-out fold only ever scores. Writes OUT/cv.json (per
 fold, mean and standard deviation over folds, and the pooled out-of-fold figures with a 95 % bootstrap interval
-over patients) and OUT/cv_predictions.csv. No model is kept: train one with the same flags and no --cv.
+over patients) and OUT/cv_predictions.csv. With --tta N > 1 each fold also reports its first view alone
+(``single_view``: its own threshold on the monitoring patients), so the views' share of a result can be told
+from the model's. No model is kept: train one with the same flags and no --cv.
 """
 
 from __future__ import annotations
@@ -60,13 +62,14 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     index = {s.path: j for j, s in enumerate(kept)}
     for i, (train_idx, val_idx) in enumerate(folds, start=1):
+        fold_started = time.monotonic()
         inner = data.split([kept[j] for j in train_idx], cfg.val_split, cfg.seed, cfg.split_by)
         fit_idx = np.array([index[s.path] for s in inner.train])
         mon_idx = np.array([index[s.path] for s in inner.val])
         keras.backend.clear_session()
         keras.utils.set_random_seed(cfg.seed + i)
         model = build_model(cfg)
-        fit(model, cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
+        fitted = fit(model, cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
         mon_views = predict_views(model, images[mon_idx], cfg.tta).astype(np.float64)
         val_views = predict_views(model, images[val_idx], cfg.tta).astype(np.float64)
         scale, shift = 1.0, 0.0
@@ -91,7 +94,12 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
             "n": len(val_idx),
             "val_patients": len({kept[j].group for j in val_idx}),
             "calibration": {"scale": scale, "shift": shift},
+            "epochs": len(fitted.phases),
+            "best_epoch": fitted.best_epoch,
+            "seconds": round(time.monotonic() - fold_started, 1),
         }
+        if cfg.tta > 1:
+            row["single_view"] = _single_view(cfg, labels[mon_idx], mon_views[0], labels[val_idx], val_views[0])
         rows.append(row)
         log.info("cv_fold", **{key: row[key] for key in ("fold", *KEYS, "n")})
     groups = np.array([s.group for s in kept])
@@ -106,6 +114,11 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
         "folds": rows,
         "mean": {key: float(np.mean([r[key] for r in rows])) for key in KEYS},
         "sd": {key: float(np.std([r[key] for r in rows], ddof=1)) for key in KEYS},
+        **(
+            {"mean_single_view": {key: float(np.mean([r["single_view"][key] for r in rows])) for key in KEYS}}
+            if cfg.tta > 1
+            else {}
+        ),
         "pooled": {key: pooled[key] for key in KEYS},
         "pooled_ci95": bootstrap_ci(labels, p_oof, groups, 0.5, decisions=decided),
         "ece_pooled": expected_calibration_error(labels, p_oof),
@@ -115,6 +128,13 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
     artefacts.write_json(cfg.out / SUMMARY, summary)
     _write_predictions(cfg.out / "cv_predictions.csv", cfg.data_dir, kept, p_oof, decided, fold_of)
     return summary
+
+
+def _single_view(cfg: TrainConfig, y_mon: Any, p_mon: Any, y_val: Any, p_val: Any) -> dict[str, float]:
+    """A fold's figures from its first test-time view alone, thresholded on the monitoring patients' first view."""
+    threshold = cfg.threshold if cfg.threshold is not None else choose_threshold(y_mon, p_mon, cfg.target_sensitivity)
+    m = metrics(y_val, p_val, threshold)
+    return {key: m[key] for key in (*KEYS, "threshold")}
 
 
 def _write_predictions(path: Path, root: Path, kept: list[data.Sample], p: Any, decided: Any, fold_of: Any) -> None:
