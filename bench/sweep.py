@@ -62,6 +62,7 @@ HISTOLOGY: dict[str, Any] = {
     "patience": 5,
     "lr_patience": 3,
     "dropout": 0.4,
+    "ema": 0.0,  # > 0: Adam's moving average of the weights, swapped in for validation, with the head BN update
 }
 
 RECIPES: dict[str, dict[str, Any]] = {
@@ -78,6 +79,9 @@ RECIPES: dict[str, dict[str, Any]] = {
     "adamw": {"weight_decay": 1e-4},
     "lr3e-5": {"lr": 3e-5},
     "epochs50_p8": {"epochs": 50, "patience": 8, "lr_patience": 4},
+    "ema": {"ema": 0.999},
+    "ema_size128": {"ema": 0.999, "image_size": 128},
+    "smoke_ema": {"image_size": 32, "head_epochs": 1, "epochs": 2, "batch_size": 64, "ema": 0.9},
     "smoke": {"image_size": 32, "head_epochs": 1, "epochs": 1, "batch_size": 64, "stain": 0.05, "color": 0.5},
 }
 
@@ -162,8 +166,8 @@ def build(rc: dict[str, Any], weights: str, seed: int) -> tuple[Any, Any, Any]:
     inputs = keras.Input((size, size, 3), name="rgb_0_255")
     x = keras.layers.Rescaling(1 / 127.5, offset=-1.0)(inputs)
     x = base(x, training=False)
-    x = keras.layers.GlobalAveragePooling2D()(x)
-    x = keras.layers.BatchNormalization()(x)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    x = keras.layers.BatchNormalization(name="head_bn")(x)
     x = keras.layers.Dropout(rc["dropout"])(x)
     model = keras.Model(inputs, keras.layers.Dense(1, activation="sigmoid")(x))
 
@@ -195,7 +199,41 @@ def build(rc: dict[str, Any], weights: str, seed: int) -> tuple[Any, Any, Any]:
     return model, keras.Model(t_in, model(t)), base
 
 
-def fit(rc: dict[str, Any], d: dict[str, NDArray[Any]], weights: str, seed: int) -> tuple[Any, dict[str, Any]]:
+def _callbacks(rc: dict[str, Any], model: Any, x_bn: NDArray[Any], phase: str) -> list[Any]:
+    """With ema: SwapEMAWeights, then trainer.model.recalibrate_head_bn's update of the head BatchNorm (on the
+    same 1,024 training images) for the averaged weights; and always a progress line per epoch."""
+    import keras
+
+    started = [time.monotonic()]
+
+    class Progress(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
+            logs = logs or {}
+            now = time.monotonic()
+            print(
+                f"  {phase} epoch {epoch + 1}: val_loss {logs.get('val_loss', float('nan')):.4f} "
+                f"{now - started[0]:.1f}s",
+                flush=True,
+            )
+            started[0] = now
+
+    class HeadBatchNorm(keras.callbacks.Callback):  # type: ignore[misc]
+        features = keras.Model(model.input, model.get_layer("pool").output)
+
+        def on_test_begin(self, logs: dict[str, float] | None = None) -> None:
+            f = np.asarray(self.features.predict(x_bn, batch_size=256, verbose=0), dtype=np.float64)
+            bn = model.get_layer("head_bn")
+            bn.moving_mean.assign(f.mean(axis=0).astype("float32"))
+            bn.moving_variance.assign(f.var(axis=0).astype("float32"))
+
+    if rc["ema"] > 0:
+        return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), HeadBatchNorm(), Progress()]
+    return [Progress()]
+
+
+def fit(
+    rc: dict[str, Any], d: dict[str, NDArray[Any]], weights: str, seed: int, spe: int = 1
+) -> tuple[Any, dict[str, Any]]:
     import keras
 
     keras.utils.set_random_seed(seed)
@@ -205,6 +243,7 @@ def fit(rc: dict[str, Any], d: dict[str, NDArray[Any]], weights: str, seed: int)
     x_mon, y_mon = d["x"][mon].astype("float32"), d["y"][mon].astype("float32")
     counts = np.bincount(d["y"][fit_], minlength=2)
     class_weight = {c: len(y_fit) / (2.0 * counts[c]) for c in range(2)}
+    x_bn = x_fit[np.random.default_rng(seed).permutation(len(x_fit))[:1024]]
     mode = "max" if rc["monitor"] == "val_auc" else "min"
     best, best_w, epochs_run, best_epoch = None, None, 0, 0
     for phase, epochs, rate in (("head", rc["head_epochs"], rc["head_lr"]), ("fine", rc["epochs"], rc["lr"])):
@@ -216,15 +255,17 @@ def fit(rc: dict[str, Any], d: dict[str, NDArray[Any]], weights: str, seed: int)
             for i, layer in enumerate(base.layers):
                 is_bn = isinstance(layer, keras.layers.BatchNormalization)
                 layer.trainable = i >= cut and not (rc["freeze_bn"] and is_bn)
+        ema = {"use_ema": True, "ema_momentum": rc["ema"]} if rc["ema"] > 0 else {}
         opt = (
-            keras.optimizers.AdamW(learning_rate=rate, weight_decay=rc["weight_decay"])
+            keras.optimizers.AdamW(learning_rate=rate, weight_decay=rc["weight_decay"], **ema)
             if rc["weight_decay"] > 0
-            else keras.optimizers.Adam(learning_rate=rate)
+            else keras.optimizers.Adam(learning_rate=rate, **ema)
         )
         train_model.compile(
             optimizer=opt,
             loss=keras.losses.BinaryCrossentropy(label_smoothing=rc["smoothing"]),
             metrics=[keras.metrics.BinaryAccuracy(name="accuracy"), keras.metrics.AUC(name="auc")],
+            steps_per_execution=spe,
         )
         stop = keras.callbacks.EarlyStopping(
             monitor=rc["monitor"], mode=mode, patience=rc["patience"], restore_best_weights=True
@@ -239,7 +280,7 @@ def fit(rc: dict[str, Any], d: dict[str, NDArray[Any]], weights: str, seed: int)
             epochs=epochs,
             validation_data=(x_mon, y_mon),
             class_weight=class_weight,
-            callbacks=[stop, plateau],
+            callbacks=[*_callbacks(rc, model, x_bn, phase), stop, plateau],
             verbose=0,
             shuffle=True,
         ).history
@@ -252,12 +293,12 @@ def fit(rc: dict[str, Any], d: dict[str, NDArray[Any]], weights: str, seed: int)
     return model, {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_monitor": best}
 
 
-def job(bundle: Path, cache: Path, weights: str, name: str, seed: int, out: Path) -> None:
+def job(bundle: Path, cache: Path, weights: str, name: str, seed: int, out: Path, spe: int = 1) -> None:
     rc = {**HISTOLOGY, **RECIPES[name]}
     z = np.load(cache / f"x{rc['image_size']}.npz")
     d = {k: z[k] for k in z.files}
     started = time.monotonic()
-    model, info = fit(rc, d, weights, seed)
+    model, info = fit(rc, d, weights, seed, spe)
     train_s = time.monotonic() - started
     p = {}
     for side, key in ((1, "mon"), (2, "val")):
@@ -307,6 +348,7 @@ def run(args: argparse.Namespace) -> int:
         while queue and len(running) < args.jobs and elapsed < args.deadline - args.min_job_s:
             name, seed = queue.pop(0)
             cmd = [sys.executable, __file__, "job", args.bundle, str(work), args.weights, name, str(seed), str(work)]
+            cmd.append(str(args.steps_per_execution))
             running.append((subprocess.Popen(cmd, env=env), name, seed, time.monotonic()))
         if elapsed > args.deadline and not running:
             break
@@ -382,8 +424,8 @@ def table(path: Path, boot: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "job":
-        _, bundle, cache, weights, name, seed, out = argv
-        job(Path(bundle), Path(cache), weights, name, int(seed), Path(out))
+        _, bundle, cache, weights, name, seed, out, *spe = argv
+        job(Path(bundle), Path(cache), weights, name, int(seed), Path(out), int(spe[0]) if spe else 1)
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
@@ -400,6 +442,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--min-job-s", type=float, default=120, help="no job starts with less than this left")
     r.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     r.add_argument("--recipes", nargs="*")
+    r.add_argument("--steps-per-execution", type=int, default=1, help="Keras steps per compiled call")
     t = sub.add_parser("table")
     t.add_argument("npz", type=Path)
     t.add_argument("--bootstrap", type=int, default=1000)
