@@ -19,7 +19,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
+
+if __package__ in (None, ""):  # run as a file: make `histod` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from histod.trainer.evaluate import patient_resamples, resample_figures
 
 KEYS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")
 
@@ -33,18 +37,6 @@ def load(path: Path) -> dict[str, tuple[str, int, float, bool]]:
         }
 
 
-def figures(y: NDArray[Any], p: NDArray[Any], called: NDArray[Any]) -> dict[str, float]:
-    from sklearn.metrics import roc_auc_score
-
-    sens, spec = float(np.mean(called[y == 1])), float(np.mean(~called[y == 0]))
-    return {
-        "balanced_accuracy": (sens + spec) / 2,
-        "roc_auc": float(roc_auc_score(y, p)),
-        "sensitivity": sens,
-        "specificity": spec,
-    }
-
-
 def compare(a: Path, b: Path, n: int = 2000, seed: int = 0) -> dict[str, dict[str, Any]]:
     ra, rb = load(a), load(b)
     if ra.keys() != rb.keys():
@@ -56,16 +48,13 @@ def compare(a: Path, b: Path, n: int = 2000, seed: int = 0) -> dict[str, dict[st
         raise SystemExit("the two runs disagree on labels")
     p = {"A": np.array([ra[k][2] for k in paths]), "B": np.array([rb[k][2] for k in paths])}
     called = {"A": np.array([ra[k][3] for k in paths]), "B": np.array([rb[k][3] for k in paths])}
-    point = {side: figures(y, p[side], called[side]) for side in ("A", "B")}
+    point = {side: resample_figures(y, p[side], called[side]) for side in ("A", "B")}
     point["B - A"] = {key: point["B"][key] - point["A"][key] for key in KEYS}
-    members = [np.flatnonzero(g == u) for u in np.unique(g)]
-    rng = np.random.default_rng(seed)
     draws: dict[str, list[dict[str, float]]] = {"A": [], "B": [], "B - A": []}
-    for _ in range(n):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(members), size=len(members))])
+    for idx in patient_resamples(g, n, seed):
         if len(np.unique(y[idx])) < 2:
             continue
-        fa, fb = (figures(y[idx], p[s][idx], called[s][idx]) for s in ("A", "B"))
+        fa, fb = (resample_figures(y[idx], p[s][idx], called[s][idx]) for s in ("A", "B"))
         draws["A"].append(fa)
         draws["B"].append(fb)
         draws["B - A"].append({key: fb[key] - fa[key] for key in KEYS})
@@ -76,7 +65,7 @@ def compare(a: Path, b: Path, n: int = 2000, seed: int = 0) -> dict[str, dict[st
         }
         if side == "B - A":  # how often B came out ahead
             out[side]["share_b_ahead"] = {key: float(np.mean([r[key] > 0 for r in rows])) for key in KEYS}
-    out["n"] = {"images": len(paths), "patients": len(members), "resamples": len(draws["A"])}
+    out["n"] = {"images": len(paths), "patients": len(np.unique(g)), "resamples": len(draws["A"])}
     return out
 
 

@@ -23,7 +23,7 @@ from histod.trainer.config import TrainConfig
 from histod.trainer.evaluate import (
     bootstrap_ci,
     calibration_bins,
-    choose_threshold,
+    decision_threshold,
     expected_calibration_error,
     fit_calibration,
     metrics,
@@ -89,7 +89,7 @@ def train(cfg: TrainConfig) -> Path:
         fold_calibration(model, scale, shift)
         p_views = predict_views(model, x_val, cfg.tta)
     p_val = p_views.mean(axis=0)
-    threshold = cfg.threshold if cfg.threshold is not None else choose_threshold(y_val, p_val, cfg.target_sensitivity)
+    threshold = decision_threshold(y_val, p_val, cfg.threshold, cfg.target_sensitivity)
     scores = metrics(y_val, p_val, threshold)
     val_groups = np.array([s.group for s in split.val])
     ci = bootstrap_ci(y_val, p_val, val_groups, threshold)

@@ -25,7 +25,7 @@ from histod.trainer.config import TrainConfig
 from histod.trainer.evaluate import (
     apply_calibration,
     bootstrap_ci,
-    choose_threshold,
+    decision_threshold,
     expected_calibration_error,
     fit_calibration,
     metrics,
@@ -78,11 +78,7 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
             mon_views = apply_calibration(mon_views, scale, shift)
             val_views = apply_calibration(val_views, scale, shift)
         p_mon = mon_views.mean(axis=0)
-        threshold = (
-            cfg.threshold
-            if cfg.threshold is not None
-            else choose_threshold(labels[mon_idx], p_mon, cfg.target_sensitivity)
-        )
+        threshold = decision_threshold(labels[mon_idx], p_mon, cfg.threshold, cfg.target_sensitivity)
         p = val_views.mean(axis=0)
         p_oof[val_idx] = p
         decided[val_idx] = p >= threshold
@@ -132,8 +128,7 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
 
 def _single_view(cfg: TrainConfig, y_mon: Any, p_mon: Any, y_val: Any, p_val: Any) -> dict[str, float]:
     """A fold's figures from its first test-time view alone, thresholded on the monitoring patients' first view."""
-    threshold = cfg.threshold if cfg.threshold is not None else choose_threshold(y_mon, p_mon, cfg.target_sensitivity)
-    m = metrics(y_val, p_val, threshold)
+    m = metrics(y_val, p_val, decision_threshold(y_mon, p_mon, cfg.threshold, cfg.target_sensitivity))
     return {key: m[key] for key in (*KEYS, "threshold")}
 
 

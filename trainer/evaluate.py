@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -57,6 +58,13 @@ def metrics(y_true: ArrayLike, p: ArrayLike, threshold: float) -> dict[str, Any]
         "n_benign": int(np.sum(y == 0)),
         "n_malignant": int(np.sum(y == 1)),
     }
+
+
+def decision_threshold(
+    y_true: ArrayLike, p: ArrayLike, fixed: float | None = None, target_sensitivity: float | None = None
+) -> float:
+    """``fixed`` when given (``--threshold``), else :func:`choose_threshold`'s choice on these validation data."""
+    return fixed if fixed is not None else choose_threshold(y_true, p, target_sensitivity)
 
 
 def choose_threshold(y_true: ArrayLike, p: ArrayLike, target_sensitivity: float | None = None) -> float:
@@ -180,6 +188,29 @@ def apply_calibration(p: ArrayLike, scale: float, shift: float) -> NDArray[np.fl
     return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
 
 
+def patient_resamples(groups: ArrayLike, n: int, seed: int = 0) -> Iterator[NDArray[np.int64]]:
+    """``n`` bootstrap resamples of GROUPS (patients) with replacement, each as the indices of its images."""
+    g = np.asarray(groups).ravel()
+    unique = np.unique(g)
+    members = [np.flatnonzero(g == u) for u in unique]
+    rng = np.random.default_rng(seed)
+    for _ in range(n):
+        yield np.concatenate([members[i] for i in rng.integers(0, len(unique), size=len(unique))])
+
+
+def resample_figures(y: NDArray[np.int64], p: NDArray[np.float64], called: NDArray[np.bool_]) -> dict[str, float]:
+    """Balanced accuracy, ROC AUC, sensitivity and specificity of one resample, from its p and decisions."""
+    from sklearn.metrics import roc_auc_score
+
+    sens, spec = float(np.mean(called[y == 1])), float(np.mean(~called[y == 0]))
+    return {
+        "balanced_accuracy": (sens + spec) / 2,
+        "roc_auc": float(roc_auc_score(y, p)),
+        "sensitivity": sens,
+        "specificity": spec,
+    }
+
+
 def bootstrap_ci(
     y_true: ArrayLike,
     p: ArrayLike,
@@ -192,26 +223,15 @@ def bootstrap_ci(
     """95 % intervals of balanced accuracy, ROC AUC, sensitivity and specificity by resampling GROUPS (patients)
     with replacement: tiles of one patient are not independent, so resampling tiles would make them too narrow.
     ``decisions`` (bool per image) replaces ``p >= threshold`` where each image had its own threshold."""
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(y_true).astype(np.int64).ravel()
     prob = np.asarray(p, dtype=np.float64).ravel()
-    g = np.asarray(groups).ravel()
-    unique = np.unique(g)
-    members = [np.flatnonzero(g == u) for u in unique]
     called = prob >= threshold if decisions is None else np.asarray(decisions, dtype=bool).ravel()
-    rng = np.random.default_rng(seed)
     samples: dict[str, list[float]] = {"balanced_accuracy": [], "roc_auc": [], "sensitivity": [], "specificity": []}
-    for _ in range(n):
-        idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), size=len(unique))])
-        yy, pp, pred = y[idx], prob[idx], called[idx]
-        if len(np.unique(yy)) < 2:
+    for idx in patient_resamples(groups, n, seed):
+        if len(np.unique(y[idx])) < 2:
             continue
-        sens, spec = float(np.mean(pred[yy == 1])), float(np.mean(~pred[yy == 0]))
-        samples["sensitivity"].append(sens)
-        samples["specificity"].append(spec)
-        samples["balanced_accuracy"].append((sens + spec) / 2)
-        samples["roc_auc"].append(float(roc_auc_score(yy, pp)))
+        for k, v in resample_figures(y[idx], prob[idx], called[idx]).items():
+            samples[k].append(v)
     return {
         k: [float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5))] if v else [math.nan, math.nan]
         for k, v in samples.items()
