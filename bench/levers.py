@@ -124,6 +124,10 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
         "the weights (Adam EMA, momentum 0.999: about the last 1,000 steps)",
         {**HISTOLOGY, "ema": PRESETS["histology"]["ema"]},
     ),
+    "histology+ema+seed1": (
+        "histology+ema again with training seed 1 instead of 42 (the same patients): how far one run's noise goes",
+        {**HISTOLOGY, "ema": PRESETS["histology"]["ema"], "seed": 1},
+    ),
     "histology+lr3e-5": (
         "the histology preset with the whole base fine-tuned at 3e-5 instead of 1e-4",
         {**HISTOLOGY, "learning_rate": 3e-5},

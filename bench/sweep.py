@@ -81,6 +81,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "epochs50_p8": {"epochs": 50, "patience": 8, "lr_patience": 4},
     "ema": {"ema": 0.999},
     "ema_size128": {"ema": 0.999, "image_size": 128},
+    "ema_stain_color": {"ema": 0.999, "stain": 0.05, "color": 0.5},
     "smoke_ema": {"image_size": 32, "head_epochs": 1, "epochs": 2, "batch_size": 64, "ema": 0.9},
     "smoke": {"image_size": 32, "head_epochs": 1, "epochs": 1, "batch_size": 64, "stain": 0.05, "color": 0.5},
 }
@@ -125,6 +126,46 @@ def decode(bundle: Path, size: int) -> dict[str, NDArray[Any]]:
 
 
 # --- run (on any Keras backend) -----------------------------------------------------------------------------------
+def affine_matrix(angle: Any, zoom: Any, shear_r: Any, shear_c: Any, flip: Any) -> Any:
+    """(n, 2, 2): for each image, the map from an output pixel's (row, col) offset from the centre to the input's:
+    rotation . shear . zoom . horizontal flip (flip = -1 mirrors the columns)."""
+    from keras import ops
+
+    cos, sin = ops.cos(angle), ops.sin(angle)
+    # rotation @ shear, with shear = [[1, shear_r], [shear_c, 1]]
+    a = cos - sin * shear_c
+    b = cos * shear_r - sin
+    c = sin + cos * shear_c
+    d = sin * shear_r + cos
+    return ops.stack([ops.stack([a * zoom, b * zoom * flip], -1), ops.stack([c * zoom, d * zoom * flip], -1)], 1)
+
+
+def warp(x: Any, m: Any) -> Any:
+    """Bilinear resampling of images x (n, h, w, ch) through per-image 2x2 maps m about the centre; coordinates
+    past the edge are clamped to it (Keras' fill_mode="nearest")."""
+    from keras import ops
+
+    n, h, w, ch = ops.shape(x)
+    rr, cc = np.meshgrid(np.arange(h, dtype="float32"), np.arange(w, dtype="float32"), indexing="ij")
+    cr, ccen = (h - 1) / 2.0, (w - 1) / 2.0
+    grid = ops.convert_to_tensor(np.stack([rr.ravel() - cr, cc.ravel() - ccen]))  # (2, h*w)
+    src = ops.einsum("nij,jp->nip", m, grid)  # (n, 2, h*w)
+    r = ops.clip(src[:, 0] + cr, 0.0, h - 1.0)
+    c = ops.clip(src[:, 1] + ccen, 0.0, w - 1.0)
+    r0, c0 = ops.floor(r), ops.floor(c)
+    fr, fc = (r - r0)[..., None], (c - c0)[..., None]
+    r0i, c0i = ops.cast(r0, "int32"), ops.cast(c0, "int32")
+    r1i, c1i = ops.minimum(r0i + 1, h - 1), ops.minimum(c0i + 1, w - 1)
+    flat = ops.reshape(x, (n, h * w, ch))
+
+    def at(ri: Any, ci: Any) -> Any:
+        return ops.take_along_axis(flat, (ri * w + ci)[..., None], axis=1)
+
+    top = at(r0i, c0i) * (1.0 - fc) + at(r0i, c1i) * fc
+    bottom = at(r1i, c0i) * (1.0 - fc) + at(r1i, c1i) * fc
+    return ops.reshape(top * (1.0 - fr) + bottom * fr, (n, h, w, ch))
+
+
 def build(rc: dict[str, Any], weights: str, seed: int) -> tuple[Any, Any, Any]:
     """(inference model, training model = augmentation + inference model, base)."""
     import keras
@@ -160,6 +201,29 @@ def build(rc: dict[str, Any], weights: str, seed: int) -> tuple[Any, Any, Any]:
             od = ops.einsum("bhwd,dc->bhwc", hed * scale + shift, self.r)
             return ops.clip(256.0 * ops.exp(-od) - 1.0, 0.0, 255.0)
 
+    class PaperAffine(keras.layers.Layer):  # type: ignore[misc]
+        """The paper's rotation 20°, zoom 0.2, shear 0.2 and horizontal flip (nearest fill) as ONE affine warp per
+        image: a bilinear gather written in keras.ops. Keras' RandomRotation/RandomZoom/RandomShear go through
+        jax.scipy.ndimage.map_coordinates on the JAX backend, which stalled on the GPU (bench/README)."""
+
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            self.gen = keras.random.SeedGenerator(seed)
+
+        def call(self, x: Any, training: bool = False) -> Any:
+            if not training:
+                return x
+            n = ops.shape(x)[0]
+
+            def u(lo: float, hi: float) -> Any:
+                return keras.random.uniform((n,), lo, hi, seed=self.gen)
+
+            angle = u(-20 / 180 * np.pi, 20 / 180 * np.pi)
+            zoom = 1.0 + u(-0.2, 0.2)  # one factor for both axes, as RandomZoom(0.2) keeps the aspect
+            shear_r, shear_c = u(-0.2, 0.2), u(-0.2, 0.2)
+            flip = ops.where(u(0.0, 1.0) < 0.5, -1.0, 1.0)
+            return warp(x, affine_matrix(angle, zoom, shear_r, shear_c, flip))
+
     size = rc["image_size"]
     base = keras.applications.MobileNetV2(input_shape=(size, size, 3), alpha=0.35, include_top=False, weights=None)
     base.load_weights(weights)
@@ -173,12 +237,7 @@ def build(rc: dict[str, Any], weights: str, seed: int) -> tuple[Any, Any, Any]:
 
     aug: list[Any] = []
     if rc["paper_aug"]:
-        aug += [
-            keras.layers.RandomRotation(20 / 360, fill_mode="nearest", seed=seed),
-            keras.layers.RandomZoom(0.2, fill_mode="nearest", seed=seed + 1),
-            keras.layers.RandomShear(x_factor=0.2, y_factor=0.2, fill_mode="nearest", seed=seed + 2),
-            keras.layers.RandomFlip("horizontal", seed=seed + 3),
-        ]
+        aug.append(PaperAffine(seed))
     if rc["dihedral"]:
         aug.append(Dihedral(seed + 4))
     if rc["stain"] > 0:
@@ -199,12 +258,19 @@ def build(rc: dict[str, Any], weights: str, seed: int) -> tuple[Any, Any, Any]:
     return model, keras.Model(t_in, model(t)), base
 
 
-def _callbacks(rc: dict[str, Any], model: Any, x_bn: NDArray[Any], phase: str) -> list[Any]:
+def _callbacks(rc: dict[str, Any], model: Any, x_bn: NDArray[Any], phase: str, until: float) -> list[Any]:
     """With ema: SwapEMAWeights, then trainer.model.recalibrate_head_bn's update of the head BatchNorm (on the
-    same 1,024 training images) for the averaged weights; and always a progress line per epoch."""
+    same 1,024 training images) for the averaged weights; always a progress line per epoch, and a stop at the first
+    step past ``until`` (time.monotonic()): that short epoch is validated, and EarlyStopping restores the best."""
     import keras
 
     started = [time.monotonic()]
+
+    class Budget(keras.callbacks.Callback):  # type: ignore[misc]
+        def on_train_batch_end(self, batch: int, logs: dict[str, float] | None = None) -> None:
+            if not self.model.stop_training and time.monotonic() > until:  # ends the epoch here: it is validated
+                self.model.stop_training = True
+                print(f"  {phase}: the job's time budget is spent at step {batch + 1}", flush=True)
 
     class Progress(keras.callbacks.Callback):  # type: ignore[misc]
         def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
@@ -227,12 +293,12 @@ def _callbacks(rc: dict[str, Any], model: Any, x_bn: NDArray[Any], phase: str) -
             bn.moving_variance.assign(f.var(axis=0).astype("float32"))
 
     if rc["ema"] > 0:
-        return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), HeadBatchNorm(), Progress()]
-    return [Progress()]
+        return [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), HeadBatchNorm(), Progress(), Budget()]
+    return [Progress(), Budget()]
 
 
 def fit(
-    rc: dict[str, Any], d: dict[str, NDArray[Any]], weights: str, seed: int, spe: int = 1
+    rc: dict[str, Any], d: dict[str, NDArray[Any]], weights: str, seed: int, spe: int = 1, until: float = np.inf
 ) -> tuple[Any, dict[str, Any]]:
     import keras
 
@@ -247,7 +313,7 @@ def fit(
     mode = "max" if rc["monitor"] == "val_auc" else "min"
     best, best_w, epochs_run, best_epoch = None, None, 0, 0
     for phase, epochs, rate in (("head", rc["head_epochs"], rc["head_lr"]), ("fine", rc["epochs"], rc["lr"])):
-        if epochs <= 0:
+        if epochs <= 0 or time.monotonic() > until:
             continue
         base.trainable = phase == "fine"
         if phase == "fine":
@@ -280,7 +346,7 @@ def fit(
             epochs=epochs,
             validation_data=(x_mon, y_mon),
             class_weight=class_weight,
-            callbacks=[*_callbacks(rc, model, x_bn, phase), stop, plateau],
+            callbacks=[*_callbacks(rc, model, x_bn, phase, until), stop, plateau],
             verbose=0,
             shuffle=True,
         ).history
@@ -290,15 +356,18 @@ def fit(
             best, best_w, best_epoch = float(scores[i]), model.get_weights(), epochs_run + i + 1
         epochs_run += len(scores)
     model.set_weights(best_w)
-    return model, {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_monitor": best}
+    cut = time.monotonic() > until  # stopped (or skipped a phase) for time, not by EarlyStopping
+    return model, {"epochs_run": epochs_run, "best_epoch": best_epoch, "best_monitor": best, "cut_for_time": cut}
 
 
-def job(bundle: Path, cache: Path, weights: str, name: str, seed: int, out: Path, spe: int = 1) -> None:
+def job(
+    bundle: Path, cache: Path, weights: str, name: str, seed: int, out: Path, spe: int = 1, budget_s: float = np.inf
+) -> None:
     rc = {**HISTOLOGY, **RECIPES[name]}
     z = np.load(cache / f"x{rc['image_size']}.npz")
     d = {k: z[k] for k in z.files}
     started = time.monotonic()
-    model, info = fit(rc, d, weights, seed, spe)
+    model, info = fit(rc, d, weights, seed, spe, started + budget_s)
     train_s = time.monotonic() - started
     p = {}
     for side, key in ((1, "mon"), (2, "val")):
@@ -311,7 +380,10 @@ def job(bundle: Path, cache: Path, weights: str, name: str, seed: int, out: Path
 
 
 def quick(y_mon: NDArray[Any], p_mon: NDArray[Any], y_val: NDArray[Any], p_val: NDArray[Any]) -> tuple[float, float]:
-    from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    try:
+        from sklearn.metrics import balanced_accuracy_score, roc_auc_score
+    except ImportError:  # a bare accelerator machine: `table` scores the saved predictions here
+        return float("nan"), float("nan")
 
     ts = np.unique(p_mon)
     bac = [balanced_accuracy_score(y_mon, p_mon >= t) for t in ts[:: max(1, len(ts) // 400)]]
@@ -326,11 +398,10 @@ def run(args: argparse.Namespace) -> int:
     out.mkdir(parents=True, exist_ok=True)
     names = args.recipes or list(RECIPES)
     sizes = sorted({int({**HISTOLOGY, **RECIPES[n]}["image_size"]) for n in names})
-    base = None
     for size in sizes:
         d = decode(Path(args.bundle), size)
         np.savez(work / f"x{size}.npz", x=d["x"], y=d["y"], side=d["side"], group=d["group"])
-        base = d
+
     print(f"decoded sizes {sizes} in {time.monotonic() - started:.0f}s", flush=True)
     queue = [(n, s) for s in args.seeds for n in names]  # first seed of every recipe, then the next seed
     running: list[tuple[subprocess.Popen[bytes], str, int, float]] = []
@@ -348,32 +419,44 @@ def run(args: argparse.Namespace) -> int:
         while queue and len(running) < args.jobs and elapsed < args.deadline - args.min_job_s:
             name, seed = queue.pop(0)
             cmd = [sys.executable, __file__, "job", args.bundle, str(work), args.weights, name, str(seed), str(work)]
-            cmd.append(str(args.steps_per_execution))
+            # training stops after the epoch that ends past the deadline less --score-s (left to score the views)
+            budget = args.deadline - (time.monotonic() - started) - args.score_s
+            cmd += [str(args.steps_per_execution), f"{budget:.0f}"]
             running.append((subprocess.Popen(cmd, env=env), name, seed, time.monotonic()))
         if elapsed > args.deadline and not running:
             break
         if not running and queue and elapsed >= args.deadline - args.min_job_s:
             break
         time.sleep(1)
-    # one npz + one json for everything that finished
-    assert base is not None
-    mon, val = base["side"] == 1, base["side"] == 2
-    rows, arrays = [], {"y_mon": base["y"][mon], "y_val": base["y"][val], "g_val": base["group"][val]}
-    for meta in sorted(work.glob("*__*.json")):
+    collect(Path(args.bundle), work, out)
+    return 0
+
+
+def collect(bundle: Path, jobs: Path, out: Path) -> None:
+    """One sweep.npz + sweep.json in ``out`` from the finished jobs' files in ``jobs`` (also run here, on job files
+    fetched one by one when the accelerator returned too few files for the whole sweep)."""
+    z = np.load(bundle)
+    side, y, group = z["side"], z["label"], z["group"]
+    mon, val = side == 1, side == 2
+    rows, arrays = [], {"y_mon": y[mon], "y_val": y[val], "g_val": group[val]}
+    for meta in sorted(jobs.glob("*__*.json")):
         r = json.loads(meta.read_text())
+        if not meta.with_suffix(".npz").is_file():
+            print(f"{meta.stem}: no predictions beside it, left out", flush=True)
+            continue
         z = np.load(meta.with_suffix(".npz"))
         key = f"{r['recipe']}__{r['seed']}"
         arrays[f"{key}__mon"], arrays[f"{key}__val"] = z["p_mon"], z["p_val"]
-        r["quick_bac"], r["quick_auc"] = quick(base["y"][mon], z["p_mon"][0], base["y"][val], z["p_val"][0])
+        r["quick_bac"], r["quick_auc"] = quick(y[mon], z["p_mon"][0], y[val], z["p_val"][0])
         rows.append(r)
         print(
             f"{key:<24} bac {r['quick_bac']:.3f} auc {r['quick_auc']:.3f} epochs {r['epochs_run']} "
-            f"best {r['best_epoch']} {r['train_s']:.0f}s",
+            f"best {r['best_epoch']} {r['train_s']:.0f}s{' CUT FOR TIME' if r.get('cut_for_time') else ''}",
             flush=True,
         )
+    out.mkdir(parents=True, exist_ok=True)
     np.savez_compressed(out / "sweep.npz", **arrays)
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    return 0
 
 
 # --- table (here) ------------------------------------------------------------------------------------------------
@@ -411,7 +494,8 @@ def table(path: Path, boot: int) -> str:
                     views,
                     z[f"{k}__mon"][:views].mean(0),
                     z[f"{k}__val"][:views].mean(0),
-                    f"{r['epochs_run']} ({r['best_epoch']}) | {r['train_s']:.0f}",
+                    f"{r['epochs_run']}{' cut' if r.get('cut_for_time') else ''} ({r['best_epoch']})"
+                    f" | {r['train_s']:.0f}",
                 )
         if len(rs) > 1:  # the seeds' mean p: an ensemble
             for views in (1, 8):
@@ -424,8 +508,8 @@ def table(path: Path, boot: int) -> str:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "job":
-        _, bundle, cache, weights, name, seed, out, *spe = argv
-        job(Path(bundle), Path(cache), weights, name, int(seed), Path(out), int(spe[0]) if spe else 1)
+        _, bundle, cache, weights, name, seed, out, spe, budget = argv
+        job(Path(bundle), Path(cache), weights, name, int(seed), Path(out), int(spe), float(budget))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="action", required=True)
@@ -443,6 +527,11 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--seeds", type=int, nargs="+", default=[42, 1, 2])
     r.add_argument("--recipes", nargs="*")
     r.add_argument("--steps-per-execution", type=int, default=1, help="Keras steps per compiled call")
+    r.add_argument("--score-s", type=float, default=60, help="seconds kept from the deadline to score the views")
+    c = sub.add_parser("collect", help="sweep.npz/json from a folder of finished jobs' files")
+    c.add_argument("bundle", type=Path)
+    c.add_argument("jobs", type=Path)
+    c.add_argument("out", type=Path)
     t = sub.add_parser("table")
     t.add_argument("npz", type=Path)
     t.add_argument("--bootstrap", type=int, default=1000)
@@ -454,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         if data_dir is None:
             return 0
         pack(data_dir, args.out)
+        return 0
+    if args.action == "collect":
+        collect(args.bundle, args.jobs, args.out)
         return 0
     if args.action == "table":
         print(table(args.npz, args.bootstrap))
