@@ -57,8 +57,8 @@ def set_wal(cursor: Any, busy_timeout_ms: int, *, sleep: Callable[[float], None]
             cursor.execute("PRAGMA journal_mode = WAL")
             return
         except sqlite3.OperationalError as exc:
-            locked = "locked" in str(exc) or "busy" in str(exc)
-            if not locked or time.monotonic() + delay > deadline:
+            code = getattr(exc, "sqlite_errorcode", 0) & 0xFF  # primary code of an extended one
+            if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED) or time.monotonic() + delay > deadline:
                 raise
         sleep(delay)
         delay = min(delay * 2, 0.1)

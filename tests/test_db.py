@@ -109,14 +109,16 @@ def test_services_and_readers_opening_a_new_file_together_all_get_wal(tmp_path: 
 class _LockedCursor:
     """A DB-API cursor whose journal-mode switch finds the database locked ``times`` times, then succeeds."""
 
-    def __init__(self, times: int, message: str = "database is locked") -> None:
-        self.times, self.message, self.calls = times, message, 0
+    def __init__(self, times: int, message: str = "database is locked", code: int = sqlite3.SQLITE_BUSY) -> None:
+        self.times, self.message, self.code, self.calls = times, message, code, 0
 
     def execute(self, sql: str) -> None:
         assert sql == "PRAGMA journal_mode = WAL"
         self.calls += 1
         if self.calls <= self.times:
-            raise sqlite3.OperationalError(self.message)
+            exc = sqlite3.OperationalError(self.message)
+            exc.sqlite_errorcode = self.code  # as sqlite3 sets it on errors from the library
+            raise exc
 
 
 def test_set_wal_retries_a_locked_database_until_the_busy_timeout() -> None:
@@ -126,7 +128,10 @@ def test_set_wal_retries_a_locked_database_until_the_busy_timeout() -> None:
     assert cursor.calls == 4 and slept == [0.005, 0.01, 0.02]  # backs off, then succeeds
     with pytest.raises(sqlite3.OperationalError, match="locked"):
         set_wal(_LockedCursor(10**6), 0, sleep=slept.append)  # no time left: the lock error is raised
-    other = _LockedCursor(1, "disk I/O error")
+    shared_cache = _LockedCursor(1, "database table is locked", sqlite3.SQLITE_LOCKED | (1 << 8))  # extended
+    set_wal(shared_cache, 10_000, sleep=slept.append)
+    assert shared_cache.calls == 2
+    other = _LockedCursor(1, "disk I/O error, the message naming neither lock nor busy", sqlite3.SQLITE_IOERR)
     with pytest.raises(sqlite3.OperationalError, match="disk I/O"):
         set_wal(other, 10_000, sleep=slept.append)  # not a lock: raised at once
     assert other.calls == 1
