@@ -118,6 +118,32 @@ def test_mixup_mixes_each_label_as_its_image() -> None:
     assert 0 < soft.sum() < 32  # Beta(0.2, 0.2) puts most weight near 0 and 1, some in between
 
 
+def test_mixup_weights_each_mixed_label_by_its_classes(tmp_path: Path) -> None:
+    from histod.trainer.fit import datasets
+
+    y = np.array([0, 1] * 16, dtype=np.int64)
+    x = np.broadcast_to((255 * y)[:, None, None, None], (32, 4, 4, 3)).astype(np.uint8)
+    cfg = tiny_config(tmp_path, tmp_path / "run", batch_size=32, mixup=0.2, seed=0)
+    train, _ = datasets(cfg, x, y, x, y, {0: 0.75, 1: 1.5})
+    xb, yb, wb = (np.asarray(t) for t in next(iter(train)))
+    assert np.allclose(xb[:, 0, 0, 0] / 255.0, yb, atol=1e-5)  # still the label of its image mixture
+    assert np.allclose(wb, 0.75 + 0.75 * yb)  # a pure benign 0.75, a pure malignant 1.5, a mix in between
+    assert np.any((wb > 0.8) & (wb < 1.45))  # well between: not rounded to one class's weight
+    assert len(next(iter(datasets(cfg, x, y, x, y)[0]))) == 2  # no class weights: no sample weights
+
+
+def test_mixup_with_class_weights_trains(synthetic_dataset: Path, tmp_path: Path) -> None:
+    """The sample weights above replace Keras' class_weight (Keras refuses both at once)."""
+    from histod.trainer.fit import fit
+    from histod.trainer.model import build_model
+
+    cfg = tiny_config(synthetic_dataset, tmp_path / "run", mixup=0.2, epochs=0)
+    assert cfg.class_weights
+    images, labels, _, _ = data.load_images(data.discover(synthetic_dataset), cfg.image_size)
+    result = fit(build_model(cfg), cfg, images[::2], labels[::2], images[1::2], labels[1::2])
+    assert len(result.history["loss"]) == 1 and all(math.isfinite(v) for v in result.history["loss"])
+
+
 def test_colour_jitter_changes_colour_within_range() -> None:
     import tensorflow as tf
 

@@ -53,8 +53,13 @@ def datasets(
     y_train: NDArray[np.int64],
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
+    weights: dict[int, float] | None = None,
 ) -> tuple[Any, Any]:
-    """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented."""
+    """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented.
+
+    With MixUp and class ``weights`` the training batches carry a sample weight per image, w0 + (w1 - w0) * y for
+    its mixed label y: the mixture of its two images' class weights. (Keras' ``class_weight`` would round a soft
+    label to one class; ``fit`` passes none then.)"""
     import tensorflow as tf
 
     train = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
@@ -66,6 +71,9 @@ def datasets(
     if cfg.mixup > 0:
         mix = augment.mixup(cfg.mixup, cfg.seed)
         train = train.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
+        if weights is not None:
+            w0, w1 = float(weights[0]), float(weights[1])
+            train = train.map(lambda x, y: (x, y, w0 + (w1 - w0) * y), num_parallel_calls=tf.data.AUTOTUNE)
     val = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32))).batch(cfg.batch_size)
     val = val.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
@@ -174,8 +182,10 @@ def fit(
     keras.utils.set_random_seed(cfg.seed)
     if cfg.weights == "none":
         calibrate_batchnorm(model, x_train[: max(cfg.batch_size, 64)])
-    train, val = datasets(cfg, x_train, y_train, x_val, y_val)
     weights = class_weights(y_train) if cfg.class_weights else None
+    train, val = datasets(cfg, x_train, y_train, x_val, y_val, weights)
+    if cfg.mixup > 0:
+        weights = None  # the training batches carry them, per mixed label
     bn_images = None  # with ema (only): the fixed training images whose features set the head BatchNorm for it
     if cfg.ema > 0:
         pick = np.random.default_rng(cfg.seed).permutation(len(x_train))[:EMA_BN_IMAGES]
