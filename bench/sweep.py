@@ -171,29 +171,34 @@ def build(rc: dict[str, Any], weights: str, seed: int) -> tuple[Any, Any, Any]:
     import keras
     from keras import ops
 
-    class Dihedral(keras.layers.Layer):  # type: ignore[misc]
+    class Augment(keras.layers.Layer):  # type: ignore[misc]
+        """A seeded training-only augmentation: ``augment`` at training, the identity at inference."""
+
         def __init__(self, seed: int) -> None:
             super().__init__()
             self.gen = keras.random.SeedGenerator(seed)
 
         def call(self, x: Any, training: bool = False) -> Any:
-            if not training:
-                return x
+            return self.augment(x) if training else x
+
+        def augment(self, x: Any) -> Any:
+            raise NotImplementedError
+
+    class Dihedral(Augment):
+        def augment(self, x: Any) -> Any:
             n = ops.shape(x)[0]
             for i in range(3):  # transpose, then flip each axis, each with probability 1/2: all 8 symmetries
                 coin = keras.random.uniform((n, 1, 1, 1), seed=self.gen) < 0.5
                 x = ops.where(coin, ops.transpose(x, (0, 2, 1, 3)) if i == 0 else ops.flip(x, i), x)
             return x
 
-    class Stain(keras.layers.Layer):  # type: ignore[misc]
+    class Stain(Augment):
         def __init__(self, sigma: float, seed: int) -> None:
-            super().__init__()
-            self.sigma, self.gen = sigma, keras.random.SeedGenerator(seed)
+            super().__init__(seed)
+            self.sigma = sigma
             self.h, self.r = HED_FROM_RGB.astype("float32"), RGB_FROM_HED.astype("float32")
 
-        def call(self, x: Any, training: bool = False) -> Any:
-            if not training:
-                return x
+        def augment(self, x: Any) -> Any:
             n, s = ops.shape(x)[0], self.sigma
             hed = ops.einsum("bhwc,cd->bhwd", -ops.log((x + 1.0) / 256.0), self.h)
             scale = keras.random.uniform((n, 1, 1, 3), 1.0 - s, 1.0 + s, seed=self.gen)
@@ -201,18 +206,12 @@ def build(rc: dict[str, Any], weights: str, seed: int) -> tuple[Any, Any, Any]:
             od = ops.einsum("bhwd,dc->bhwc", hed * scale + shift, self.r)
             return ops.clip(256.0 * ops.exp(-od) - 1.0, 0.0, 255.0)
 
-    class PaperAffine(keras.layers.Layer):  # type: ignore[misc]
+    class PaperAffine(Augment):
         """The paper's rotation 20°, zoom 0.2, shear 0.2 and horizontal flip (nearest fill) as ONE affine warp per
         image: a bilinear gather written in keras.ops. Keras' RandomRotation/RandomZoom/RandomShear go through
         jax.scipy.ndimage.map_coordinates on the JAX backend, which stalled on the GPU (bench/README)."""
 
-        def __init__(self, seed: int) -> None:
-            super().__init__()
-            self.gen = keras.random.SeedGenerator(seed)
-
-        def call(self, x: Any, training: bool = False) -> Any:
-            if not training:
-                return x
+        def augment(self, x: Any) -> Any:
             n = ops.shape(x)[0]
 
             def u(lo: float, hi: float) -> Any:
