@@ -62,6 +62,8 @@ RESCORED = (
     "baseline",
     "dihedral+lr+all+30",
     "histology+ema",
+    "histology+ema+seed1",
+    "histology+ema+seed2",
 )  # levers also shown with test-time views and the other threshold
 
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -127,6 +129,10 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "histology+ema+seed1": (
         "histology+ema again with training seed 1 instead of 42 (the same patients): how far one run's noise goes",
         {**HISTOLOGY, "ema": PRESETS["histology"]["ema"], "seed": 1},
+    ),
+    "histology+ema+seed2": (
+        "histology+ema again with training seed 2",
+        {**HISTOLOGY, "ema": PRESETS["histology"]["ema"], "seed": 2},
     ),
     "histology+lr3e-5": (
         "the histology preset with the whole base fine-tuned at 3e-5 instead of 1e-4",
