@@ -64,6 +64,7 @@ RESCORED = (
     "histology+ema",
     "histology+ema+seed1",
     "histology+ema+seed2",
+    "histology+ema+seed2+p8",
 )  # levers also shown with test-time views and the other threshold
 
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -133,6 +134,10 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "histology+ema+seed2": (
         "histology+ema again with training seed 2",
         {**HISTOLOGY, "ema": PRESETS["histology"]["ema"], "seed": 2},
+    ),
+    "histology+ema+seed2+p8": (
+        "histology+ema+seed2 with EarlyStopping's patience 8 instead of 5 (the moving average's loss is smooth)",
+        {**HISTOLOGY, "ema": PRESETS["histology"]["ema"], "seed": 2, "patience": 8},
     ),
     "histology+lr3e-5": (
         "the histology preset with the whole base fine-tuned at 3e-5 instead of 1e-4",
