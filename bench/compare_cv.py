@@ -51,9 +51,7 @@ def compare(a: Path, b: Path, n: int = 2000, seed: int = 0) -> dict[str, dict[st
     point = {side: resample_figures(y, p[side], called[side]) for side in ("A", "B")}
     point["B - A"] = {key: point["B"][key] - point["A"][key] for key in KEYS}
     draws: dict[str, list[dict[str, float]]] = {"A": [], "B": [], "B - A": []}
-    for idx in patient_resamples(g, n, seed):
-        if len(np.unique(y[idx])) < 2:
-            continue
+    for idx in patient_resamples(g, n, seed, labels=y):
         fa, fb = (resample_figures(y[idx], p[s][idx], called[s][idx]) for s in ("A", "B"))
         draws["A"].append(fa)
         draws["B"].append(fb)

@@ -188,14 +188,20 @@ def apply_calibration(p: ArrayLike, scale: float, shift: float) -> NDArray[np.fl
     return np.asarray(1.0 / (1.0 + np.exp(-z)), dtype=np.float64)
 
 
-def patient_resamples(groups: ArrayLike, n: int, seed: int = 0) -> Iterator[NDArray[np.int64]]:
-    """``n`` bootstrap resamples of GROUPS (patients) with replacement, each as the indices of its images."""
+def patient_resamples(
+    groups: ArrayLike, n: int, seed: int = 0, labels: ArrayLike | None = None
+) -> Iterator[NDArray[np.int64]]:
+    """``n`` bootstrap draws of GROUPS (patients) with replacement, each yielded as the indices of its images;
+    with ``labels``, a draw holding one class only (no ROC AUC, no balanced accuracy) is drawn but not yielded."""
     g = np.asarray(groups).ravel()
+    y = None if labels is None else np.asarray(labels).ravel()
     unique = np.unique(g)
     members = [np.flatnonzero(g == u) for u in unique]
     rng = np.random.default_rng(seed)
     for _ in range(n):
-        yield np.concatenate([members[i] for i in rng.integers(0, len(unique), size=len(unique))])
+        idx = np.concatenate([members[i] for i in rng.integers(0, len(unique), size=len(unique))])
+        if y is None or len(np.unique(y[idx])) == 2:
+            yield idx
 
 
 def resample_figures(y: NDArray[np.int64], p: NDArray[np.float64], called: NDArray[np.bool_]) -> dict[str, float]:
@@ -227,9 +233,7 @@ def bootstrap_ci(
     prob = np.asarray(p, dtype=np.float64).ravel()
     called = prob >= threshold if decisions is None else np.asarray(decisions, dtype=bool).ravel()
     samples: dict[str, list[float]] = {"balanced_accuracy": [], "roc_auc": [], "sensitivity": [], "specificity": []}
-    for idx in patient_resamples(groups, n, seed):
-        if len(np.unique(y[idx])) < 2:
-            continue
+    for idx in patient_resamples(groups, n, seed, labels=y):
         for k, v in resample_figures(y[idx], prob[idx], called[idx]).items():
             samples[k].append(v)
     return {
