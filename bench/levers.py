@@ -57,6 +57,8 @@ BASE: dict[str, Any] = {
 # that build on HISTOLOGY were run (lever histology+ema and its re-scored rows measure them)
 LATER = ("ema", "calibrate", "tta")  # the levers score calibration (the ECE column) and views (re-scored rows)
 HISTOLOGY: dict[str, Any] = {k: v for k, v in PRESETS["histology"].items() if BASE.get(k) != v and k not in LATER}
+# lever histology+ema, and the base of its variants (seeds, patience, MixUp)
+HISTOLOGY_EMA: dict[str, Any] = {**HISTOLOGY, "ema": PRESETS["histology"]["ema"]}
 STAIN_NORM = "stain_norm"  # not a TrainConfig field: run_lever normalises the arrays before training and scoring
 RESCORED = (
     "baseline",
@@ -125,19 +127,19 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "histology+ema": (
         "the histology preset, validation, EarlyStopping and the kept model on an exponential moving average of "
         "the weights (Adam EMA, momentum 0.999: about the last 1,000 steps)",
-        {**HISTOLOGY, "ema": PRESETS["histology"]["ema"]},
+        HISTOLOGY_EMA,
     ),
     "histology+ema+seed1": (
         "histology+ema again with training seed 1 instead of 42 (the same patients): how far one run's noise goes",
-        {**HISTOLOGY, "ema": PRESETS["histology"]["ema"], "seed": 1},
+        {**HISTOLOGY_EMA, "seed": 1},
     ),
     "histology+ema+seed2": (
         "histology+ema again with training seed 2",
-        {**HISTOLOGY, "ema": PRESETS["histology"]["ema"], "seed": 2},
+        {**HISTOLOGY_EMA, "seed": 2},
     ),
     "histology+ema+seed2+p8": (
         "histology+ema+seed2 with EarlyStopping's patience 8 instead of 5 (the moving average's loss is smooth)",
-        {**HISTOLOGY, "ema": PRESETS["histology"]["ema"], "seed": 2, "patience": 8},
+        {**HISTOLOGY_EMA, "seed": 2, "patience": 8},
     ),
     "histology+lr3e-5": (
         "the histology preset with the whole base fine-tuned at 3e-5 instead of 1e-4",
@@ -150,7 +152,7 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     ),
     "histology+ema+mixup": (
         "histology+ema with MixUp (alpha 0.2) as well",
-        {**HISTOLOGY, "ema": 0.999, "mixup": 0.2},
+        {**HISTOLOGY_EMA, "mixup": 0.2},
     ),
     "histology+alpha1": (
         "the histology preset at alpha 1.0 (the ../shared alpha 1.0 base: ImageNet, last 30 layers dog-tuned; the "

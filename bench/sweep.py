@@ -400,7 +400,6 @@ def run(args: argparse.Namespace) -> int:
     for size in sizes:
         d = decode(Path(args.bundle), size)
         np.savez(work / f"x{size}.npz", x=d["x"], y=d["y"], side=d["side"], group=d["group"])
-
     print(f"decoded sizes {sizes} in {time.monotonic() - started:.0f}s", flush=True)
     queue = [(n, s) for s in args.seeds for n in names]  # first seed of every recipe, then the next seed
     running: list[tuple[subprocess.Popen[bytes], str, int, float]] = []
@@ -418,7 +417,7 @@ def run(args: argparse.Namespace) -> int:
         while queue and len(running) < args.jobs and elapsed < args.deadline - args.min_job_s:
             name, seed = queue.pop(0)
             cmd = [sys.executable, __file__, "job", args.bundle, str(work), args.weights, name, str(seed), str(work)]
-            # training stops after the epoch that ends past the deadline less --score-s (left to score the views)
+            # training stops at the first step past the deadline less --score-s (left to score the views)
             budget = args.deadline - (time.monotonic() - started) - args.score_s
             cmd += [str(args.steps_per_execution), f"{budget:.0f}"]
             running.append((subprocess.Popen(cmd, env=env), name, seed, time.monotonic()))
@@ -434,8 +433,8 @@ def run(args: argparse.Namespace) -> int:
 def collect(bundle: Path, jobs: Path, out: Path) -> None:
     """One sweep.npz + sweep.json in ``out`` from the finished jobs' files in ``jobs`` (also run here, on job files
     fetched one by one when the accelerator returned too few files for the whole sweep)."""
-    z = np.load(bundle)
-    side, y, group = z["side"], z["label"], z["group"]
+    packed = np.load(bundle)
+    side, y, group = packed["side"], packed["label"], packed["group"]
     mon, val = side == 1, side == 2
     rows, arrays = [], {"y_mon": y[mon], "y_val": y[val], "g_val": group[val]}
     for meta in sorted(jobs.glob("*__*.json")):
