@@ -81,6 +81,8 @@ RECIPES: dict[str, dict[str, Any]] = {
     "epochs50_p8": {"epochs": 50, "patience": 8, "lr_patience": 4},
     "ema": {"ema": 0.999},
     "ema_size128": {"ema": 0.999, "image_size": 128},
+    "ema_size160": {"ema": 0.999, "image_size": 160},
+    "ema_size224": {"ema": 0.999, "image_size": 224},  # the mission's default input size
     "ema_stain_color": {"ema": 0.999, "stain": 0.05, "color": 0.5},
     "smoke_ema": {"image_size": 32, "head_epochs": 1, "epochs": 2, "batch_size": 64, "ema": 0.9},
     "smoke": {"image_size": 32, "head_epochs": 1, "epochs": 1, "batch_size": 64, "stain": 0.05, "color": 0.5},
