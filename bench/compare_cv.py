@@ -2,6 +2,8 @@
 
     .venv/bin/python bench/compare_cv.py A/cv_predictions.csv B/cv_predictions.csv [--bootstrap 2000]
 
+Either file may be gzipped (``.csv.gz``, as the runs kept in bench/results/ are).
+
 Reads the out-of-fold predictions that `histod train --cv K` writes (every image scored by the model that never
 saw its patient, decided at its own fold's threshold) and prints, for A, B and B - A: pooled balanced accuracy,
 sensitivity, specificity and ROC AUC, with 95 % intervals from ONE bootstrap over patients shared by both
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import gzip
 import sys
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,16 @@ KEYS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")
 
 
 def load(path: Path) -> dict[str, tuple[str, int, float, bool]]:
-    """path -> (patient, true label, p, decided malignant)."""
-    with path.open() as fh:
+    """class folder/file name -> (patient, true label, p, decided malignant). The key leaves out where the data
+    folder was, so runs made from different places still pair up."""
+    with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as fh:
         return {
-            r["path"]: (r["group"], int(r["true"]), float(r["p_malignant"]), r["predicted_malignant"] == "1")
+            "/".join(Path(r["path"]).parts[-2:]): (
+                r["group"],
+                int(r["true"]),
+                float(r["p_malignant"]),
+                r["predicted_malignant"] == "1",
+            )
             for r in csv.DictReader(fh)
         }
 
