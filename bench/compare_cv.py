@@ -32,16 +32,10 @@ KEYS = ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")
 
 
 def load(path: Path) -> dict[str, tuple[str, int, float, bool]]:
-    """class folder/file name -> (patient, true label, p, decided malignant). The key leaves out where the data
-    folder was, so runs made from different places still pair up."""
+    """path (relative to the data folder, as `--cv` writes it) -> (patient, true label, p, decided malignant)."""
     with gzip.open(path, "rt") if path.suffix == ".gz" else path.open() as fh:
         return {
-            "/".join(Path(r["path"]).parts[-2:]): (
-                r["group"],
-                int(r["true"]),
-                float(r["p_malignant"]),
-                r["predicted_malignant"] == "1",
-            )
+            r["path"]: (r["group"], int(r["true"]), float(r["p_malignant"]), r["predicted_malignant"] == "1")
             for r in csv.DictReader(fh)
         }
 
