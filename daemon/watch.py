@@ -32,20 +32,17 @@ Decisions:
       is logged, the observer is restarted and the folder reconciled; more than ``max_restarts`` deaths within
       ``restart_window_s`` raise :class:`~histod.errors.WatchError`.
     * If inotify cannot start (watch or instance limits), the polling observer is used instead, with a warning.
+      Starting, checking and restarting the observer live in :mod:`histod.daemon.observer`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import errno
 import logging
 import os
 import queue
 import stat
-import sys
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +58,10 @@ from watchdog.events import (
     FileModifiedEvent,
     FileMovedEvent,
     FileSystemEvent,
-    FileSystemEventHandler,
 )
 
 from histod.daemon.filters import ImageFilter
+from histod.daemon.observer import OVERFLOW_LOGGER, OverflowHook, Supervisor
 from histod.errors import WatchError
 from histod.logs import get_logger
 
@@ -76,17 +73,6 @@ if TYPE_CHECKING:
 PathFilter = Callable[[Path], bool]
 _Sig = tuple[int, int, int, int]  # (st_mode, st_ino, st_size, st_mtime_ns) from lstat
 
-_EVENTS: list[type[FileSystemEvent]] = [
-    FileCreatedEvent,
-    FileModifiedEvent,
-    FileClosedEvent,
-    FileMovedEvent,
-    FileDeletedEvent,
-    DirCreatedEvent,
-    DirMovedEvent,
-    DirDeletedEvent,
-]
-_OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 _MAX_DRAIN = 100_000  # events handled per loop at most, so that stop_event is still looked at in a flood
 
 
@@ -96,28 +82,6 @@ class _Pending:
     since: float  # monotonic time at which ``sig`` was first seen
     needs_close: bool  # close-write mode: a regular file seen being written; wait for its close
     rescan: bool  # queued by a reconcile scan: may be yielded again although already yielded
-
-
-class _QueueHandler(FileSystemEventHandler):
-    """Runs in the observer thread: only hands events over, so it cannot fail."""
-
-    def __init__(self, events: queue.SimpleQueue[FileSystemEvent]) -> None:
-        self._events = events
-
-    def dispatch(self, event: FileSystemEvent) -> None:
-        self._events.put(event)
-
-
-class _OverflowHook(logging.Handler):
-    """watchdog reports an inotify queue overflow only as a log warning; turn it into a flag."""
-
-    def __init__(self, flag: threading.Event) -> None:
-        super().__init__(level=logging.WARNING)
-        self._flag = flag
-
-    def emit(self, record: logging.LogRecord) -> None:
-        if "overflow" in record.getMessage().lower():
-            self._flag.set()
 
 
 def _lstat_sig(path: Path) -> tuple[_Sig, os.stat_result]:
@@ -150,18 +114,18 @@ class Watcher:
         self.debounce_s = max(debounce_ms, 0) / 1000
         self.reconcile_interval_s = reconcile_interval_s
         self.close_timeout_s = close_timeout_s
-        self.max_restarts = max_restarts
-        self.restart_window_s = restart_window_s
         self._log: Any = get_logger("histod.watch")
-        self._observer: BaseObserver | None = None
-        self._close_write = False  # the running observer reports close-after-write
-        self._events: queue.SimpleQueue[FileSystemEvent] = queue.SimpleQueue()
+        self._observers = Supervisor(
+            self.watch_dir,
+            self._log,
+            polling=polling,
+            poll_interval_s=self.poll_interval_s,
+            max_restarts=max_restarts,
+            restart_window_s=restart_window_s,
+        )
         self._pending: dict[Path, _Pending] = {}
         self._ready: dict[Path, bool] = {}  # path -> from a reconcile scan (may repeat a yielded path)
         self._yielded: dict[Path, tuple[_Sig, float]] = {}  # path -> (lstat signature, monotonic time yielded)
-        self._restarts: deque[float] = deque()
-        self.restart_count = 0
-        """observer restarts since :meth:`watch` began (for tests and health reporting)"""
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Watcher:
@@ -178,16 +142,17 @@ class Watcher:
     @property
     def observer(self) -> BaseObserver | None:
         """The watchdog observer now running (None outside :meth:`watch`)."""
-        return self._observer
+        return self._observers.observer
 
     @property
     def mode(self) -> str:
         """``inotify`` (close-write), ``polling``, ``native`` (another OS's observer) or ``stopped``."""
-        if self._observer is None:
-            return "stopped"
-        if self._close_write:
-            return "inotify"
-        return "polling" if "Polling" in type(self._observer).__name__ else "native"
+        return self._observers.mode
+
+    @property
+    def restart_count(self) -> int:
+        """Observer restarts since :meth:`watch` began (for tests and health reporting)."""
+        return self._observers.restart_count
 
     # --- the loop -------------------------------------------------------------------------------------
     def watch(self, stop_event: threading.Event) -> Iterator[list[Path]]:
@@ -197,10 +162,10 @@ class Watcher:
             raise WatchError(f"watch folder {self.watch_dir} does not exist or is not a directory")
         self._reset()
         overflow = threading.Event()
-        hook = _OverflowHook(overflow)
-        logging.getLogger(_OVERFLOW_LOGGER).addHandler(hook)
+        hook = OverflowHook(overflow)
+        logging.getLogger(OVERFLOW_LOGGER).addHandler(hook)
         try:
-            self._start_observer_with_retries(stop_event, reason="start")
+            self._observers.start(stop_event, reason="start")
             self._log.info(
                 "watch.started",
                 watch_dir=str(self.watch_dir),
@@ -211,9 +176,9 @@ class Watcher:
             self._reconcile("start")
             next_reconcile = time.monotonic() + self.reconcile_interval_s
             while not stop_event.is_set():
-                if not self._observer_alive():
+                if not self._observers.alive():
                     self._log.error("watch.observer_died", watch_dir=str(self.watch_dir), mode=self.mode)
-                    self._start_observer_with_retries(stop_event, reason="observer_died")
+                    self._observers.start(stop_event, reason="observer_died")
                     if stop_event.is_set():
                         break
                     self._reconcile("restart")
@@ -233,116 +198,22 @@ class Watcher:
                 if batch:
                     yield batch
         finally:
-            logging.getLogger(_OVERFLOW_LOGGER).removeHandler(hook)
-            self._stop_observer()
+            logging.getLogger(OVERFLOW_LOGGER).removeHandler(hook)
+            self._observers.stop()
             self._log.info("watch.stopped", watch_dir=str(self.watch_dir))
 
     def _reset(self) -> None:
-        self._events = queue.SimpleQueue()
+        self._observers.reset()
         self._pending.clear()
         self._ready.clear()
         self._yielded.clear()
-        self._restarts.clear()
-        self.restart_count = 0
-
-    # --- the observer ---------------------------------------------------------------------------------
-    def _make_observer(self, polling: bool) -> tuple[BaseObserver, bool]:
-        if polling:
-            from watchdog.observers.polling import PollingObserverVFS
-
-            # lstat: a symlink in the folder is seen as a link, never followed
-            return PollingObserverVFS(os.lstat, os.scandir, polling_interval=self.poll_interval_s), False
-        if sys.platform == "linux":
-            from watchdog.observers.inotify import InotifyObserver
-
-            # full events: a file moved in from outside arrives as a move (complete), not as a create
-            return InotifyObserver(generate_full_events=True), True
-        else:
-            from watchdog.observers import Observer
-
-            return Observer(), False
-
-    def _start_observer(self) -> None:
-        polling = self.polling
-        for attempt in range(2):
-            observer: BaseObserver | None = None
-            try:
-                observer, close_write = self._make_observer(polling)
-                self._events = queue.SimpleQueue()
-                observer.schedule(
-                    _QueueHandler(self._events), str(self.watch_dir), recursive=False, event_filter=_EVENTS
-                )
-                observer.start()
-            except OSError as exc:
-                if observer is not None:
-                    self._stop(observer)
-                limits = (errno.ENOSPC, errno.EMFILE, errno.ENFILE)
-                if attempt == 0 and not polling and exc.errno in limits:
-                    self._log.warning(
-                        "watch.inotify_unavailable",
-                        error=str(exc),
-                        hint="raise fs.inotify.max_user_watches / max_user_instances; using the polling observer",
-                    )
-                    polling = True
-                    continue
-                raise
-            self._observer, self._close_write = observer, close_write
-            return
-
-    def _start_observer_with_retries(self, stop_event: threading.Event, *, reason: str) -> None:
-        if self._observer is not None:
-            self._stop_observer()
-        while not stop_event.is_set():
-            if reason != "start":
-                now = time.monotonic()
-                self._restarts.append(now)
-                while self._restarts and now - self._restarts[0] > self.restart_window_s:
-                    self._restarts.popleft()
-                if len(self._restarts) > self.max_restarts:
-                    raise WatchError(
-                        f"the watcher of {self.watch_dir} died {len(self._restarts)} times within "
-                        f"{self.restart_window_s:.0f} s; giving up"
-                    )
-                self.restart_count += 1
-            if not self.watch_dir.is_dir():
-                raise WatchError(f"watch folder {self.watch_dir} disappeared or is not a directory")
-            try:
-                self._start_observer()
-            except OSError as exc:
-                if reason == "start":
-                    raise WatchError(f"cannot watch {self.watch_dir}: {exc}") from exc
-                self._log.error("watch.restart_failed", watch_dir=str(self.watch_dir), error=str(exc))
-                stop_event.wait(min(0.1 * 2 ** len(self._restarts), 5.0))
-                continue
-            if reason != "start":
-                self._log.warning("watch.observer_restarted", watch_dir=str(self.watch_dir), mode=self.mode)
-            return
-
-    def _observer_alive(self) -> bool:
-        observer = self._observer
-        if observer is None or not observer.is_alive():
-            return False
-        return all(emitter.is_alive() for emitter in list(observer.emitters))
-
-    @staticmethod
-    def _stop(observer: BaseObserver) -> None:
-        with contextlib.suppress(Exception):
-            observer.stop()
-        with contextlib.suppress(RuntimeError):
-            observer.join(timeout=2.0)
-
-    def _stop_observer(self) -> None:
-        if self._observer is not None:
-            self._stop(self._observer)
-        self._observer = None
-        self._close_write = False
 
     # --- events ---------------------------------------------------------------------------------------
     def _gather(self) -> None:
         """Wait briefly for a first event, then gather for ``debounce_s`` and drain what is queued."""
         tick = min(0.25, max(0.02, self.stable_s / 4))
         try:
-            first = self._events.get(timeout=tick)
+            first = self._observers.events.get(timeout=tick)
         except queue.Empty:
             return
         self._on_event(first)
@@ -351,7 +222,8 @@ class Watcher:
         while handled < _MAX_DRAIN:
             remaining = deadline - time.monotonic()
             try:
-                event = self._events.get(timeout=remaining) if remaining > 0 else self._events.get_nowait()
+                events = self._observers.events
+                event = events.get(timeout=remaining) if remaining > 0 else events.get_nowait()
             except queue.Empty:
                 if remaining > 0:
                     continue
@@ -404,7 +276,8 @@ class Watcher:
         except OSError:
             sig, st = None, None
         # in close-write mode a regular, singly linked file being written will send its close
-        wait_close = written and self._close_write and st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+        regular = st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
+        wait_close = written and self._observers.close_write and regular
         if written and path in self._ready:
             del self._ready[path]  # written again after its close: wait for the next close
         elif path in self._ready:
