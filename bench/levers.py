@@ -3,6 +3,7 @@
     .venv/bin/python bench/levers.py run baseline dihedral lr_1e-4 ...   # train and score these levers
     .venv/bin/python bench/levers.py table                               # the table of every lever run so far
     .venv/bin/python bench/levers.py list                                # the levers and what they change
+    .venv/bin/python bench/levers.py patients NAME | context NAME         # where a lever's errors are
 
 Protocol (the same split as bench/accuracy.py and ``histod train --seed 42``):
 
@@ -11,6 +12,8 @@ Protocol (the same split as bench/accuracy.py and ``histod train --seed 42``):
 * Inner split: the same function applied to the training patients. Its patients drive EarlyStopping and
   ReduceLROnPlateau and choose the decision threshold (max balanced accuracy), which is then applied unchanged
   to the validation patients.
+* Levers with ``refit`` (the ``+all`` names) train on the monitoring patients too, as ``histod train`` trains on
+  all its training patients, and decide at p = 0.5; ``subset`` trains on a share of the fitting patients.
 * Every lever starts from ``BASE`` (histod's own recipe at 96 px, alpha 0.35 ImageNet weights, 3 head epochs and
   up to 12 fine-tuning epochs) and changes only what its row says. Same seed for every lever: one run each, so a
   difference inside the intervals is not evidence.
@@ -55,11 +58,21 @@ BASE: dict[str, Any] = {
 # --preset histology as a change to BASE (dihedral, rate 1e-4, whole base, 30 epochs): derived, so it cannot drift;
 # less the weights' moving average, Platt scaling and test-time views, which joined the preset after the rows below
 # that build on HISTOLOGY were run (lever histology+ema and its re-scored rows measure them)
-LATER = ("ema", "calibrate", "tta")  # the levers score calibration (the ECE column) and views (re-scored rows)
+# ... and less its input size: the preset went to 128 px in the eighth session, after the rows built on HISTOLOGY
+# were run at BASE's 96 px; levers at 128 px say so in their names
+LATER = ("ema", "calibrate", "tta", "image_size")  # the levers score calibration (the ECE column) and views
 HISTOLOGY: dict[str, Any] = {k: v for k, v in PRESETS["histology"].items() if BASE.get(k) != v and k not in LATER}
 # lever histology+ema, and the base of its variants (seeds, patience, MixUp)
 HISTOLOGY_EMA: dict[str, Any] = {**HISTOLOGY, "ema": PRESETS["histology"]["ema"]}
 STAIN_NORM = "stain_norm"  # not a TrainConfig field: run_lever normalises the arrays before training and scoring
+# not a TrainConfig field: train on all 180 training patients (fitting + monitoring), as `histod train` does, and
+# decide at p = 0.5 (the balance point of a class-weighted model). The monitoring patients are then inside the
+# training set, so the loss they give EarlyStopping and ReduceLROnPlateau is in-sample: in effect a fixed schedule
+REFIT = "refit"
+# not a TrainConfig field: train on this share of the fitting patients only (drawn by patient, seed 42): a point
+# on the learning curve, with the monitoring and validation patients unchanged
+SUBSET = "subset"
+NOT_CONFIG = (STAIN_NORM, REFIT, SUBSET)
 RESCORED = (
     "baseline",
     "dihedral+lr+all+30",
@@ -69,6 +82,11 @@ RESCORED = (
     "histology+ema+seed2+p8",
     "histology+ema+128",
     "histology+ema+128+seed1",
+    "histology+ema+128+all",
+    "histology+ema+128+noaug",
+    "histology+ema+128+all+seed1",
+    "histology+ema+128+all+45",
+    "histology+ema+128+half",
 )  # levers also shown with test-time views and the other threshold
 
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -170,6 +188,28 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
         "whole base is fine-tuned anyway)",
         {**HISTOLOGY, "alpha": 1.0, "weights": str(ALPHA1_WEIGHTS)},
     ),
+    "histology+ema+128+all": (
+        "histology+ema+128 trained on all 180 training patients (fitting and monitoring, 6,504 images: 25 % more), "
+        "threshold 0.5; the monitoring loss is in-sample, so in effect a fixed schedule",
+        {**HISTOLOGY_EMA, "image_size": 128, REFIT: True},
+    ),
+    "histology+ema+128+all+seed1": (
+        "histology+ema+128+all again with training seed 1",
+        {**HISTOLOGY_EMA, "image_size": 128, REFIT: True, "seed": 1},
+    ),
+    "histology+ema+128+all+45": (
+        "histology+ema+128+all with up to 45 fine-tuning epochs instead of 30 (its best epochs came near the end)",
+        {**HISTOLOGY_EMA, "image_size": 128, REFIT: True, "epochs": 45},
+    ),
+    "histology+ema+128+half": (
+        "histology+ema+128 trained on half of the fitting patients (72 of 144): a point on the learning curve",
+        {**HISTOLOGY_EMA, "image_size": 128, SUBSET: 0.5},
+    ),
+    "histology+ema+128+noaug": (
+        "histology+ema+128 without the paper's rotation, zoom and shear (flips and 90° rotations stay): its "
+        "training loss is as high as the monitoring loss; does the augmentation hold it back?",
+        {**HISTOLOGY_EMA, "image_size": 128, "augment": False},
+    ),
     "dihedral+lr+128": ("dihedral + lr_1e-4 + size_128", {"dihedral": True, "learning_rate": 1e-4, "image_size": 128}),
 }
 
@@ -213,6 +253,7 @@ def prepare(data_dir: Path, size: int, seed: int, val_split: float) -> dict[str,
         "y_mon": labels[mon_idx],
         "x_val": images[val_idx],
         "y_val": labels[val_idx],
+        "g_fit": np.array([s.group for s in inner.train]),
         "g_mon": np.array([s.group for s in inner.val]),
         "g_val": np.array([s.group for s in outer.val]),
         "patients": {
@@ -263,14 +304,22 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
     if change.get(STAIN_NORM):
         target = stain_stats(d["x_fit"])
         d = {**d, **{k: stain_normalise(d[k], *target) for k in ("x_fit", "x_mon", "x_val")}}
-    config = {k: v for k, v in change.items() if k != STAIN_NORM}
+    config = {k: v for k, v in change.items() if k not in NOT_CONFIG}
+    x_train, y_train = d["x_fit"], d["y_fit"]
+    if change.get(REFIT):
+        x_train, y_train = np.concatenate([d["x_fit"], d["x_mon"]]), np.concatenate([d["y_fit"], d["y_mon"]])
+    if change.get(SUBSET):
+        fit_patients = np.unique(d["g_fit"])
+        rng = np.random.default_rng(BASE["seed"])
+        keep = rng.permutation(fit_patients)[: round(len(fit_patients) * float(change[SUBSET]))]
+        x_train, y_train = x_train[np.isin(d["g_fit"], keep)], y_train[np.isin(d["g_fit"], keep)]
     with tempfile.TemporaryDirectory(prefix=f"histod-lever-{name}-") as tmp:
         cfg = TrainConfig(data_dir=data_dir, out=Path(tmp), **{**BASE, "weights": weights, **config})
     keras.backend.clear_session()
     keras.utils.set_random_seed(cfg.seed)
     started = time.monotonic()
     model = build_model(cfg)
-    result = fit(model, cfg, d["x_fit"], d["y_fit"], d["x_mon"], d["y_mon"])
+    result = fit(model, cfg, x_train, y_train, d["x_mon"], d["y_mon"])
     train_s = time.monotonic() - started
     p_mon = predict_views(model, d["x_mon"], 8)
     p_val = predict_views(model, d["x_val"], 8)
@@ -278,7 +327,7 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
     np.savez_compressed(
         RESULTS / f"{name}.npz", p_mon=p_mon, p_val=p_val, y_mon=d["y_mon"], y_val=d["y_val"], g_val=d["g_val"]
     )
-    threshold = choose_threshold(d["y_mon"], p_mon[0])
+    threshold = 0.5 if change.get(REFIT) else choose_threshold(d["y_mon"], p_mon[0])
     row = {
         "lever": name,
         "what": what,
@@ -290,6 +339,7 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
         "history": result.history,
         "train_min": round(train_s / 60, 2),
         "patients": d["patients"],
+        "train_images": len(x_train),
         "conditions": {**machine(), "load_average_at_end": load_average()},
     }
     (RESULTS / f"{name}.json").write_text(json.dumps(row, indent=2) + "\n")
@@ -298,14 +348,29 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
 
 def rescore(name: str, views: int, rule: str, boot: int) -> dict[str, Any]:
     """A trained lever re-scored with ``views`` test-time views and a threshold rule, all chosen on the inner
-    monitoring patients: ``bac`` (max balanced accuracy) or ``sens95`` (highest threshold reaching 0.95)."""
+    monitoring patients: ``bac`` (max balanced accuracy), ``sens95`` (highest threshold reaching 0.95) or
+    ``half`` (p = 0.5, chosen on nothing; a lever trained on the monitoring patients too only has this one)."""
     from histod.trainer.evaluate import choose_threshold
 
     z = np.load(RESULTS / f"{name}.npz")
     p_mon, p_val = z["p_mon"][:views].mean(axis=0), z["p_val"][:views].mean(axis=0)
-    target = 0.95 if rule == "sens95" else None
-    threshold = choose_threshold(z["y_mon"], p_mon, target)
+    if rule == "half" or refit(name):
+        threshold = 0.5
+    else:
+        threshold = choose_threshold(z["y_mon"], p_mon, 0.95 if rule == "sens95" else None)
     return score(z["y_val"], p_val, z["g_val"], threshold, boot)
+
+
+def refit(name: str) -> bool:
+    """Whether the lever trained on its monitoring patients too (their threshold or calibration is in-sample)."""
+    return bool(LEVERS.get(name, ("", {}))[1].get(REFIT))
+
+
+def rules(name: str) -> tuple[tuple[int, str], ...]:
+    """The re-scored rows of a lever in RESCORED: views and threshold rule."""
+    if refit(name):
+        return ((2, "half"), (8, "half"))
+    return ((2, "bac"), (8, "bac"), (1, "sens95"), (8, "sens95"), (1, "half"), (8, "half"))
 
 
 def calibrated_ece(name: str, views: int, shift: bool) -> float:
@@ -344,10 +409,10 @@ def table(boot: int) -> str:
             f"{calibrated_ece(name, 1, True):.3f}) | {r['train_min']:.1f} |"
         )
         if name in RESCORED:
-            for views, rule in ((2, "bac"), (8, "bac"), (1, "sens95"), (8, "sens95")):
+            for views, rule in rules(name):
                 s = rescore(name, views, rule, boot)
                 label = f"{name} + TTA {views}" if views > 1 else name
-                label += ", threshold for sensitivity 0.95" if rule == "sens95" else ""
+                label += {"sens95": ", threshold for sensitivity 0.95", "half": ", threshold 0.5"}.get(rule, "")
                 rows.append(
                     f"| {label} | re-scored, no training | {_ci(s, 'balanced_accuracy')} | {_ci(s, 'roc_auc')} | "
                     f"{s['sensitivity']:.3f} | {s['specificity']:.3f} | {s['ece']:.3f} "
@@ -398,9 +463,40 @@ def patients(name: str, top: int) -> str:
     return "\n".join(head + [r[1] for r in rows[:top]])
 
 
+def context(name: str) -> str:
+    """Does a patient's other tiles tell anything? Pooled ROC AUC against the mean AUC within each patient (both
+    classes present), and the pooled AUC after each patient's logits are shifted by a share of their own median:
+    -1 removes the patient's level (what per-slide normalisation would do to the score), +1 adds to it (what slide
+    context would add). No labels are used by the shifts."""
+    from sklearn.metrics import roc_auc_score
+
+    z = np.load(RESULTS / f"{name}.npz")
+    y, g = z["y_val"], z["g_val"]
+    rows = [
+        f"patient context for {name} (validation patients, logit of p)",
+        "| views | pooled | within patients (mean) | shift -1 | -0.5 | -0.25 | +0.25 | +0.5 | +1 |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for views in (1, 8):
+        p = np.clip(z["p_val"][:views].mean(axis=0), 1e-6, 1 - 1e-6)
+        logit = np.log(p / (1 - p))
+        mixed = [pid for pid in np.unique(g) if len(np.unique(y[g == pid])) == 2]
+        within = np.mean([roc_auc_score(y[g == pid], logit[g == pid]) for pid in mixed])
+        level = np.zeros_like(logit)
+        for pid in np.unique(g):
+            level[g == pid] = np.median(logit[g == pid])
+        shifted = [roc_auc_score(y, logit + a * level) for a in (-1, -0.5, -0.25, 0.25, 0.5, 1)]
+        rows.append(
+            f"| {views} | {roc_auc_score(y, logit):.4f} | {within:.4f} ({len(mixed)} patients) | "
+            + " | ".join(f"{v:.4f}" for v in shifted)
+            + " |"
+        )
+    return "\n".join(rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("action", choices=("run", "table", "list", "ensemble", "patients"))
+    parser.add_argument("action", choices=("run", "table", "list", "ensemble", "patients", "context"))
     parser.add_argument("levers", nargs="*")
     parser.add_argument("--data", type=Path, default=None, help="labelled folder (default ../shared idc-dev)")
     parser.add_argument("--weights", default=None, help="base weights .h5 (default the ../shared alpha 0.35 file)")
@@ -420,6 +516,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.action == "patients":
         print("\n\n".join(patients(name, 8) for name in args.levers))
+        return 0
+    if args.action == "context":
+        print("\n\n".join(context(name) for name in args.levers))
         return 0
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from histod.logs import configure
