@@ -87,6 +87,7 @@ RESCORED = (
     "histology+ema+128+all+seed1",
     "histology+ema+128+all+45",
     "histology+ema+128+half",
+    "histology+ema+128+3q",
 )  # levers also shown with test-time views and the other threshold
 
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -204,6 +205,10 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "histology+ema+128+half": (
         "histology+ema+128 trained on half of the fitting patients (72 of 144): a point on the learning curve",
         {**HISTOLOGY_EMA, "image_size": 128, SUBSET: 0.5},
+    ),
+    "histology+ema+128+3q": (
+        "histology+ema+128 trained on three quarters of the fitting patients (108 of 144): the learning curve",
+        {**HISTOLOGY_EMA, "image_size": 128, SUBSET: 0.75},
     ),
     "histology+ema+128+noaug": (
         "histology+ema+128 without the paper's rotation, zoom and shear (flips and 90° rotations stay): its "
