@@ -108,8 +108,6 @@ class Watcher:
     ) -> None:
         self.watch_dir = Path(os.path.realpath(watch_dir))
         self.filter = filter
-        self.polling = polling
-        self.poll_interval_s = max(poll_interval_ms, 1) / 1000
         self.stable_s = max(stable_ms, 0) / 1000
         self.debounce_s = max(debounce_ms, 0) / 1000
         self.reconcile_interval_s = reconcile_interval_s
@@ -119,7 +117,7 @@ class Watcher:
             self.watch_dir,
             self._log,
             polling=polling,
-            poll_interval_s=self.poll_interval_s,
+            poll_interval_s=max(poll_interval_ms, 1) / 1000,
             max_restarts=max_restarts,
             restart_window_s=restart_window_s,
         )
@@ -148,6 +146,15 @@ class Watcher:
     def mode(self) -> str:
         """``inotify`` (close-write), ``polling``, ``native`` (another OS's observer) or ``stopped``."""
         return self._observers.mode
+
+    @property
+    def polling(self) -> bool:
+        """Whether the polling observer was asked for (inotify may still fall back to it: see :attr:`mode`)."""
+        return self._observers.polling
+
+    @property
+    def poll_interval_s(self) -> float:
+        return self._observers.poll_interval_s
 
     @property
     def restart_count(self) -> int:
