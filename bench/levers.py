@@ -300,7 +300,6 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
     import keras
 
     from histod.trainer.config import TrainConfig
-    from histod.trainer.evaluate import choose_threshold
     from histod.trainer.export import predict_views
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
@@ -311,13 +310,13 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
         d = {**d, **{k: stain_normalise(d[k], *target) for k in ("x_fit", "x_mon", "x_val")}}
     config = {k: v for k, v in change.items() if k not in NOT_CONFIG}
     x_train, y_train = d["x_fit"], d["y_fit"]
-    if change.get(REFIT):
-        x_train, y_train = np.concatenate([d["x_fit"], d["x_mon"]]), np.concatenate([d["y_fit"], d["y_mon"]])
     if change.get(SUBSET):
         fit_patients = np.unique(d["g_fit"])
         rng = np.random.default_rng(BASE["seed"])
-        keep = rng.permutation(fit_patients)[: round(len(fit_patients) * float(change[SUBSET]))]
-        x_train, y_train = x_train[np.isin(d["g_fit"], keep)], y_train[np.isin(d["g_fit"], keep)]
+        kept = np.isin(d["g_fit"], rng.permutation(fit_patients)[: round(len(fit_patients) * float(change[SUBSET]))])
+        x_train, y_train = x_train[kept], y_train[kept]
+    if change.get(REFIT):
+        x_train, y_train = np.concatenate([x_train, d["x_mon"]]), np.concatenate([y_train, d["y_mon"]])
     with tempfile.TemporaryDirectory(prefix=f"histod-lever-{name}-") as tmp:
         cfg = TrainConfig(data_dir=data_dir, out=Path(tmp), **{**BASE, "weights": weights, **config})
     keras.backend.clear_session()
@@ -332,7 +331,7 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
     np.savez_compressed(
         RESULTS / f"{name}.npz", p_mon=p_mon, p_val=p_val, y_mon=d["y_mon"], y_val=d["y_val"], g_val=d["g_val"]
     )
-    threshold = 0.5 if change.get(REFIT) else choose_threshold(d["y_mon"], p_mon[0])
+    threshold = threshold_for(bool(change.get(REFIT)), d["y_mon"], p_mon[0])
     row = {
         "lever": name,
         "what": what,
@@ -351,18 +350,24 @@ def run_lever(name: str, d: dict[str, Any], data_dir: Path, weights: str, boot: 
     return row
 
 
+def threshold_for(in_sample: bool, y_mon: NDArray[np.int64], p_mon: NDArray[np.float32], rule: str = "bac") -> float:
+    """The decision threshold of a rule (see ``rescore``), chosen on the monitoring patients. p = 0.5 when the
+    rule says so or when the model trained on those patients (``in_sample``): a threshold chosen there is
+    in-sample."""
+    from histod.trainer.evaluate import choose_threshold
+
+    if rule == "half" or in_sample:
+        return 0.5
+    return float(choose_threshold(y_mon, p_mon, 0.95 if rule == "sens95" else None))
+
+
 def rescore(name: str, views: int, rule: str, boot: int) -> dict[str, Any]:
     """A trained lever re-scored with ``views`` test-time views and a threshold rule, all chosen on the inner
     monitoring patients: ``bac`` (max balanced accuracy), ``sens95`` (highest threshold reaching 0.95) or
     ``half`` (p = 0.5, chosen on nothing; a lever trained on the monitoring patients too only has this one)."""
-    from histod.trainer.evaluate import choose_threshold
-
     z = np.load(RESULTS / f"{name}.npz")
     p_mon, p_val = z["p_mon"][:views].mean(axis=0), z["p_val"][:views].mean(axis=0)
-    if rule == "half" or refit(name):
-        threshold = 0.5
-    else:
-        threshold = choose_threshold(z["y_mon"], p_mon, 0.95 if rule == "sens95" else None)
+    threshold = threshold_for(refit(name), z["y_mon"], p_mon, rule)
     return score(z["y_val"], p_val, z["g_val"], threshold, boot)
 
 
@@ -428,9 +433,7 @@ def table(boot: int) -> str:
 
 def ensemble(names: list[str], boot: int) -> str:
     """Each trained lever alone, then the mean p of all of them (an ensemble), with 1 and 8 test-time views; the
-    threshold is chosen on the monitoring patients as always."""
-    from histod.trainer.evaluate import choose_threshold
-
+    threshold is chosen on the monitoring patients as always, or is p = 0.5 when a member trained on them."""
     zs = {n: np.load(RESULTS / f"{n}.npz") for n in names}
     z = zs[names[0]]
     rows = ["| models | views | balanced acc [95% CI] | ROC AUC [95% CI] |", "|---|---|---|---|"]
@@ -438,7 +441,8 @@ def ensemble(names: list[str], boot: int) -> str:
         for views in (1, 8):
             p_mon = np.mean([zs[n]["p_mon"][:views].mean(axis=0) for n in members], axis=0)
             p_val = np.mean([zs[n]["p_val"][:views].mean(axis=0) for n in members], axis=0)
-            s = score(z["y_val"], p_val, z["g_val"], choose_threshold(z["y_mon"], p_mon), boot)
+            threshold = threshold_for(any(refit(n) for n in members), z["y_mon"], p_mon)
+            s = score(z["y_val"], p_val, z["g_val"], threshold, boot)
             rows.append(f"| {' + '.join(members)} | {views} | {_ci(s, 'balanced_accuracy')} | {_ci(s, 'roc_auc')} |")
     return "\n".join(rows)
 
