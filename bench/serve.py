@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a file: make the `bench` package importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    histod_command,
     load_average,
     machine,
     percentile,
@@ -367,11 +368,6 @@ def startup_breakdown(log_path: Path, started_wall: float) -> dict[str, float]:
     return out
 
 
-def histod_command() -> list[str]:
-    exe = Path(sys.executable).with_name("histod")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "histod"]
-
-
 def service_settings(overrides: dict[str, str]) -> dict[str, Any]:
     """The service's batching settings as it will see them (defaults + the --env overrides)."""
     from histod.settings import Settings
@@ -403,21 +399,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, default=None, help="run the service under cProfile, writing its stats here"
     )
-    parser.add_argument("--name", default=None, help="results file name (default serve, or serve-workers)")
-    parser.add_argument(
-        "--workers", default=None, help="N (or a list, 1,3): 1..N services on one PostgreSQL (bench/serve_workers.py)"
-    )
-    parser.add_argument("--files", type=int, default=2000, help="--workers: 50x50 PNGs per run (default 2000)")
-    parser.add_argument("--repeats", type=int, default=3, help="--workers: rounds of every worker count (default 3)")
-    parser.add_argument("--db-url", default=None, help="--workers: a PostgreSQL server (default: a throw-away one)")
+    parser.add_argument("--name", default="serve", help="results file name (default serve)")
     args = parser.parse_args(argv)
-    if args.workers is not None:
-        from bench.serve_workers import run
-
-        spec = str(args.workers)
-        counts = [int(v) for v in spec.split(",")] if "," in spec else list(range(1, int(spec) + 1))
-        return run(args.run.resolve(), counts, args.files, args.repeats, args.db_url, args.name or "serve-workers")
-    args.name = args.name or "serve"
 
     from histod.runs import load_run
 
