@@ -46,7 +46,7 @@ from bench.common import (
     table,
     write_result,
 )
-from bench.serve import Drop, drop_files, make_sets
+from bench.drops import Drop, drop_files, make_sets
 
 TICK = os.sysconf("SC_CLK_TCK")
 
