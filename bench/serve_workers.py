@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -186,6 +187,8 @@ def one_run(run_dir: Path, drops: list[Drop], workers: int, url: str | None, pg_
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        shutil.rmtree(work, ignore_errors=True)
     span = end - min(closed.values())
     return {
         "workers": workers,
