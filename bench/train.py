@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: make the `bench` package importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    histod_command,
     load_average,
     machine,
     proc_status_mb,
@@ -44,11 +45,6 @@ from bench.common import (
     table,
     write_result,
 )
-
-
-def histod_command() -> list[str]:
-    exe = Path(sys.executable).with_name("histod")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "histod"]
 
 
 def _when(event: dict[str, Any]) -> float:
