@@ -79,22 +79,34 @@ def _prepare_folders(settings: Settings) -> Path:
 
 
 @contextmanager
-def _single_instance(data_dir: Path, *, shared: bool = False) -> Iterator[None]:
-    """One service per data folder: a second one would classify the same files twice. Not with a shared
-    (PostgreSQL) database: there the services claim each file through the database (histod.daemon.claims)."""
+def _single_instance(folders: list[Path], *, shared: bool = False) -> Iterator[None]:
+    """One service per data folder and per watch folder: a second one would classify the same files twice. The
+    lock is an flock on each folder itself (its directory inode), not on a file in it: nothing that can be
+    deleted while the service runs lets a second one in. Not with a shared (PostgreSQL) database: there the
+    services claim each file through the database (histod.daemon.claims)."""
     if shared:
         yield
         return
-    path = data_dir / "serve.lock"
-    with path.open("a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise ConfigError(f"another `histod serve` is using {data_dir} (lock {path} is held)") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    fds: list[int] = []
+    seen: set[tuple[int, int]] = set()
+    try:
+        for folder in folders:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise ConfigError(f"another `histod serve` is using {folder} (it holds the folder's lock)") from exc
+            except OSError as exc:
+                raise ConfigError(f"cannot lock {folder} against a second service: {exc.strerror}") from exc
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # closing the last descriptor releases its lock
 
 
 def _register(factory: sessionmaker[Session], engine: Any, run_dir: Path, kind: str) -> Served:
@@ -113,7 +125,7 @@ def _register(factory: sessionmaker[Session], engine: Any, run_dir: Path, kind: 
 
 
 def _claims(factory: sessionmaker[Session], settings: Settings) -> Claims | None:
-    """Claims when the database is shared (PostgreSQL); None for SQLite, where the lock file keeps a second
+    """Claims when the database is shared (PostgreSQL); None for SQLite, where the folder lock keeps a second
     service away and claims would only add writes under SQLite's one write lock."""
     if not shared_database(settings.resolved_database_url):
         return None
@@ -181,7 +193,8 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
     watch_dir = _prepare_folders(settings)
     # absolute paths from here on: rows record where files came from and went, whatever the working folder
     settings = settings.model_copy(update={"data_dir": settings.data_dir.absolute(), "watch_dir": watch_dir})
-    with _single_instance(settings.data_dir, shared=shared_database(settings.resolved_database_url)):
+    folders = [settings.data_dir, watch_dir]
+    with _single_instance(folders, shared=shared_database(settings.resolved_database_url)):
         return _serve(settings, watch_dir, stop, once=once, started=started)
 
 
