@@ -50,6 +50,8 @@ class ServeResult:
     stopped: datetime
     start_up_only: bool = False
     """stopped during start-up: the folder was not looked at (and the database may not exist)"""
+    unmoved: int = 0
+    """files recorded but still waiting for a move when the service stopped (their moves failed)"""
 
 
 def _stopped_in_start_up(started: datetime, after: str) -> ServeResult:
@@ -244,7 +246,7 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
                     _release(claims)
     stopped = utcnow()
     log.info("service.stopped", files=service.files, seconds=round((stopped - started).total_seconds(), 2))
-    return ServeResult(service.files, started, stopped)
+    return ServeResult(service.files, started, stopped, unmoved=len(service.retrying))
 
 
 def _run_forever(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import stat
@@ -25,13 +26,39 @@ def dated_dir(root: Path, when: datetime) -> Path:
     return root / when.strftime("%Y-%m-%d")
 
 
+NAME_MAX = 255
+"""the longest file name (one path component) Linux file systems take, in bytes of the file-system encoding"""
+
+
+def name_bytes(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def fit_name(stem: str, tail: str = "") -> str:
+    """``stem + tail``, the stem cut at a character boundary so that the whole fits in NAME_MAX bytes."""
+    room = NAME_MAX - name_bytes(tail)
+    if name_bytes(stem) <= room:
+        return stem + tail
+    kept: list[str] = []
+    used = 0
+    for ch in stem:
+        used += name_bytes(ch)
+        if used > room:
+            break
+        kept.append(ch)
+    return "".join(kept) + tail
+
+
 def candidates(folder: Path, name: str) -> Callable[[int], Path]:
-    """``name``, then ``stem-1.ext``, ``stem-2.ext``, ... in ``folder``."""
+    """``name``, then ``stem-1.ext``, ``stem-2.ext``, ... in ``folder``; each cut to fit in NAME_MAX bytes (the
+    stem is shortened, the suffix kept)."""
     dot = name.rfind(".")
     stem, suffix = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    if name_bytes(suffix) > NAME_MAX // 4:  # not an extension: a dot somewhere in a long name
+        stem, suffix = name, ""
 
     def nth(n: int) -> Path:
-        return folder / (name if n == 0 else f"{stem}-{n}{suffix}")
+        return folder / fit_name(stem, suffix if n == 0 else f"-{n}{suffix}")
 
     return nth
 
@@ -102,8 +129,12 @@ def move_file(src: Path, dst: Path) -> Path:
 def _temporary(dst: Path) -> Path:
     """The hidden name a copy across filesystems is written under before it is linked to ``dst``. One name per
     target (targets are unique, and one service runs per data folder), so a retry after a crash finds and
-    removes what the killed attempt left."""
-    return dst.with_name(f".{dst.name}.histod.tmp")
+    removes what the killed attempt left. A target name too long for ``.{name}.histod.tmp`` gets a digest of
+    its name instead."""
+    name = f".{dst.name}.histod.tmp"
+    if name_bytes(name) > NAME_MAX:
+        name = f".{hashlib.sha256(os.fsencode(dst.name)).hexdigest()[:40]}.histod.tmp"
+    return dst.with_name(name)
 
 
 def _copy_across(src: Path, dst: Path, src_st: os.stat_result) -> Path:

@@ -30,7 +30,7 @@ from histod.daemon.intake import Taken, take
 from histod.daemon.mover import dated_dir, move_file, plan_target
 from histod.db import chain, queries
 from histod.db import claims as claim_rows
-from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
+from histod.db.models import MOVE_VANISHED, STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
 from histod.db.session import reading, transaction
 from histod.errors import DatabaseError, ImageError
 from histod.imaging import decode
@@ -41,8 +41,7 @@ if TYPE_CHECKING:
 
 log: Any = get_logger("histod.service")
 
-VANISHED = "source vanished"
-"""the error of a Move whose file disappeared before it could be moved (nothing to retry)"""
+VANISHED = MOVE_VANISHED
 
 RECORD_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0)
 """seconds to wait before each new attempt when the database refuses a batch (locked past the busy timeout)"""

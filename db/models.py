@@ -37,6 +37,13 @@ STATUS_FAILED = "failed"
 STATUS_REVIEWED = "reviewed"
 STATUSES = (STATUS_CLASSIFIED, STATUS_FAILED, STATUS_REVIEWED)
 
+MOVE_VANISHED = "source vanished"
+"""the error of a Move whose file disappeared before it could be moved (final: nothing to retry)"""
+MOVE_REPLACED = "source replaced"
+"""the error of a Move whose file was replaced by other content (another inode, size or mtime) after it was read
+(final: the new content is a new event, with its own row)"""
+FINAL_MOVE_ERRORS = (MOVE_VANISHED, MOVE_REPLACED)
+
 KIND_CLASSIFICATION = "classification"
 """a row the service wrote for an image event"""
 KIND_REVIEW = "review"

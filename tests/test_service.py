@@ -51,6 +51,15 @@ def test_plan_target_skips_names_on_disk_and_claimed(tmp_path: Path) -> None:
     assert plan_target(tmp_path, ".hidden", lambda _p: False) == tmp_path / ".hidden"
 
 
+def test_target_names_fit_in_name_max_bytes(tmp_path: Path) -> None:
+    longest = "é" * 125 + ".png"  # 254 bytes
+    claimed = {tmp_path / longest}
+    second = plan_target(tmp_path, longest, claimed.__contains__)
+    assert second.name == "é" * 124 + "-1.png" and len(os.fsencode(second.name)) == 254  # cut at a character
+    taken = plan_target(tmp_path, "x" * 251 + ".png", lambda p: p.name.startswith("x" * 251))
+    assert taken.name == "x" * 249 + "-1.png"
+
+
 def test_move_file_never_overwrites_and_finishes_a_half_done_move(tmp_path: Path) -> None:
     src, dst = tmp_path / "in" / "a.png", tmp_path / "out" / "a.png"
     src.parent.mkdir()
