@@ -26,6 +26,7 @@ from histod.daemon.service import Service, run_loop, run_once
 from histod.daemon.steps import Served, settle_moves
 from histod.db import queries
 from histod.db.models import utcnow
+from histod.db.paths import path_text
 from histod.db.session import open_database, shared_database, transaction
 from histod.errors import ConfigError, DatabaseError, WatchError
 from histod.logs import get_logger
@@ -241,7 +242,7 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
                 reporter.write()
             finally:
                 if service.retrying:
-                    log.warning("service.moves_pending", files=sorted(str(p) for p in service.retrying))
+                    log.warning("service.moves_pending", files=sorted(path_text(p) for p in service.retrying))
                 if claims is not None:
                     _release(claims)
     stopped = utcnow()

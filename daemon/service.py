@@ -33,6 +33,7 @@ from histod.daemon.steps import (
     settle_claimed,
 )
 from histod.db.models import Move, utcnow
+from histod.db.paths import path_text
 from histod.errors import DatabaseError, WatchError
 from histod.logs import get_logger
 
@@ -204,7 +205,7 @@ class Service:
     def _retry_later(self, p: PlannedMove, attempts: int, target: str, error: str | None) -> None:
         wait = MOVE_RETRY_S[min(attempts, len(MOVE_RETRY_S) - 1)]
         self.retrying[p.source] = _Retry(p, attempts + 1, self.clock() + wait)
-        log.error("image.move_failed", path=str(p.source), **p.line, target=target, error=error, retry_in_s=wait)
+        log.error("image.move_failed", path=path_text(p.source), **p.line, target=target, error=error, retry_in_s=wait)
 
     def _move(self, planned: Sequence[PlannedMove], *, attempts: int) -> None:
         if self.claims is not None and planned:
@@ -212,14 +213,14 @@ class Service:
                 mine = self.claims.ensure([p.source for p in planned])
             except DatabaseError as exc:
                 for p in planned:
-                    self._retry_later(p, attempts, str(p.target), f"claim not confirmed: {exc}")
+                    self._retry_later(p, attempts, path_text(p.target), f"claim not confirmed: {exc}")
                 return
             planned = [p for p in planned if p.source in mine]
         moves = [move(p) for p in planned]
         final = [m.ok or m.error == VANISHED for m in moves]
         self._save([(m, p.source if done else None) for p, m, done in zip(planned, moves, final, strict=True)])
         for p, m in zip(planned, moves, strict=True):
-            line = {"path": str(p.source), **p.line}
+            line = {"path": path_text(p.source), **p.line}
             if m.ok:
                 self.claimed.discard(p.target)
                 log.info("image", **line, stored=m.path)

@@ -31,6 +31,7 @@ from histod.daemon.mover import dated_dir, move_file, plan_target
 from histod.db import chain, queries
 from histod.db import claims as claim_rows
 from histod.db.models import MOVE_VANISHED, STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
+from histod.db.paths import display, path_text, text_path
 from histod.db.session import reading, transaction
 from histod.errors import DatabaseError, ImageError
 from histod.imaging import decode
@@ -104,12 +105,12 @@ def intake(
             if taken is None:
                 continue
             path = taken.path
-            row = queries.find_unmoved(session, str(path), taken.sha256)
+            row = queries.find_unmoved(session, path_text(path), taken.sha256)
             if row is None:
                 fresh.append(taken)
             else:
                 line = {"result_id": row.id, "status": row.status, "label": row.label, "recovered": True}
-                recover.append(PlannedMove(row.id, path, Path(row.stored_path), line))
+                recover.append(PlannedMove(row.id, path, text_path(row.stored_path), line))
     return fresh, recover
 
 
@@ -122,7 +123,7 @@ def classify(
         if taken.error is not None or taken.data is None:
             return taken.error or ImageError("unreadable", f"{taken.path} could not be read")
         try:
-            return decode(taken.data, predictor.image_size, max_pixels=max_pixels, name=str(taken.path))
+            return decode(taken.data, predictor.image_size, max_pixels=max_pixels, name=display(taken.path))
         except ImageError as exc:
             return exc
 
@@ -146,8 +147,8 @@ def to_result(outcome: Outcome, served: Served, host: str, stored: Path) -> Resu
     ok = outcome.error is None and outcome.p is not None
     p = outcome.p if ok else None
     return Result(
-        original_path=str(taken.path),
-        name=taken.path.name,
+        original_path=path_text(taken.path),
+        name=display(taken.path.name),
         sha256=taken.sha256,
         size_bytes=taken.size_bytes,
         received_at=taken.received_at,
@@ -162,9 +163,9 @@ def to_result(outcome: Outcome, served: Served, host: str, stored: Path) -> Resu
         run_id=served.run_id,
         engine=served.engine,
         error_reason=outcome.error.reason if outcome.error is not None else None,
-        error=str(outcome.error.args[0]) if outcome.error is not None else None,
+        error=display(str(outcome.error.args[0])) if outcome.error is not None else None,
         host=host,
-        stored_path=str(stored),
+        stored_path=path_text(stored),
     )
 
 
@@ -201,17 +202,18 @@ def record(
                 taken_here: set[Path] = set()
 
                 def is_claimed(path: Path, s: Session = session, mine: set[Path] = taken_here) -> bool:
-                    return path in claimed or path in mine or queries.stored_path_taken(s, str(path))
+                    return path in claimed or path in mine or queries.stored_path_taken(s, path_text(path))
 
                 for o in mine:
                     root = processed_dir if o.error is None and o.p is not None else failed_dir
-                    target = plan_target(dated_dir(root, o.taken.received_at), o.taken.path.name, is_claimed)
+                    name = display(o.taken.path.name)
+                    target = plan_target(dated_dir(root, o.taken.received_at), name, is_claimed)
                     taken_here.add(target)
                     planned.append((to_result(o, served, host, target), target))
                 rows = queries.record_results(session, [r for r, _ in planned])
                 moves = [
-                    PlannedMove(row.id, Path(row.original_path), target, _line(row))
-                    for row, (_, target) in zip(rows, planned, strict=True)
+                    PlannedMove(row.id, o.taken.path, target, _line(row))
+                    for row, o, (_, target) in zip(rows, mine, planned, strict=True)
                 ]
             claimed.update(m.target for m in moves)
             return moves
@@ -241,15 +243,16 @@ def _line(row: Result) -> dict[str, Any]:
 
 def move(planned: PlannedMove) -> Move:
     """Move one file; the outcome is a Move event (never raises for an OS error)."""
+    target = path_text(planned.target)
     try:
         where = move_file(planned.source, planned.target)
     except FileNotFoundError as exc:
         if exc.filename is not None and Path(exc.filename) == planned.source:
-            return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=VANISHED)
-        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=str(exc))
+            return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=VANISHED)
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=display(str(exc)))
     except OSError as exc:
-        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=str(exc))
-    return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=str(where), error=None)
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=display(str(exc)))
+    return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=path_text(where), error=None)
 
 
 def save_moves(
@@ -294,7 +297,7 @@ def settle_moves(factory: sessionmaker[Session], page: int = 1000, *, shared: bo
             break
         after = batch[-1].id
         for row in batch:
-            original, stored = Path(row.original_path), Path(row.stored_path)
+            original, stored = text_path(row.original_path), text_path(row.stored_path)
             if not os.path.lexists(original) and os.path.lexists(stored):
                 found.append((Move(result_id=row.id, ok=True, path=str(stored), error=None), row.original_path))
     if not found:
@@ -329,8 +332,8 @@ def settle_claimed(factory: sessionmaker[Session], paths: Sequence[Path], claims
         held = claims.hold(session, paths)
         found: list[Move] = []
         for path in sorted(held):
-            row = queries.unmoved_at(session, str(path))
-            if row is not None and not os.path.lexists(path) and os.path.lexists(row.stored_path):
+            row = queries.unmoved_at(session, path_text(path))
+            if row is not None and not os.path.lexists(path) and os.path.lexists(text_path(row.stored_path)):
                 found.append(Move(result_id=row.id, ok=True, path=row.stored_path, error=None))
         queries.record_moves(session, found)
         claims.release(session, sorted(held))

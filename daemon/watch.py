@@ -62,6 +62,7 @@ from watchdog.events import (
 
 from histod.daemon.filters import ImageFilter
 from histod.daemon.observer import OVERFLOW_LOGGER, OverflowHook, Supervisor
+from histod.db.paths import path_text
 from histod.errors import WatchError
 from histod.logs import get_logger
 
@@ -312,7 +313,7 @@ class Watcher:
             quiet = now - pending.since
             if pending.needs_close:
                 if quiet >= max(self.close_timeout_s, self.stable_s):
-                    self._log.warning("watch.close_write_missing", path=str(path), quiet_s=round(quiet, 1))
+                    self._log.warning("watch.close_write_missing", path=path_text(path), quiet_s=round(quiet, 1))
                     self._mark_ready(path, rescan=pending.rescan)
             elif quiet >= self.stable_s:
                 self._mark_ready(path, rescan=pending.rescan)

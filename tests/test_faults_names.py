@@ -5,6 +5,7 @@ status of `serve --once`)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -116,3 +117,82 @@ def test_a_file_that_cannot_be_moved_shows_in_the_report_and_in_the_exit_status(
     shown = CliRunner().invoke(cli, ["report", "--data-dir", str(settings.data_dir)])
     assert "unmoved     0 waiting for a move" in shown.stdout
     assert not any(watch.iterdir()) and row_count(settings) == 1
+
+
+# --- names that are not valid UTF-8 ---------------------------------------------------------------------------
+LATIN1 = b"caf\xe9.png"  # what an old SMB client writes for "café.png"
+LOOKALIKE = "caf\\xe9.png"  # a valid name that reads like the escaped form of LATIN1
+BROKEN = b"\xff\xfe scan.jpg"
+
+
+def _raw(watch: Path, name: bytes) -> bytes:
+    return os.fsencode(watch) + b"/" + name
+
+
+def _drop_bytes(watch: Path, name: bytes, data: bytes) -> None:
+    fd = os.open(_raw(watch, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def test_names_that_are_not_utf8_get_a_row_and_move(
+    tiny_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from histod.db.paths import path_text, text_path
+
+    settings = service_settings(tmp_path, tiny_run_dir, stable_ms=100)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    # present before the start (the start-up scan) and dropped while it runs (the live watcher)
+    _drop_bytes(watch, LATIN1, tiny_png(1))
+    thread, stop, errors = running_service(settings)
+    try:
+        wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the file present at start")
+        _drop_bytes(watch, BROKEN, tiny_png(2))
+        (watch / LOOKALIKE).write_bytes(tiny_png(3))
+        wait_for(lambda: (row_count(settings) == 3 and not any(watch.iterdir())) or errors, 60, what="all three")
+    finally:
+        stop.set()
+        thread.join(60)
+    assert errors == [], errors
+    recorded = rows(settings)
+    by_raw = {os.fsencode(text_path(r.original_path)): r for r in recorded}  # the stored form is lossless
+    assert set(by_raw) == {_raw(watch, LATIN1), _raw(watch, BROKEN), _raw(watch, LOOKALIKE.encode())}
+    latin1, broken, lookalike = (by_raw[_raw(watch, n)] for n in (LATIN1, BROKEN, LOOKALIKE.encode()))
+    assert latin1.name == lookalike.name == "caf\\xe9.png" and broken.name == "\\xff\\xfe scan.jpg"  # as shown
+    assert latin1.original_path == path_text(watch / os.fsdecode(LATIN1)) != lookalike.original_path
+    assert lookalike.original_path == str(watch / LOOKALIKE)  # a valid name is stored as it is
+    assert len({r.stored_path for r in recorded}) == 3
+    for row in recorded:
+        assert row.status == "classified" and Path(row.stored_path).is_file()
+    tally = account(settings, [latin1.name, broken.name])
+    tally.duplicated = [d for d in tally.duplicated if d != latin1.name]  # two files show as caf\xe9.png
+    report(capsys, "non-utf8 names", tally, rounds=1)
+    assert tally.rows == tally.stored == 3
+    assert not (tally.lost or tally.duplicated or tally.left or tally.strays or tally.unmoved), tally
+    for fmt in ("table", "csv", "json"):
+        listed = CliRunner().invoke(cli, ["results", "--format", fmt, "--data-dir", str(settings.data_dir)])
+        assert listed.exit_code == 0, listed.output
+        names = [r["name"] for r in json.loads(listed.stdout)] if fmt == "json" else listed.stdout
+        assert "caf\\xe9.png" in names, listed.output
+    summary = CliRunner().invoke(cli, ["report", "--data-dir", str(settings.data_dir)])
+    assert summary.exit_code == 0 and "images      3" in summary.stdout, summary.output
+
+
+def test_a_service_started_with_such_a_name_waiting_runs(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """The name is in the folder at every start (a restart loop under systemd, until its start limit)."""
+    settings = service_settings(tmp_path, tiny_run_dir)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    _drop_bytes(watch, LATIN1, tiny_png(1))
+    args = [sys.executable, "-m", "histod", "serve", "--once", "--data-dir", str(settings.data_dir)]
+    for _ in range(2):
+        done = subprocess.run(
+            [*args, "--model", str(tiny_run_dir)], cwd=tmp_path, env=serve_env(), capture_output=True, check=False
+        )
+        assert done.returncode == 0, done.stderr.decode(errors="replace")[-2000:]
+        _drop_bytes(watch, LATIN1, tiny_png(2))  # the same name once more: a new event
+        assert row_count(settings) >= 1
+    assert [r.name for r in rows(settings)] == ["caf\\xe9.png", "caf\\xe9.png"]
