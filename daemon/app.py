@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histod.daemon.filters import ImageFilter
+from histod.daemon.loop import run_loop, run_once
 from histod.daemon.notify import notify, watchdog_period
 from histod.daemon.reports import write_report
-from histod.daemon.service import Service, run_loop, run_once
+from histod.daemon.service import Service
 from histod.daemon.steps import Served, settle_moves
 from histod.db import queries
 from histod.db.models import utcnow

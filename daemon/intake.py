@@ -10,12 +10,16 @@ import hashlib
 import os
 import stat
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+from histod.daemon.mover import Identity, identity
 from histod.errors import ImageError
 from histod.imaging import read_file
+
+READ_ATTEMPTS = 3
+"""reads of a file that changes while it is read, before it is left for its next change"""
 
 
 @dataclass(frozen=True)
@@ -28,10 +32,24 @@ class Taken:
     sha256: str | None
     size_bytes: int | None
     error: ImageError | None = None
+    identity: Identity | None = None
+    """the entry that was read (lstat before and after the read agree): only that entry is moved"""
 
 
 def take(path: Path, received_at: datetime, *, max_bytes: int) -> Taken | None:
-    """Read ``path``; None when it no longer exists (already moved, or removed by its owner)."""
+    """Read ``path``; None when it no longer exists (already moved, or removed by its owner), or when it kept
+    changing while it was read (it is not complete: its next change brings it back)."""
+    for _ in range(READ_ATTEMPTS):
+        before = identity(path)
+        taken = _read(path, received_at, max_bytes)
+        if taken is None:
+            return None
+        if identity(path) == before:
+            return replace(taken, identity=before)
+    return None
+
+
+def _read(path: Path, received_at: datetime, max_bytes: int) -> Taken | None:
     try:
         data = read_file(path, max_bytes=max_bytes, follow_symlinks=False)
     except ImageError as exc:

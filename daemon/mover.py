@@ -21,6 +21,25 @@ from pathlib import Path
 
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
+Identity = tuple[int, int, int, int]
+"""(st_dev, st_ino, st_size, st_mtime_ns) of an entry, by lstat: the file that was read is the file moved"""
+
+
+class SourceReplacedError(Exception):
+    """The entry at the source is no longer the one that was read (another inode, size or mtime): nothing moved."""
+
+
+def identity_of(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def identity(path: Path) -> Identity | None:
+    """The entry's :data:`Identity` now; None when nothing is there (or it cannot be looked at)."""
+    try:
+        return identity_of(os.lstat(path))
+    except OSError:
+        return None
+
 
 def dated_dir(root: Path, when: datetime) -> Path:
     return root / when.strftime("%Y-%m-%d")
@@ -91,13 +110,17 @@ def _same_content(src: Path, dst: Path) -> bool:
         return False
 
 
-def move_file(src: Path, dst: Path) -> Path:
+def move_file(src: Path, dst: Path, *, expect: Identity | None = None) -> Path:
     """Move ``src`` to ``dst`` without overwriting; return where it went (``dst``, or the next free name when
-    an unrelated file is already at ``dst``). Raises OSError (permissions, disk full); ``src`` is then intact."""
+    an unrelated file is already at ``dst``). Raises OSError (permissions, disk full); ``src`` is then intact.
+    With ``expect`` (the identity of what was read), raises SourceReplacedError when another file is at ``src`` now,
+    also when it is renamed over ``src`` while the move runs; and never removes a file that replaced ``src``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         _temporary(dst).unlink()  # a copy left by a process killed in the middle of _copy_across
     src_st = os.lstat(src)
+    if expect is not None and identity_of(src_st) != expect:
+        raise SourceReplacedError(f"{src} is not the file that was read")
     if os.path.lexists(dst):
         dst_st = os.lstat(dst)
         regular = stat.S_ISREG(src_st.st_mode) and stat.S_ISREG(dst_st.st_mode)
@@ -107,7 +130,7 @@ def move_file(src: Path, dst: Path) -> Path:
             and src_st.st_mtime_ns == dst_st.st_mtime_ns
             and _same_content(src, dst)
         ):
-            src.unlink()  # an earlier move got as far as the link (or copy): finish it
+            _unlink_if_same(src, src_st)  # an earlier move got as far as the link (or copy): finish it
             return dst
         dst = plan_target(dst.parent, dst.name, lambda _p: False)
     if stat.S_ISDIR(src_st.st_mode):
@@ -122,8 +145,20 @@ def move_file(src: Path, dst: Path) -> Path:
             src.rename(dst)
             return dst
         raise
-    src.unlink()
+    if not _same_file(os.lstat(dst), src_st):  # replaced between the lstat and the link: that is not ours
+        dst.unlink()
+        raise SourceReplacedError(f"{src} was replaced while it was moved")
+    _unlink_if_same(src, src_st)
     return dst
+
+
+def _unlink_if_same(src: Path, src_st: os.stat_result) -> None:
+    """Remove ``src`` unless another file took its name since ``src_st`` (that one is a new arrival)."""
+    try:
+        if _same_file(os.lstat(src), src_st):
+            src.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _temporary(dst: Path) -> Path:
@@ -145,9 +180,11 @@ def _copy_across(src: Path, dst: Path, src_st: os.stat_result) -> Path:
         shutil.copy2(src, tmp, follow_symlinks=False)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
+        if identity(src) != identity_of(src_st) or tmp.stat().st_size != src_st.st_size:
+            raise SourceReplacedError(f"{src} was replaced while it was copied")
         os.link(tmp, dst)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    src.unlink()
+    _unlink_if_same(src, src_st)
     return dst

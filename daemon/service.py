@@ -1,13 +1,15 @@
-"""`histod serve`'s loop: the watcher's paths are batched (up to batch_size, waiting at most batch_timeout_ms)
-and each batch goes through the steps of histod.daemon.steps; :class:`Service` holds the little state that
-spans batches (targets claimed by moves in flight, moves to retry). See histod.daemon.app for start-up.
+"""The service's state across batches: :class:`Service` runs each batch through the steps of histod.daemon.steps
+and holds what spans batches (targets claimed by moves in flight, moves to retry, batches the database refused,
+files to take again). histod.daemon.loop feeds it; histod.daemon.app starts it.
+
+A file replaced after it was read (renamed over, or dropped again while its move waits for a retry) is not
+moved under the result of what was read: that result gets a final ``source replaced`` move, and the new content
+is taken again as a new event.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from histod.daemon.intake import scan
+from histod.daemon.mover import identity
 from histod.daemon.steps import (
+    REPLACED,
     VANISHED,
     PlannedMove,
     Predictor,
@@ -34,7 +37,7 @@ from histod.daemon.steps import (
 )
 from histod.db.models import Move, utcnow
 from histod.db.paths import path_text
-from histod.errors import DatabaseError, WatchError
+from histod.errors import DatabaseError
 from histod.logs import get_logger
 
 if TYPE_CHECKING:
@@ -89,15 +92,19 @@ class Service:
         """files of batches the database refused: still in the watch folder, taken again after a while"""
         self.deferred_attempts = 0
         self.deferred_due = 0.0
+        self.again: dict[Path, datetime] = {}
+        """files whose name now holds other content than what was read: taken again as new events"""
         self.files = 0
 
     def process(self, arrivals: Sequence[tuple[Path, datetime]]) -> int:
         """Run one batch; returns how many files were recorded or moved."""
         first: dict[Path, datetime] = {}
         for path, received in arrivals:
-            if path not in self.retrying:
-                first.setdefault(path, received)
-                self.deferred.pop(path, None)
+            if path in self.retrying and not self._replaced_while_waiting(path):
+                continue  # its move is retried later
+            first.setdefault(path, received)
+            self.deferred.pop(path, None)
+            self.again.pop(path, None)
         arrivals = list(first.items())
         if arrivals and self.claims is not None:
             held = self.claims.take(p for p, _ in arrivals)  # another service's files are dropped here
@@ -155,6 +162,43 @@ class Service:
                 self.defer(batch[start:], exc)
                 return
         self.deferred_attempts = 0
+
+    def take_again(self) -> None:
+        """Process the files whose name was taken by other content while they waited (see :meth:`_move`)."""
+        batch = list(self.again.items())
+        self.again.clear()
+        for start in range(0, len(batch), self.settings.batch_size):
+            chunk = batch[start : start + self.settings.batch_size]
+            try:
+                self.process(chunk)
+            except DatabaseError as exc:
+                self.defer(chunk, exc)
+
+    def _replaced_while_waiting(self, path: Path) -> bool:
+        """A file arrived under the name of one whose move waits for a retry. The same entry: False (the retry
+        moves it). Another one: the waiting result is closed as replaced, and True (the arrival is new)."""
+        planned = self.retrying[path].planned
+        now = identity(path)
+        if planned.identity is None or now is None or now == planned.identity:
+            return False
+        del self.retrying[path]
+        self.claimed.discard(planned.target)
+        self._save(
+            [
+                (
+                    Move(
+                        result_id=planned.result_id,
+                        at=utcnow(),
+                        ok=False,
+                        path=path_text(planned.target),
+                        error=REPLACED,
+                    ),
+                    None,
+                )
+            ]
+        )
+        log.warning("image.replaced", path=path_text(path), **planned.line, stored=None)
+        return True
 
     def retry_moves(self, *, force: bool = False) -> None:
         if self.unsaved:
@@ -227,91 +271,9 @@ class Service:
             elif m.error == VANISHED:
                 self.claimed.discard(p.target)
                 log.warning("image.vanished", **line, stored=None)
+            elif m.error == REPLACED:  # the content read is gone; what is there now is a new event
+                self.claimed.discard(p.target)
+                self.again[p.source] = utcnow()
+                log.warning("image.replaced", **line, stored=None)
             else:
                 self._retry_later(p, attempts, m.path, m.error)
-
-
-# --- the loop --------------------------------------------------------------------------------------------
-def collect(
-    inbox: queue.Queue[tuple[Path, datetime]], size: int, timeout_s: float, wait_s: float = 0.5
-) -> list[tuple[Path, datetime]]:
-    """Up to ``size`` arrivals: wait up to ``wait_s`` for the first, then up to ``timeout_s`` for the rest."""
-    try:
-        batch = [inbox.get(timeout=wait_s)]
-    except queue.Empty:
-        return []
-    deadline = time.monotonic() + timeout_s
-    while len(batch) < size:
-        left = deadline - time.monotonic()
-        try:
-            batch.append(inbox.get(timeout=left) if left > 0 else inbox.get_nowait())
-        except queue.Empty:
-            break
-    return batch
-
-
-def run_loop(
-    service: Service,
-    watch: Callable[[threading.Event], Any],
-    stop: threading.Event,
-    *,
-    on_tick: Callable[[], None],
-) -> None:
-    """Feed the watcher's batches through ``service`` until ``stop`` is set; the batch in flight finishes."""
-    inbox: queue.Queue[tuple[Path, datetime]] = queue.Queue()
-    died: list[BaseException] = []
-    feeder_stop = threading.Event()
-
-    def feed() -> None:
-        try:
-            for paths in watch(feeder_stop):
-                now = utcnow()
-                for path in paths:
-                    inbox.put((path, now))
-        except BaseException as exc:
-            died.append(exc)
-
-    thread = threading.Thread(target=feed, name="histod-watch", daemon=True)
-    thread.start()
-    settings = service.settings
-    try:
-        while not stop.is_set():
-            on_tick()
-            if died or not thread.is_alive():
-                error = died[0] if died else None
-                raise WatchError(f"the watcher stopped: {error}") from error
-            # a short wait for the first file keeps ticks (READY, watchdog, reports) prompt
-            batch = collect(inbox, settings.batch_size, settings.batch_timeout_ms / 1000, wait_s=0.1)
-            if batch and not stop.is_set():
-                try:
-                    service.process(batch)
-                except DatabaseError as exc:
-                    service.defer(batch, exc)  # the files stay in the watch folder; raised unless passing
-            elif batch:
-                break  # stopping: what was not started stays in the watch folder for the next start
-            service.retry_deferred()
-            service.retry_moves()
-            service.sweep()
-    finally:
-        feeder_stop.set()
-        thread.join(timeout=5)
-
-
-def run_once(
-    service: Service, watch_dir: Path, accept: Callable[[Path], bool], stop: threading.Event, rounds: int = 5
-) -> int:
-    """Process what is in the watch folder now; files written in the last stable_ms are waited for (a few
-    rounds at most, so a folder that never stops changing still ends). Returns the files handled."""
-    settings = service.settings
-    handled = 0
-    for _ in range(rounds):
-        paths, wait = scan(watch_dir, accept, settle_s=settings.stable_ms / 1000, now=time.time())
-        for start in range(0, len(paths), settings.batch_size):
-            if stop.is_set():
-                return handled
-            now = utcnow()
-            handled += service.process([(p, now) for p in paths[start : start + settings.batch_size]])
-        if wait is None or stop.wait(wait + 0.01):
-            break
-    service.retry_moves(force=True)
-    return handled

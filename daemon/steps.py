@@ -27,10 +27,10 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from histod import LABELS
 from histod.daemon.intake import Taken, take
-from histod.daemon.mover import dated_dir, move_file, plan_target
+from histod.daemon.mover import Identity, SourceReplacedError, dated_dir, move_file, plan_target
 from histod.db import chain, queries
 from histod.db import claims as claim_rows
-from histod.db.models import MOVE_VANISHED, STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
+from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
 from histod.db.paths import display, path_text, text_path
 from histod.db.session import reading, transaction
 from histod.errors import DatabaseError, ImageError
@@ -43,6 +43,7 @@ if TYPE_CHECKING:
 log: Any = get_logger("histod.service")
 
 VANISHED = MOVE_VANISHED
+REPLACED = MOVE_REPLACED
 
 RECORD_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0)
 """seconds to wait before each new attempt when the database refuses a batch (locked past the busy timeout)"""
@@ -81,6 +82,8 @@ class PlannedMove:
     target: Path
     line: dict[str, Any]
     """the file's canonical log line, completed once the move is done"""
+    identity: Identity | None = None
+    """the entry that was read: another one at ``source`` is not moved under this result (it is a new event)"""
 
 
 # --- the steps -------------------------------------------------------------------------------------------
@@ -100,6 +103,7 @@ def intake(
     read = list(pool.map(one, arrivals)) if pool is not None else [one(a) for a in arrivals]
     fresh: list[Taken] = []
     recover: list[PlannedMove] = []
+    gone: list[Move] = []
     with reading(factory) as session:
         for taken in read:
             if taken is None:
@@ -108,10 +112,25 @@ def intake(
             row = queries.find_unmoved(session, path_text(path), taken.sha256)
             if row is None:
                 fresh.append(taken)
+                older = queries.unmoved_at(session, path_text(path))
+                if older is not None:  # an earlier file of this name, recorded, never moved: where is it?
+                    gone.append(_whereabouts(older))
             else:
                 line = {"result_id": row.id, "status": row.status, "label": row.label, "recovered": True}
-                recover.append(PlannedMove(row.id, path, text_path(row.stored_path), line))
+                recover.append(PlannedMove(row.id, path, text_path(row.stored_path), line, taken.identity))
+    if gone:
+        save_moves(factory, gone)
     return fresh, recover
+
+
+def _whereabouts(row: Result) -> Move:
+    """The Move of a recorded file whose name now holds other content: at its target (moved, the move not
+    recorded), else replaced before it could be moved."""
+    stored = text_path(row.stored_path)
+    if os.path.lexists(stored):
+        return Move(result_id=row.id, at=utcnow(), ok=True, path=row.stored_path, error=None)
+    log.warning("image.replaced", path=row.original_path, result_id=row.id, stored=None)
+    return Move(result_id=row.id, at=utcnow(), ok=False, path=row.stored_path, error=REPLACED)
 
 
 def classify(
@@ -212,7 +231,7 @@ def record(
                     planned.append((to_result(o, served, host, target), target))
                 rows = queries.record_results(session, [r for r, _ in planned])
                 moves = [
-                    PlannedMove(row.id, o.taken.path, target, _line(row))
+                    PlannedMove(row.id, o.taken.path, target, _line(row), o.taken.identity)
                     for row, o, (_, target) in zip(rows, mine, planned, strict=True)
                 ]
             claimed.update(m.target for m in moves)
@@ -245,7 +264,9 @@ def move(planned: PlannedMove) -> Move:
     """Move one file; the outcome is a Move event (never raises for an OS error)."""
     target = path_text(planned.target)
     try:
-        where = move_file(planned.source, planned.target)
+        where = move_file(planned.source, planned.target, expect=planned.identity)
+    except SourceReplacedError:
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=REPLACED)
     except FileNotFoundError as exc:
         if exc.filename is not None and Path(exc.filename) == planned.source:
             return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=VANISHED)
@@ -286,7 +307,8 @@ def save_moves(
 
 def settle_moves(factory: sessionmaker[Session], page: int = 1000, *, shared: bool = False) -> int:
     """At start-up: record the moves that happened but were not recorded (the process stopped between the
-    move and its Move row), so that the moves table says where every file is. Returns how many. With ``shared``
+    move and its Move row), and the files that disappeared from the watch folder before their move, so that the
+    moves table says where every file is. Returns how many. With ``shared``
     (several services on one database), files some service has a claim on are left to that claim."""
     found: list[tuple[Move, str]] = []
     after = 0
@@ -298,8 +320,11 @@ def settle_moves(factory: sessionmaker[Session], page: int = 1000, *, shared: bo
         after = batch[-1].id
         for row in batch:
             original, stored = text_path(row.original_path), text_path(row.stored_path)
-            if not os.path.lexists(original) and os.path.lexists(stored):
-                found.append((Move(result_id=row.id, ok=True, path=str(stored), error=None), row.original_path))
+            if os.path.lexists(original):
+                continue  # still in the watch folder: intake moves it (or takes other content as a new event)
+            there = os.path.lexists(stored)
+            error = None if there else VANISHED  # neither here nor there: removed while the service was down
+            found.append((Move(result_id=row.id, ok=there, path=row.stored_path, error=error), row.original_path))
     if not found:
         return 0
     if not shared:

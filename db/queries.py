@@ -13,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, func, select
+from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from histod import LABELS
@@ -158,9 +158,14 @@ def amendments(session: Session, result_id: int) -> list[Result]:
     return list(session.scalars(select(Result).where(Result.amends_id == result_id).order_by(Result.id)))
 
 
+def _settled() -> Any:
+    """A result whose file was moved, or is gone for good (a final failed move: vanished, replaced)."""
+    return exists().where(and_(Move.result_id == Result.id, or_(Move.ok.is_(True), Move.error.in_(FINAL_MOVE_ERRORS))))
+
+
 def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Result | None:
-    """The newest result for this path and content whose file has no successful move: the process stopped
-    between committing the row and moving the file. None means the file is a new event."""
+    """The newest result for this path and content whose file has no successful move (nor a final failed one):
+    the process stopped between committing the row and moving the file. None means the file is a new event."""
     same_content = Result.sha256.is_(None) if sha256 is None else Result.sha256 == sha256
     newest = session.scalars(
         select(Result)
@@ -170,16 +175,20 @@ def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Re
     ).first()
     if newest is None:
         return None
-    moved = session.scalar(select(exists().where(and_(Move.result_id == newest.id, Move.ok.is_(True)))))
-    return None if moved else newest
+    settled = session.scalar(
+        select(
+            exists().where(and_(Move.result_id == newest.id, or_(Move.ok.is_(True), Move.error.in_(FINAL_MOVE_ERRORS))))
+        )
+    )
+    return None if settled else newest
 
 
 def unmoved_at(session: Session, original_path: str) -> Result | None:
-    """The newest classification of a file at ``original_path`` whose move is not recorded (any content)."""
-    moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
+    """The newest classification of a file at ``original_path`` whose move is not recorded (any content), unless
+    its file is gone for good (a final failed move)."""
     query = (
         select(Result)
-        .where(Result.original_path == original_path, Result.kind == KIND_CLASSIFICATION, ~moved)
+        .where(Result.original_path == original_path, Result.kind == KIND_CLASSIFICATION, ~_settled())
         .order_by(Result.id.desc())
         .limit(1)
     )
@@ -212,12 +221,11 @@ def record_moves(session: Session, moves: Iterable[Move]) -> None:
 
 
 def unmoved_results(session: Session, limit: int = 1000, after_id: int = 0) -> list[Result]:
-    """Results with no successful move, by id after ``after_id``: their files are still in the watch folder,
-    or the process stopped after moving a file and before recording the move."""
-    moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
+    """Results with no successful move (nor a final failed one), by id after ``after_id``: their files are still
+    in the watch folder, or the process stopped after moving a file and before recording the move."""
     query = (
         select(Result)
-        .where(~moved, Result.id > after_id, Result.kind == KIND_CLASSIFICATION)
+        .where(~_settled(), Result.id > after_id, Result.kind == KIND_CLASSIFICATION)
         .order_by(Result.id)
         .limit(limit)
     )
@@ -254,15 +262,11 @@ def waiting_moves(session: Session) -> Counter[str]:
     """Files recorded but not (yet) moved, now: each by the reason of its last failed move (``not attempted yet``
     while a batch is between its commit and its moves). Files gone before their move (FINAL_MOVE_ERRORS) are not
     waiting."""
-    moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
-    ids = list(session.scalars(select(Result.id).where(Result.kind == KIND_CLASSIFICATION, ~moved)))
+    ids = list(session.scalars(select(Result.id).where(Result.kind == KIND_CLASSIFICATION, ~_settled())))
     last = last_move_errors(session, ids)
     waiting: Counter[str] = Counter()
     for result_id in ids:
-        error = last.get(result_id)
-        if error in FINAL_MOVE_ERRORS:
-            continue
-        waiting[NOT_ATTEMPTED if result_id not in last else move_reason(error)] += 1
+        waiting[NOT_ATTEMPTED if result_id not in last else move_reason(last[result_id])] += 1
     return waiting
 
 
