@@ -28,7 +28,7 @@ from histod.daemon.steps import Served, settle_moves
 from histod.db import queries
 from histod.db.models import utcnow
 from histod.db.paths import path_text
-from histod.db.session import open_database, shared_database, transaction
+from histod.db.session import FileGuard, close_database, open_database, shared_database, transaction
 from histod.errors import ConfigError, DatabaseError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
@@ -205,6 +205,23 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
 def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: bool, started: datetime) -> ServeResult:
     assert settings.model is not None
     factory = open_database(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
+    try:
+        return _run(settings, factory, watch_dir, stop, once=once, started=started)
+    finally:
+        close_database(factory)
+
+
+def _run(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    watch_dir: Path,
+    stop: threading.Event,
+    *,
+    once: bool,
+    started: datetime,
+) -> ServeResult:
+    assert settings.model is not None
+    guard = FileGuard(factory, settings.resolved_database_url)
     if stop.is_set():
         return _stopped_in_start_up(started, "database")
 
@@ -232,6 +249,7 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
     )
     with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="histod-decode") as pool:
         service = Service(settings, factory, engine, served, pool, claims=claims)
+        service.guard = guard.check
         try:
             if once:
                 run_once(service, watch_dir, ImageFilter.from_settings(settings), stop)
@@ -240,7 +258,8 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
         finally:
             notify("STOPPING=1")
             try:
-                reporter.write()
+                if guard.intact():  # not into a database file that was deleted or replaced
+                    reporter.write()
             finally:
                 if service.retrying:
                     log.warning("service.moves_pending", files=sorted(path_text(p) for p in service.retrying))

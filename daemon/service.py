@@ -83,6 +83,9 @@ class Service:
         self.retrying: dict[Path, _Retry] = {}
         self.heartbeat: Callable[[], None] = lambda: None
         """called while a batch waits for a locked database (the service sets it to its watchdog ping)"""
+        self.guard: Callable[[], None] = lambda: None
+        """called before each record and before moving: raises DatabaseError when the database file was deleted
+        or replaced (histod.db.session.FileGuard), so that nothing is moved for rows no one can read"""
         self.claims = claims
         """several services on one database: each file is claimed before it is read (histod.daemon.claims)"""
         self.unsaved: list[tuple[Move, Path | None]] = []
@@ -118,6 +121,7 @@ class Service:
         planned = list(recover)
         if fresh:
             outcomes = classify(fresh, self.predictor, self.pool, max_pixels=self.settings.max_pixels)
+            self.guard()
             planned += record(
                 self.factory,
                 outcomes,
@@ -252,6 +256,8 @@ class Service:
         log.error("image.move_failed", path=path_text(p.source), **p.line, target=target, error=error, retry_in_s=wait)
 
     def _move(self, planned: Sequence[PlannedMove], *, attempts: int) -> None:
+        if planned:
+            self.guard()
         if self.claims is not None and planned:
             try:  # only the holder moves: a claim taken over meanwhile leaves the file to its new holder
                 mine = self.claims.ensure([p.source for p in planned])

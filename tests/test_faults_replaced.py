@@ -5,7 +5,6 @@ moved. Every stored file has the sha256 of its row. In-process serve() with the 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import sqlite3
 from collections.abc import Iterator
@@ -117,7 +116,9 @@ def test_a_name_dropped_again_while_its_move_waits_for_a_retry_is_a_new_event(
     _check(settings, old, new, capsys, "dropped again during a move retry")
 
 
-def test_files_replaced_or_removed_while_the_service_was_down(tiny_run_dir: Path, tmp_path: Path) -> None:
+def test_files_replaced_or_removed_while_the_service_was_down(
+    tiny_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     """The service died between its commit and its moves; meanwhile one file was replaced and one removed. The
     next start closes both rows (replaced, vanished), and the new content is a new event."""
     from tests.test_service import _once, _record_without_moving
@@ -132,11 +133,7 @@ def test_files_replaced_or_removed_while_the_service_was_down(tiny_run_dir: Path
     _replace(watch / "slide.png", new)
     (watch / "removed.png").unlink()
     _once(settings)
-    _check(settings, old, new, _NoCapture(), "replaced while down")
+    _check(settings, old, new, capsys, "replaced while down")
     (removed,) = [r for r in rows(settings) if r.name == "removed.png"]
     assert [m.error for m in moves(settings) if m.result_id == removed.id] == [MOVE_VANISHED]
 
-
-class _NoCapture:
-    def disabled(self) -> contextlib.AbstractContextManager[None]:
-        return contextlib.nullcontext()

@@ -4,6 +4,8 @@ written when the service starts. Real `histod serve` processes, real SQLite, rea
 
 from __future__ import annotations
 
+import contextlib
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -37,20 +39,16 @@ def test_a_second_service_is_refused_even_after_every_deletable_file_is_gone(
         for entry in settings.data_dir.iterdir():
             if entry.is_file() and not entry.name.startswith("histod.db"):
                 entry.unlink()
-        second = subprocess.Popen(
-            _serve_args(tmp_path, tiny_run_dir),
-            cwd=tmp_path,
-            env=serve_env(),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
+        log2 = tmp_path / "second.log"
+        second = start_serve(tmp_path, tiny_run_dir, log2)
         for i, name in enumerate(names):
             (watch / name).write_bytes(tiny_png(i))
-        wait_for(lambda: second.poll() is not None or row_count(settings) >= len(names), 120, what="the second")
-        code = second.poll()
-        _, err = second.communicate(timeout=60) if code is not None else (b"", b"")
+        wait_for(
+            lambda: second.poll() is not None or log_events(log2, "service.ready"), 120, what="the second to start"
+        )
+        code = second.wait(10) if second.poll() is not None else None
         assert code == 2, f"a second service ran beside the first (exit {code})"
-        assert "another `histod serve` is using" in err.decode(), err.decode()[-2000:]
+        assert "another `histod serve` is using" in tail(log2), tail(log2)
         wait_for(lambda: row_count(settings) == len(names) and not any(watch.iterdir()), 120, what="every file")
         stop_serve(first, log)
     finally:
@@ -72,3 +70,63 @@ def test_the_lock_holds_without_any_lock_file(tiny_run_dir: Path, tmp_path: Path
     )
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert not [p.name for p in settings.data_dir.iterdir() if "lock" in p.name]
+
+
+# --- the database deleted under the running service -----------------------------------------------------------
+def _count(db: Path) -> int:
+    """Rows as a fresh reader sees them (a new connection each time: never one that holds a deleted file open)."""
+    if not db.exists():
+        return 0
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+        return int(connection.execute("SELECT count(*) FROM results").fetchone()[0])
+
+
+def _served_one(root: Path, run_dir: Path, log: Path) -> subprocess.Popen[bytes]:
+    settings = service_settings(root, run_dir)
+    settings.resolved_watch_dir.mkdir(parents=True)
+    proc = start_serve(root, run_dir, log)
+    (settings.resolved_watch_dir / "first.png").write_bytes(tiny_png(0))
+    wait_for(lambda: log_events(log, "image") == 1 or proc.poll() is not None, 60, what="the first file, moved")
+    assert proc.poll() is None, tail(log)
+    return proc
+
+
+@pytest.mark.parametrize("deleted", ["histod.db", "histod.db-wal"])
+def test_a_database_file_deleted_under_the_service_stops_it_before_anything_moves(
+    tiny_run_dir: Path, tmp_path: Path, deleted: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = service_settings(tmp_path, tiny_run_dir)
+    watch, db = settings.resolved_watch_dir, settings.data_dir / "histod.db"
+    log = tmp_path / "serve.log"
+    proc = _served_one(tmp_path, tiny_run_dir, log)
+    names = [f"after{i}.png" for i in range(5)]
+    try:
+        (settings.data_dir / deleted).unlink()
+        for i, name in enumerate(names):
+            (watch / name).write_bytes(tiny_png(1 + i))
+        wait_for(lambda: proc.poll() is not None or not any(watch.iterdir()), 60, what="the service to notice")
+        code = proc.poll()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    errors = [line for line in tail(log, 20000).splitlines() if line.startswith("error:")]
+    assert code == 5, f"exit {code}; log tail:\n{tail(log)}"
+    assert len(errors) == 1 and f"{deleted} was deleted" in errors[0], errors
+    assert sorted(p.name for p in watch.iterdir()) == names  # nothing taken after the deletion was moved
+    first = len([p for p in settings.processed_dir.rglob("*.png")])
+    assert first == 1
+    # the first file's row: in the deleted database (gone with it), or rescued from the deleted WAL
+    assert _count(db) == (0 if deleted == "histod.db" else 1)
+    again = subprocess.run(
+        _serve_args(tmp_path, tiny_run_dir, "--once"), cwd=tmp_path, env=serve_env(), capture_output=True, check=False
+    )
+    assert again.returncode == 0, again.stderr.decode()[-2000:]
+    expected = names if deleted == "histod.db" else ["first.png", *names]
+    assert _count(db) == len(expected)
+    tally = account(settings, expected)
+    if deleted == "histod.db":  # the first file was moved while its row went to the database now deleted
+        assert [Path(p).name for p in tally.strays] == ["first.png"]
+        tally.strays, tally.stored = [], tally.stored - 1
+    report(capsys, f"{deleted} deleted", tally, rounds=2, exit_code=code)
+    tally.check()
