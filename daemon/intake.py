@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
+from histod.daemon.complete import open_for_writing
 from histod.daemon.mover import Identity, identity
 from histod.errors import ImageError
 from histod.imaging import read_file
@@ -76,9 +77,9 @@ def _size(path: Path) -> int | None:
 def scan(
     folder: Path, accept: Callable[[Path], bool], *, settle_s: float, now: float
 ) -> tuple[list[Path], float | None]:
-    """The entries of ``folder`` (not recursive) that ``accept(path)`` takes and that have not changed for
-    ``settle_s`` seconds (by lstat mtime: a file still being written is not taken), sorted; and in how many
-    seconds the newest of the others will have settled (None when there are none)."""
+    """The entries of ``folder`` (not recursive) that ``accept(path)`` takes, that have not changed for
+    ``settle_s`` seconds (by lstat mtime) and that no process has open for writing (histod.daemon.complete), sorted;
+    and in how many seconds the others may be ready (None when there are none)."""
     ready: list[Path] = []
     wait: float | None = None
     try:
@@ -90,11 +91,14 @@ def scan(
         if not accept(path):
             continue
         try:
-            age = now - entry.stat(follow_symlinks=False).st_mtime
+            st = entry.stat(follow_symlinks=False)
         except OSError:
             continue
-        if age >= settle_s:
-            ready.append(path)
-        else:
+        age = now - st.st_mtime
+        if age < settle_s:
             wait = max(wait or 0.0, settle_s - age)
+        elif stat.S_ISREG(st.st_mode) and open_for_writing(path):
+            wait = max(wait or 0.0, settle_s)  # still being written: look again (a few rounds at most)
+        else:
+            ready.append(path)
     return sorted(ready), wait

@@ -4,18 +4,23 @@
     for paths in watcher.watch(stop_event):      # list[Path], never empty, no repeats within a batch
         handle(paths)
 
-When is a file complete?
+When is a file complete? Never while some process has it open for writing, when that can be known
+(:mod:`histod.daemon.complete`: checked before any file is yielded, whatever made it ready). Besides:
     * Linux (inotify): on close-after-write (``FileClosedEvent``; IN_CLOSE_WRITE is sent only for a file that
       was opened for writing, so the service reading a file does not trigger it), or when it is renamed or moved
       into the folder (the atomic-rename upload: write ``x.part``, rename to ``x.png``). A regular file seen being
       written waits for its close; only if that never comes (events lost) is it taken once unchanged for
-      ``close_timeout_s``.
+      ``close_timeout_s`` (and then only if it is not known to be still open: a writer that is only slow is
+      waited for, with a ``watch.still_open`` warning).
     * Everywhere else, for the polling observer (NFS/SMB), for entries that are not regular files (symlinks,
       FIFOs, directories), for hard links and for everything found by a reconcile scan: once its ``lstat``
       (size, mtime, inode, type) is unchanged for ``stable_ms``.
 
 Reconcile: at start, after an observer restart, after an inotify queue overflow and every
-``reconcile_interval_s`` the folder is listed and every matching entry is queued (through the stability rule).
+``reconcile_interval_s`` the folder is listed and every matching entry is queued: through the stability rule,
+except a regular file in close-write mode that is open for writing, or whose writers cannot be known and that
+changed less than ``close_timeout_s`` ago: that one waits for its close-after-write (or ``close_timeout_s``
+since it last changed), as a file seen being written does.
 Only the periodic scan re-yields a path that was already yielded and is unchanged and still there, and only
 when it was yielded at least one interval earlier (so that a file the consumer could not move is retried, but
 files still queued in the consumer are not repeated at once); otherwise a path is yielded again only after it
@@ -26,7 +31,8 @@ Decisions:
       folder, and a non-recursive watch cannot see them even when they are placed inside it.
     * Symlinks, FIFOs, sockets and directories whose names pass the filter are yielded once stable, without
       being followed or opened (only ``lstat``), so that the service can record them as failed with a reason
-      (``symlink``, ``not_a_file``) and move them aside. Nothing here ever opens a watched entry.
+      (``symlink``, ``not_a_file``) and move them aside. Only regular files are opened here, read-only, without
+      following a link and without reading, for the lease that tells whether a writer has them open.
     * The watch folder is resolved (``realpath``) once: yielded paths are under the resolved folder.
     * The observer (and its emitter threads) is checked on every loop; when one died, ``watch.observer_died``
       is logged, the observer is restarted and the folder reconciled; more than ``max_restarts`` deaths within
@@ -60,6 +66,7 @@ from watchdog.events import (
     FileSystemEvent,
 )
 
+from histod.daemon.complete import open_for_writing
 from histod.daemon.filters import ImageFilter
 from histod.daemon.observer import OVERFLOW_LOGGER, OverflowHook, Supervisor
 from histod.db.paths import path_text
@@ -83,6 +90,7 @@ class _Pending:
     since: float  # monotonic time at which ``sig`` was first seen
     needs_close: bool  # close-write mode: a regular file seen being written; wait for its close
     rescan: bool  # queued by a reconcile scan: may be yielded again although already yielded
+    warned: bool = False  # watch.still_open was logged
 
 
 def _lstat_sig(path: Path) -> tuple[_Sig, os.stat_result]:
@@ -286,6 +294,13 @@ class Watcher:
         # in close-write mode a regular, singly linked file being written will send its close
         regular = st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
         wait_close = written and self._observers.close_write and regular
+        since = time.monotonic()
+        if not written and self._observers.close_write and regular and st is not None:
+            # found by a scan, not by an event: it may have been opened for writing before the watch began
+            writing = open_for_writing(path)
+            wait_close = writing is not False
+            if writing is None:  # cannot be known: its close, or close_timeout_s since it last changed
+                since -= max(0.0, time.time() - st.st_mtime)
         if written and path in self._ready:
             del self._ready[path]  # written again after its close: wait for the next close
         elif path in self._ready:
@@ -293,7 +308,7 @@ class Watcher:
             return
         pending = self._pending.get(path)
         if pending is None:
-            self._pending[path] = _Pending(sig, time.monotonic(), wait_close, rescan)
+            self._pending[path] = _Pending(sig, since, wait_close, rescan)
         else:
             pending.needs_close = pending.needs_close or wait_close
             pending.rescan = pending.rescan or rescan
@@ -313,6 +328,11 @@ class Watcher:
             quiet = now - pending.since
             if pending.needs_close:
                 if quiet >= max(self.close_timeout_s, self.stable_s):
+                    if open_for_writing(path):  # its writer is still there, only slow: keep waiting
+                        if not pending.warned:
+                            self._log.warning("watch.still_open", path=path_text(path), quiet_s=round(quiet, 1))
+                        pending.since, pending.warned = now, True
+                        continue
                     self._log.warning("watch.close_write_missing", path=path_text(path), quiet_s=round(quiet, 1))
                     self._mark_ready(path, rescan=pending.rescan)
             elif quiet >= self.stable_s:
@@ -323,7 +343,7 @@ class Watcher:
         now = time.monotonic()
         for path, rescan in self._ready.items():
             try:
-                sig, _ = _lstat_sig(path)
+                sig, st = _lstat_sig(path)
             except OSError:
                 continue  # gone again (or unreachable): its next event or scan brings it back
             # already yielded, unchanged and still there: only a periodic scan repeats it, and only once it has
@@ -334,6 +354,9 @@ class Watcher:
                 and previous[0] == sig
                 and (not rescan or now - previous[1] < self.reconcile_interval_s)
             ):
+                continue
+            if stat.S_ISREG(st.st_mode) and open_for_writing(path):  # whatever said it was complete
+                self._pending[path] = _Pending(sig, now, self._observers.close_write, rescan)
                 continue
             self._yielded[path] = (sig, now)
             batch.append(path)

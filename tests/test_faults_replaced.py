@@ -136,4 +136,3 @@ def test_files_replaced_or_removed_while_the_service_was_down(
     _check(settings, old, new, capsys, "replaced while down")
     (removed,) = [r for r in rows(settings) if r.name == "removed.png"]
     assert [m.error for m in moves(settings) if m.result_id == removed.id] == [MOVE_VANISHED]
-

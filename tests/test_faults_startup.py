@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.faults_support import account, log_events, report, serve_env, start_serve, stop_serve, tail, tiny_png
-from tests.test_service_support import row_count, service_settings, wait_for
+from tests.test_service_support import row_count, rows, service_settings, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -129,4 +129,68 @@ def test_a_database_file_deleted_under_the_service_stops_it_before_anything_move
         assert [Path(p).name for p in tally.strays] == ["first.png"]
         tally.strays, tally.stored = [], tally.stored - 1
     report(capsys, f"{deleted} deleted", tally, rounds=2, exit_code=code)
+    tally.check()
+
+
+# --- a file still being written when the service starts ------------------------------------------------------
+def _names(db: Path) -> list[str]:
+    if not db.exists():
+        return []
+    with contextlib.closing(sqlite3.connect(f"file:{db}?mode=ro", uri=True)) as connection:
+        return [str(n) for (n,) in connection.execute("SELECT name FROM results ORDER BY id")]
+
+
+def _wait_recorded(db: Path, name: str, proc: subprocess.Popen[bytes]) -> None:
+    wait_for(lambda: name in _names(db) or proc.poll() is not None, 60, what=name)
+
+
+def test_a_file_still_being_written_at_start_is_taken_once_complete(
+    tiny_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A slow upload: the writer holds the file open, paused for longer than stable_ms, while `serve --once` runs
+    and while the service starts (its start-up scan finds it). Neither takes it; it is classified once the writer
+    closes it."""
+    settings = service_settings(tmp_path, tiny_run_dir)
+    watch, db = settings.resolved_watch_dir, settings.data_dir / "histod.db"
+    watch.mkdir(parents=True)
+    data = tiny_png(7, size=96)
+    log = tmp_path / "serve.log"
+    proc: subprocess.Popen[bytes] | None = None
+    with (watch / "upload.png").open("wb") as upload:
+        upload.write(data[: len(data) // 2])
+        upload.flush()
+        try:
+            once = subprocess.run(
+                _serve_args(tmp_path, tiny_run_dir, "--once"),
+                cwd=tmp_path,
+                env=serve_env(),
+                capture_output=True,
+                check=False,
+            )
+            assert once.returncode == 0, once.stderr.decode()[-2000:]
+            assert _names(db) == [] and (watch / "upload.png").is_file()
+            proc = start_serve(tmp_path, tiny_run_dir, log)
+            wait_for(lambda: log_events(log, "service.ready") or proc.poll() is not None, 60, what="ready")
+            for marker in ("marker1.png", "marker2.png"):  # two round trips: far past the start-up scan's window
+                (watch / marker).write_bytes(tiny_png(len(marker)))
+                _wait_recorded(db, marker, proc)
+            assert proc.poll() is None, tail(log)
+            assert "upload.png" not in _names(db) and (watch / "upload.png").is_file()
+            upload.write(data[len(data) // 2 :])
+        except BaseException:
+            if proc is not None and proc.poll() is None:
+                proc.kill()
+                proc.wait(10)
+            raise
+    try:
+        wait_for(lambda: "upload.png" in _names(db) and not (watch / "upload.png").exists(), 60, what="the upload")
+        stop_serve(proc, log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    (row,) = [r for r in rows(settings) if r.name == "upload.png"]
+    assert row.status == "classified" and Path(row.stored_path).read_bytes() == data
+    tally = account(settings, ["upload.png", "marker1.png", "marker2.png"])
+    report(capsys, "written at start", tally, rounds=2)
     tally.check()

@@ -165,9 +165,28 @@ def test_hard_link_without_close_write_is_yielded(folder: Path, tmp_path: Path) 
         assert run.wait_for(lambda: linked in run.yielded)
 
 
+@pytest.fixture
+def no_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system or a file owner that refuses leases (NFS, SMB, another user's upload without CAP_LEASE): at
+    the OS boundary, F_SETLEASE fails with EACCES, so whether a writer has the file open cannot be known."""
+    import fcntl
+
+    real = fcntl.fcntl
+
+    def refusing(fd: int, cmd: int, arg: int = 0) -> object:
+        if cmd == getattr(fcntl, "F_SETLEASE", 1024):
+            raise PermissionError(13, "Permission denied")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", refusing)
+
+
 @linux_only
-def test_missing_close_write_falls_back_to_stability(folder: Path) -> None:
-    """A writer that never closes: after close_timeout_s unchanged, the file is taken anyway (lost events)."""
+def test_missing_close_write_falls_back_to_stability_where_writers_cannot_be_seen(
+    folder: Path, no_leases: None
+) -> None:
+    """A writer that never closes, and no way to know it is there: after close_timeout_s unchanged the file is
+    taken anyway (its close-write event may have been lost)."""
     path = folder / "held-open.png"
     with capture_logs() as logs, Running(make_watcher(folder, close_timeout_s=0.6)) as run, path.open("wb") as fh:
         fh.write(b"e" * 100)
@@ -175,6 +194,55 @@ def test_missing_close_write_falls_back_to_stability(folder: Path) -> None:
         assert run.stays(lambda: path not in run.yielded, duration=0.3)
         assert run.wait_for(lambda: path in run.yielded)
     assert any(entry["event"] == "watch.close_write_missing" for entry in logs)
+
+
+@linux_only
+def test_a_file_its_writer_still_holds_open_is_not_taken_until_it_closes(folder: Path) -> None:
+    path = folder / "held-open.png"
+    with capture_logs() as logs, Running(make_watcher(folder, close_timeout_s=0.3)) as run, path.open("wb") as fh:
+        fh.write(b"e" * 100)
+        fh.flush()
+        assert run.stays(lambda: path not in run.yielded, duration=1.0)  # three close timeouts
+        fh.write(b"end")
+        fh.close()
+        assert run.wait_for(lambda: path in run.yielded)
+        assert run.stays(lambda: run.count(path) == 1)
+        assert run.sizes[path] == [103]
+    assert any(entry["event"] == "watch.still_open" for entry in logs)
+
+
+def test_a_file_open_for_writing_before_the_start_waits_for_its_writer(folder: Path, mode: str) -> None:
+    """The start-up scan uses the live rules: a file some process still writes is not complete, however long
+    its writer pauses."""
+    path = folder / "upload.png"
+    with path.open("wb") as fh:
+        fh.write(b"half")
+        fh.flush()
+        with Running(make_watcher(folder, polling=mode == "polling", close_timeout_s=0.3)) as run:
+            assert run.stays(lambda: path not in run.yielded, duration=1.0)
+            fh.write(b" and the rest")
+            fh.close()
+            assert run.wait_for(lambda: path in run.yielded)
+            assert run.sizes[path] == [17]
+
+
+@linux_only
+def test_where_writers_cannot_be_seen_a_recent_file_at_start_waits_for_its_close(folder: Path, no_leases: None) -> None:
+    """Found by the start-up scan, changed less than close_timeout_s ago: taken at its close-after-write (or
+    once close_timeout_s has passed since it last changed), not after stable_ms; an old file is taken at once."""
+    old, recent = folder / "old.png", folder / "recent.png"
+    old.write_bytes(b"long done")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    with recent.open("wb") as fh:
+        fh.write(b"half")
+        fh.flush()
+        with Running(make_watcher(folder, close_timeout_s=60)) as run:
+            assert run.wait_for(lambda: old in run.yielded)
+            assert run.stays(lambda: recent not in run.yielded, duration=3 * STABLE_MS / 1000)
+            fh.write(b" and the rest")
+            fh.close()
+            assert run.wait_for(lambda: recent in run.yielded)
+            assert run.sizes[recent] == [17]
 
 
 def test_chunked_write_within_stable_window_is_yielded_complete(running: Running, folder: Path) -> None:
