@@ -60,6 +60,25 @@ class _Retry:
     due: float
 
 
+def by_bytes(arrivals: Sequence[tuple[Path, datetime]], limit: int) -> list[list[tuple[Path, datetime]]]:
+    """``arrivals`` in order, cut into runs whose files' sizes (lstat, now) add up to at most ``limit`` bytes; a
+    file larger than ``limit`` is a run of its own. The bytes of a run are in memory together (read, hashed,
+    decoded), so this bounds what one batch holds."""
+    runs: list[list[tuple[Path, datetime]]] = []
+    total = 0
+    for arrival in arrivals:
+        try:
+            size = os.lstat(arrival[0]).st_size
+        except OSError:
+            size = 0
+        if not runs or total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(arrival)
+        total += size
+    return runs
+
+
 class Service:
     """The state that spans batches; :meth:`process` runs one batch through every step."""
 
@@ -114,6 +133,10 @@ class Service:
             arrivals = [a for a in arrivals if a[0] in held]
         if not arrivals:
             return 0
+        return sum(self._steps(chunk) for chunk in by_bytes(arrivals, self.settings.max_batch_bytes))
+
+    def _steps(self, arrivals: Sequence[tuple[Path, datetime]]) -> int:
+        """intake -> classify -> record -> move for files whose bytes fit in memory together."""
         fresh, recover = intake(arrivals, self.factory, max_bytes=self.settings.max_file_bytes, pool=self.pool)
         if self.claims is not None:
             read = {t.path for t in fresh} | {m.source for m in recover}
