@@ -9,13 +9,14 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 
 from histod.daemon.complete import open_for_writing
+from histod.daemon.filters import ImageFilter
 from histod.daemon.mover import Identity, identity
+from histod.daemon.tree import walk
 from histod.errors import ImageError
 from histod.imaging import read_file
 
@@ -74,25 +75,16 @@ def _size(path: Path) -> int | None:
     return st.st_size if stat.S_ISREG(st.st_mode) else None
 
 
-def scan(
-    folder: Path, accept: Callable[[Path], bool], *, settle_s: float, now: float
-) -> tuple[list[Path], float | None]:
-    """The entries of ``folder`` (not recursive) that ``accept(path)`` takes, that have not changed for
-    ``settle_s`` seconds (by lstat mtime) and that no process has open for writing (histod.daemon.complete), sorted;
-    and in how many seconds the others may be ready (None when there are none)."""
+def scan(folder: Path, accept: ImageFilter, *, settle_s: float, now: float) -> tuple[list[Path], float | None]:
+    """The entries anywhere under ``folder`` that ``accept`` takes (histod.daemon.tree: real folders are walked
+    into, ignored ones are not), that have not changed for ``settle_s`` seconds (by lstat mtime) and that no
+    process has open for writing (histod.daemon.complete), sorted; and in how many seconds the others may be
+    ready (None when there are none)."""
     ready: list[Path] = []
     wait: float | None = None
-    try:
-        entries = list(os.scandir(folder))
-    except FileNotFoundError:
-        return [], None
-    for entry in entries:
-        path = Path(entry.path)
-        if not accept(path):
-            continue
-        try:
-            st = entry.stat(follow_symlinks=False)
-        except OSError:
+    entries, _ = walk(folder, accept.ignored)
+    for path, st in entries:
+        if not accept.in_tree(folder, path):
             continue
         age = now - st.st_mtime
         if age < settle_s:

@@ -13,6 +13,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from histod.daemon.filters import ImageFilter
 from histod.daemon.intake import scan
 from histod.daemon.service import Service
 from histod.db.models import utcnow
@@ -79,15 +80,14 @@ def run_loop(
             service.retry_deferred()
             service.retry_moves()
             service.take_again()
+            service.tidy()
             service.sweep()
     finally:
         feeder_stop.set()
         thread.join(timeout=5)
 
 
-def run_once(
-    service: Service, watch_dir: Path, accept: Callable[[Path], bool], stop: threading.Event, rounds: int = 5
-) -> int:
+def run_once(service: Service, watch_dir: Path, accept: ImageFilter, stop: threading.Event, rounds: int = 5) -> int:
     """Process what is in the watch folder now; files written in the last stable_ms are waited for (a few
     rounds at most, so a folder that never stops changing still ends). Returns the files handled."""
     settings = service.settings

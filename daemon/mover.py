@@ -15,7 +15,7 @@ import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 
@@ -91,6 +91,23 @@ def plan_target(folder: Path, name: str, claimed: Callable[[Path], bool]) -> Pat
         if not os.path.lexists(path) and not claimed(path):
             return path
         n += 1
+
+
+def plan_tree_target(
+    folder: Path, parts: Sequence[str], taken: Callable[[Path], bool], pending: Collection[Path] = ()
+) -> Path:
+    """The target of a file found at ``parts`` (its path below the watch folder, as shown) under ``folder``:
+    each folder of ``parts`` where nothing but a folder is (on disk) and no file target is ``taken``, else its
+    next free name (``case-1``); then the first free name for the file (:func:`plan_target`) that is not a
+    folder some ``pending`` target lies in."""
+    base = folder
+    for part in parts[:-1]:
+        nth = candidates(base, part)
+        n = 0
+        while taken(nth(n)) or (os.path.lexists(nth(n)) and not stat.S_ISDIR(os.lstat(nth(n)).st_mode)):
+            n += 1
+        base = nth(n)
+    return plan_target(base, parts[-1], lambda p: taken(p) or any(p in t.parents for t in pending))
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:

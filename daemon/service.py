@@ -35,6 +35,7 @@ from histod.daemon.steps import (
     save_moves,
     settle_claimed,
 )
+from histod.daemon.tree import remove_if_empty
 from histod.db.models import Move, utcnow
 from histod.db.paths import path_text
 from histod.errors import DatabaseError
@@ -114,6 +115,9 @@ class Service:
         """files of batches the database refused: still in the watch folder, taken again after a while"""
         self.deferred_attempts = 0
         self.deferred_due = 0.0
+        self.emptied: set[Path] = set()
+        """case folders (below the watch folder) that moves took files out of: removed once empty and quiet"""
+        self.tidy_due = 0.0
         self.again: dict[Path, datetime] = {}
         """files whose name now holds other content than what was read: taken again as new events"""
         self.files = 0
@@ -155,6 +159,7 @@ class Service:
                 claimed=self.claimed,
                 on_wait=self.heartbeat,
                 claims=self.claims,
+                watch_dir=self.settings.resolved_watch_dir,
             )
         self._move(planned, attempts=0)
         self.files += len(planned)
@@ -200,6 +205,23 @@ class Service:
                 self.process(chunk)
             except DatabaseError as exc:
                 self.defer(chunk, exc)
+
+    def tidy(self) -> None:
+        """Remove the case folders that moves emptied, once they have been empty and unchanged for
+        reconcile_interval_s (an upload between two files of a case keeps its folder); then their parents."""
+        if not self.emptied or self.clock() < self.tidy_due:
+            return
+        self.tidy_due = self.clock() + 1.0
+        root, now = self.settings.resolved_watch_dir, time.time()
+        for folder in sorted(self.emptied, key=lambda p: -len(p.parts)):
+            removed = remove_if_empty(folder, root, quiet_s=self.settings.reconcile_interval_s, now=now)
+            if removed is None:
+                continue
+            self.emptied.discard(folder)
+            if removed:
+                log.debug("watch.folder_removed", folder=path_text(folder))
+                if folder.parent != root:
+                    self.emptied.add(folder.parent)
 
     def _replaced_while_waiting(self, path: Path) -> bool:
         """A file arrived under the name of one whose move waits for a retry. The same entry: False (the retry
@@ -296,6 +318,8 @@ class Service:
             line = {"path": path_text(p.source), **p.line}
             if m.ok:
                 self.claimed.discard(p.target)
+                if p.source.parent != self.settings.resolved_watch_dir:
+                    self.emptied.add(p.source.parent)
                 log.info("image", **line, stored=m.path)
             elif m.error == VANISHED:
                 self.claimed.discard(p.target)

@@ -27,7 +27,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from histod import LABELS
 from histod.daemon.intake import Taken, take
-from histod.daemon.mover import Identity, SourceReplacedError, dated_dir, move_file, plan_target
+from histod.daemon.mover import Identity, SourceReplacedError, dated_dir, move_file, plan_tree_target
 from histod.db import chain, queries
 from histod.db import claims as claim_rows
 from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
@@ -161,13 +161,20 @@ def classify(
     return outcomes
 
 
-def to_result(outcome: Outcome, served: Served, host: str, stored: Path) -> Result:
+def shown_parts(path: Path, watch_dir: Path | None) -> list[str]:
+    """``path`` below ``watch_dir`` (its name alone when it is not below it), each part as shown
+    (histod.db.paths.display): the row's name is these joined with ``/``, the target keeps them as folders."""
+    relative = path.relative_to(watch_dir) if watch_dir is not None and watch_dir in path.parents else Path(path.name)
+    return [display(part) for part in relative.parts]
+
+
+def to_result(outcome: Outcome, served: Served, host: str, stored: Path, name: str | None = None) -> Result:
     taken = outcome.taken
     ok = outcome.error is None and outcome.p is not None
     p = outcome.p if ok else None
     return Result(
         original_path=path_text(taken.path),
-        name=display(taken.path.name),
+        name=name if name is not None else display(taken.path.name),
         sha256=taken.sha256,
         size_bytes=taken.size_bytes,
         received_at=taken.received_at,
@@ -200,8 +207,10 @@ def record(
     retries: Sequence[float] = RECORD_RETRIES,
     on_wait: Callable[[], None] | None = None,
     claims: Claims | None = None,
+    watch_dir: Path | None = None,
 ) -> list[PlannedMove]:
-    """One transaction: a row per outcome, each naming its unique target. Retried while the database is
+    """One transaction: a row per outcome, each naming its unique target: ``<root>/YYYY-MM-DD/`` and the
+    file's path below ``watch_dir`` (case folders are kept). Retried while the database is
     locked; raises DatabaseError when it stays unavailable (the files are then still in the watch folder).
 
     The write lock is taken first, so that targets are planned against every committed row, whichever service
@@ -225,10 +234,11 @@ def record(
 
                 for o in mine:
                     root = processed_dir if o.error is None and o.p is not None else failed_dir
-                    name = display(o.taken.path.name)
-                    target = plan_target(dated_dir(root, o.taken.received_at), name, is_claimed)
+                    parts = shown_parts(o.taken.path, watch_dir)
+                    folder = dated_dir(root, o.taken.received_at)
+                    target = plan_tree_target(folder, parts, is_claimed, pending=claimed | taken_here)
                     taken_here.add(target)
-                    planned.append((to_result(o, served, host, target), target))
+                    planned.append((to_result(o, served, host, target, "/".join(parts)), target))
                 rows = queries.record_results(session, [r for r, _ in planned])
                 moves = [
                     PlannedMove(row.id, o.taken.path, target, _line(row), o.taken.identity)

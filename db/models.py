@@ -129,7 +129,10 @@ class Result(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     original_path: Mapped[str] = mapped_column(Text)
+    """where the file was found (histod.db.paths.path_text: lossless for names that are not UTF-8)"""
     name: Mapped[str] = mapped_column(Text)
+    """its path below the watch folder, as shown (``case17/a.png``; the file name for a file at the top): the
+    stored file keeps it below ``processed/`` or ``failed/YYYY-MM-DD/``"""
     sha256: Mapped[str | None] = mapped_column(String(64))
     """of the bytes classified; None when the file could not be read at all (FIFO, symlink, no permission)"""
     size_bytes: Mapped[int | None] = mapped_column(Integer)
