@@ -148,6 +148,7 @@ class Service:
         planned = list(recover)
         if fresh:
             outcomes = classify(fresh, self.predictor, self.pool, max_pixels=self.settings.max_pixels)
+            del fresh  # the files' bytes: decoded, no longer needed while the batch waits for the database
             self.guard()
             planned += record(
                 self.factory,

@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -136,15 +136,16 @@ def _whereabouts(row: Result) -> Move:
 def classify(
     batch: Sequence[Taken], predictor: Predictor, pool: ThreadPoolExecutor, *, max_pixels: int
 ) -> list[Outcome]:
-    """Decode in the pool, then one predict call for every image that decoded."""
+    """Decode in the pool, then one predict call for every image that decoded. The outcomes no longer hold
+    the files' bytes (only what is recorded), so that the caller can let them go."""
 
     def one(taken: Taken) -> NDArray[np.uint8] | ImageError:
         if taken.error is not None or taken.data is None:
             return taken.error or ImageError("unreadable", f"{taken.path} could not be read")
         try:
             return decode(taken.data, predictor.image_size, max_pixels=max_pixels, name=display(taken.path))
-        except ImageError as exc:
-            return exc
+        except ImageError as exc:  # kept for its reason and message only: its traceback would hold the bytes
+            return ImageError(exc.reason, str(exc.args[0]))
 
     decoded = list(pool.map(one, batch))
     good: dict[int, NDArray[np.uint8]] = {i: d for i, d in enumerate(decoded) if not isinstance(d, ImageError)}
@@ -157,7 +158,8 @@ def classify(
     outcomes = []
     for i, taken in enumerate(batch):
         d = decoded[i]
-        outcomes.append(Outcome(taken, done, probabilities.get(i), d if isinstance(d, ImageError) else None))
+        error = d if isinstance(d, ImageError) else None
+        outcomes.append(Outcome(replace(taken, data=None), done, probabilities.get(i), error))
     return outcomes
 
 
