@@ -319,8 +319,7 @@ class Service:
             line = {"path": path_text(p.source), **p.line}
             if m.ok:
                 self.claimed.discard(p.target)
-                if p.source.parent != self.settings.resolved_watch_dir:
-                    self.emptied.add(p.source.parent)
+                self.emptied.add(p.source.parent)  # the watch folder itself is never removed (tidy)
                 log.info("image", **line, stored=m.path)
             elif m.error == VANISHED:
                 self.claimed.discard(p.target)

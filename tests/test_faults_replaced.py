@@ -87,10 +87,17 @@ def test_a_file_replaced_while_its_batch_waits_for_the_database_is_a_new_event(
     _check(settings, old, new, capsys, "replaced while locked")
 
 
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
 def test_a_name_dropped_again_while_its_move_waits_for_a_retry_is_a_new_event(
-    tiny_run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tiny_run_dir: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    database: str,
+    request: pytest.FixtureRequest,
 ) -> None:
-    settings = service_settings(tmp_path, tiny_run_dir, stable_ms=50)
+    """Also with PostgreSQL, where the service holds a claim on the file throughout."""
+    url = request.getfixturevalue("postgres_url") if database == "postgres" else None
+    settings = service_settings(tmp_path, tiny_run_dir, stable_ms=50, database_url=url)
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
     settings.processed_dir.mkdir(parents=True)
@@ -113,7 +120,7 @@ def test_a_name_dropped_again_while_its_move_waits_for_a_retry_is_a_new_event(
         stop.set()
         thread.join(60)
     assert errors == []
-    _check(settings, old, new, capsys, "dropped again during a move retry")
+    _check(settings, old, new, capsys, f"dropped again during a move retry ({database})")
 
 
 def test_files_replaced_or_removed_while_the_service_was_down(
