@@ -4,7 +4,7 @@ serve` subprocesses, and the exactly-once accounting every fault test ends with.
 The accounting counts rows in the database and files in the folders; logs are never evidence. Each fault test
 prints one summary line (``FAULTS <fault>: files=... rounds=... lost=0 duplicated=0 ...``) that
 docs/reliability.md copies. Sizes come from environment knobs so that a developer can scale a run up or down;
-the defaults are the issue's numbers.
+the defaults are the sizes docs/reliability.md reports.
 """
 
 from __future__ import annotations
