@@ -281,12 +281,29 @@ def test_moved_in_from_outside(running: Running, folder: Path, tmp_path: Path) -
 def test_hidden_temporary_and_other_names_are_ignored(running: Running, folder: Path) -> None:
     for name in (".hidden.png", "x.tmp", "x.png.tmp", "~$report.png", "notes.txt", "y.part", "png"):
         (folder / name).write_bytes(b"ignored")
-    (folder / "sub").mkdir()
-    (folder / "sub" / "inner.png").write_bytes(b"not watched: subfolders are not")
+    (folder / ".upload").mkdir()  # a hidden folder: an upload in progress, nothing in it is taken
+    (folder / ".upload" / "inner.png").write_bytes(b"not yet")
     marker = folder / "UPPER.PNG"
     marker.write_bytes(b"taken")
     assert running.wait_for(lambda: marker in running.yielded)
     assert running.stays(lambda: running.yielded == [marker])
+
+
+def test_subfolders_are_watched_and_a_folder_moved_in_brings_complete_files(
+    running: Running, folder: Path, tmp_path: Path
+) -> None:
+    (folder / "case17" / "deeper").mkdir(parents=True)
+    written = folder / "case17" / "deeper" / "a.png"
+    written.write_bytes(b"written in place")
+    staging = tmp_path / "staging" / "case18"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "x.png").write_bytes(b"x")
+    (staging / "sub" / "y.png").write_bytes(b"y")
+    (staging.parent / "case18").rename(folder / "case18")
+    moved_in = {folder / "case18" / "x.png", folder / "case18" / "sub" / "y.png"}
+    # close_timeout_s is 120 s: files that came with their folder are not taken for files being written
+    assert running.wait_for(lambda: {written, *moved_in} <= set(running.yielded))
+    assert running.stays(lambda: sorted(running.yielded) == sorted({written, *moved_in}))
 
 
 def test_deleted_and_recreated_is_yielded_again(running: Running, folder: Path) -> None:
@@ -313,11 +330,14 @@ def test_special_entries_are_yielded_unfollowed(running: Running, folder: Path, 
     link.symlink_to(target)
     dangling = folder / "dangling.png"
     dangling.symlink_to(tmp_path / "nothing-here.png")
-    directory = folder / "x.jpg"
-    directory.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "far.png").write_bytes(b"outside the watch folder")
+    folder_link = folder / "folder.png"
+    folder_link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # an entry: never walked into
+    (folder / "x.jpg").mkdir()  # a folder named like an image is a folder: walked into, never yielded
     fifo = folder / "pipe.png"
     os.mkfifo(fifo)  # nothing ever writes: opening it for reading would block forever
-    expected = {link, dangling, directory, fifo}
+    expected = {link, dangling, folder_link, fifo}
     assert running.wait_for(lambda: expected <= set(running.yielded))
     assert running.stays(lambda: sorted(running.yielded) == sorted(expected))
 
