@@ -37,6 +37,13 @@ STATUS_FAILED = "failed"
 STATUS_REVIEWED = "reviewed"
 STATUSES = (STATUS_CLASSIFIED, STATUS_FAILED, STATUS_REVIEWED)
 
+MOVE_VANISHED = "source vanished"
+"""the error of a Move whose file disappeared before it could be moved (final: nothing to retry)"""
+MOVE_REPLACED = "source replaced"
+"""the error of a Move whose file was replaced by other content (another inode, size or mtime) after it was read
+(final: the new content is a new event, with its own row)"""
+FINAL_MOVE_ERRORS = (MOVE_VANISHED, MOVE_REPLACED)
+
 KIND_CLASSIFICATION = "classification"
 """a row the service wrote for an image event"""
 KIND_REVIEW = "review"
@@ -122,7 +129,10 @@ class Result(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     original_path: Mapped[str] = mapped_column(Text)
+    """where the file was found (histod.db.paths.path_text: lossless for names that are not UTF-8)"""
     name: Mapped[str] = mapped_column(Text)
+    """its path below the watch folder, as shown (``case17/a.png``; the file name for a file at the top): the
+    stored file keeps it below ``processed/`` or ``failed/YYYY-MM-DD/``"""
     sha256: Mapped[str | None] = mapped_column(String(64))
     """of the bytes classified; None when the file could not be read at all (FIFO, symlink, no permission)"""
     size_bytes: Mapped[int | None] = mapped_column(Integer)

@@ -8,6 +8,7 @@ import io
 import json
 import re
 import signal
+import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,6 +23,9 @@ from histod.errors import ConfigError
 from histod.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+UNMOVED_EXIT = 7
+"""`serve --once`: files were recorded but could not be moved (they stay in the watch folder for a retry)"""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -96,6 +100,10 @@ def serve(once: bool, **flags: Any) -> None:
         result = run(settings, stop, once=once)
     if once and not result.start_up_only:
         _print_report(settings, result.started, result.stopped, as_json=False)
+        if result.unmoved:
+            files = "1 file waits" if result.unmoved == 1 else f"{result.unmoved} files wait"
+            click.secho(f"error: {files} for a move (see `histod report`)", err=True, fg="red")
+            sys.exit(UNMOVED_EXIT)
 
 
 def _open(settings: Settings) -> Any:

@@ -66,6 +66,12 @@ class Settings(BaseSettings):
     decode_workers: int = Field(2, ge=1, description="threads that read and decode images")
     max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, description="larger images are refused (decompression bombs)")
     max_file_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1, description="larger files are refused")
+    max_batch_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1,
+        description="file bytes one batch holds in memory at most: a batch stops taking files before it would pass "
+        "this (a single larger file goes alone)",
+    )
 
     # --- watching -----------------------------------------------------------------------------------
     polling: bool = Field(False, description="use watchdog's polling observer (NFS/SMB shares)")

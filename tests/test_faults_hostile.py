@@ -66,9 +66,15 @@ def _corpus(watch: Path, outside: Path) -> dict[str, set[str | None]]:
     expected["outside.png"] = {"symlink"}
     os.mkfifo(watch / "fifo.png")
     expected["fifo.png"] = {"not_a_file"}
-    (watch / "x.jpg").mkdir()
-    expected["x.jpg"] = {"not_a_file"}
+    (watch / "x.jpg").mkdir()  # a folder with an image's name is a folder: walked into
+    (watch / "x.jpg" / "inside.png").write_bytes(encode(noise(48, seed=15), "PNG"))
+    expected["x.jpg/inside.png"] = {CLASSIFIED}
     return expected
+
+
+def _files(folder: Path) -> list[Path]:
+    """What is left in the watch folder, folders aside (an emptied case folder stays a while)."""
+    return [p for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()]
 
 
 @pytest.fixture
@@ -102,7 +108,7 @@ def test_hostile_corpus_through_the_running_service(
         wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the service's first file")
         expected = _corpus(watch, outside)
         wait_for(
-            lambda: (row_count(settings) == 1 + len(expected) and not any(watch.iterdir())) or errors,
+            lambda: (row_count(settings) == 1 + len(expected) and not _files(watch)) or errors,
             120,
             what=f"{len(expected)} hostile entries recorded and moved",
         )
@@ -122,14 +128,17 @@ def test_hostile_corpus_through_the_running_service(
         valid = expected[name] == {CLASSIFIED}
         assert row.status == (STATUS_CLASSIFIED if valid else STATUS_FAILED), name
         root = settings.processed_dir if valid else settings.failed_dir
-        assert Path(row.stored_path).parent.parent == root, name
+        assert Path(row.stored_path).relative_to(root).parts[1:] == Path(name).parts, name
         assert valid or row.error, name
     a, b = by_name["same content A.png"], by_name["same content B.png"]
     assert a.sha256 == b.sha256 and b.duplicate_of == a.id and a.duplicate_of is None
     link = Path(by_name["outside.png"].stored_path)
     assert link.is_symlink() and link.readlink() == outside  # the link moved, never followed
     assert outside.read_bytes() == encode(noise(48, seed=12), "PNG")
-    assert Path(by_name["x.jpg"].stored_path).is_dir()
+    assert Path(by_name["x.jpg/inside.png"].stored_path).relative_to(settings.processed_dir).parts[1:] == (
+        "x.jpg",
+        "inside.png",
+    )
     tally = account(settings, ["first.png", *expected, "after.png"])
     report(capsys, "hostile", tally, rounds=1, kinds=len(expected))
     tally.check()
