@@ -20,11 +20,12 @@ from pydantic_settings import (
 )
 
 from histod.errors import ConfigError
-from histod.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS
+from histod.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, EXTENSIONS
 
 CONFIG_ENV = "HISTOD_CONFIG"
 DEFAULT_CONFIG_FILE = Path("histod.toml")
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+IMAGE_EXTENSIONS = EXTENSIONS
+"""the suffixes of the formats histod decodes (histod.imaging.FORMATS): what the trainer discovers"""
 
 
 def config_file() -> Path | None:
