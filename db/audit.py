@@ -19,7 +19,7 @@ from histod.db.chain import RESULT_FIELDS
 from histod.db.models import KIND_REVIEW, ModelRecord, Move, Result, utcnow
 from histod.errors import ConfigError
 
-EXPORT_FIELDS = (*RESULT_FIELDS, "prev_hash", "row_hash")
+EXPORT_FIELDS = (*RESULT_FIELDS, "chain_seq", "prev_hash", "row_hash", "row_mac")
 FORMATS = ("csv", "json")
 FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
 """first characters that make a spreadsheet read a cell as a formula (OWASP, CSV injection)"""
@@ -70,8 +70,8 @@ def export_format(out: Path, fmt: str | None) -> str:
 def export(
     session: Session, out: Path, *, fmt: str, since: datetime | None = None, until: datetime | None = None
 ) -> Export:
-    """Write the result rows received in [since, until) (all columns the chain hashes, plus prev_hash and
-    row_hash), oldest first, and ``OUT.manifest.json``: row count, first and last chain hash of the rows
+    """Write the result rows received in [since, until) (all columns the chain hashes, plus chain_seq, prev_hash,
+    row_hash and row_mac), oldest first, and ``OUT.manifest.json``: row count, first and last chain hash of the rows
     exported, the export's sha256, when, and the filters."""
     query = select(*[Result.__table__.c[name] for name in EXPORT_FIELDS]).order_by(Result.id)
     if since is not None:
@@ -108,7 +108,9 @@ def export(
                     "since": since.isoformat() if since else None,
                     "until": until.isoformat() if until else None,
                 },
-                "chain": "histod-chain-v1: row_hash = sha256(prev_hash + '\\n' + canonical(row))",
+                "chain": "histod-chain-v1: row_hash = sha256(prev_hash + '\\n' + canonical(row)); one chain over "
+                "results, moves, reports and models by chain_seq, so the previous link of a result may be another "
+                "table's row; row_mac = HMAC-SHA256(key, 'histod-mac-v1\\n' + row_hash) where the service had a key",
                 "csv_escaping": CSV_ESCAPING if fmt == "csv" else None,
             },
             indent=2,

@@ -156,6 +156,9 @@ class Settings(BaseSettings):
     )
 
     host: str = Field(default_factory=socket.gethostname, description="recorded with every result")
+    audit_key_file: Path | None = Field(
+        None, description="a key only the service user may read: every audit row gets a MAC (`histod audit keygen`)"
+    )
 
     # --- several services, one PostgreSQL database ---------------------------------------------------
     worker_id: str = Field(
@@ -179,6 +182,11 @@ class Settings(BaseSettings):
                 f"({self.claim_expiry_s}): claims would expire between two renewals"
             )
         return self
+
+    @field_validator("audit_key_file", mode="before")
+    @classmethod
+    def _no_key(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("extensions", "ignore_patterns", mode="before")
     @classmethod
