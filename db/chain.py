@@ -35,11 +35,12 @@ import os
 import secrets
 import stat
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Boolean, Float, Integer, select
+from sqlalchemy import Boolean, Float, Integer, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import JSON
 
@@ -263,45 +264,71 @@ def lock_chain(session: Session) -> None:
         connection.exec_driver_sql("LOCK TABLE results IN EXCLUSIVE MODE")
 
 
-def head(session: Session) -> tuple[int, str]:
+@dataclass(frozen=True)
+class Tail:
+    """The last row of one audit table: its chain position, hash and id (both grow together)."""
+
+    seq: int
+    row_hash: str
+    id: int
+
+
+_TAILS = text(
+    " UNION ALL ".join(
+        f"SELECT '{table}' AS t, chain_seq, row_hash, id FROM "
+        f"(SELECT chain_seq, row_hash, id FROM {table} ORDER BY chain_seq DESC LIMIT 1) AS last_{table}"
+        for table in CHAINED
+    )
+)
+"""one statement, written out once: it runs before every append"""
+
+
+def tails(session: Session) -> dict[str, Tail]:
+    """The last row of each audit table that has rows, in one round trip."""
+    return {str(t): Tail(int(seq), str(digest), int(row_id)) for t, seq, digest, row_id in session.execute(_TAILS)}
+
+
+def head(session: Session, found: dict[str, Tail] | None = None) -> tuple[int, str]:
     """The chain_seq and row_hash of the last row of the chain ((0, GENESIS) while it is empty)."""
-    last = (0, GENESIS)
-    for cls in CHAINED.values():
-        row = session.execute(select(cls.chain_seq, cls.row_hash).order_by(cls.chain_seq.desc()).limit(1)).first()
-        if row is not None and int(row[0]) > last[0]:
-            last = (int(row[0]), str(row[1]))
-    return last
+    last = max((found if found is not None else tails(session)).values(), key=lambda tail: tail.seq, default=None)
+    return (0, GENESIS) if last is None else (last.seq, last.row_hash)
 
 
-def _defaults(row: Any) -> None:
+def _with_defaults(table: str) -> list[tuple[str, Any]]:
+    t = CHAINED[table].__table__  # type: ignore[attr-defined]
+    return [
+        (c.key, c.default)
+        for c in t.columns
+        if c.default is not None and (c.default.is_scalar or c.default.is_callable)
+    ]
+
+
+_DEFAULTS = {table: _with_defaults(table) for table in CHAINED}
+
+
+def _defaults(table: str, row: Any) -> None:
     """Column defaults that SQLAlchemy would apply at flush, applied now: they are hashed."""
-    for column in row.__table__.columns:
-        default = column.default
-        if default is None or getattr(row, column.key) is not None:
-            continue
-        if default.is_scalar:
-            setattr(row, column.key, default.arg)
-        elif default.is_callable:
-            setattr(row, column.key, default.arg(None))
+    for key, default in _DEFAULTS[table]:
+        if getattr(row, key) is None:
+            setattr(row, key, default.arg if default.is_scalar else default.arg(None))
 
 
-def append(session: Session, rows: Sequence[Chained]) -> None:
+def append(session: Session, rows: Sequence[Chained], found: dict[str, Tail] | None = None) -> None:
     """Append ``rows`` (of any audit tables, in this order) to the chain: the write lock first, then each row gets
-    the next id of its table, the next chain_seq, prev_hash, row_hash and (with a key) row_mac."""
+    the next id of its table, the next chain_seq, prev_hash, row_hash and (with a key) row_mac. ``found``: the
+    :func:`tails` read under the lock in this transaction, when the caller has them already."""
     if not rows:
         return
     lock_chain(session)
-    seq, prev = head(session)
+    found = found if found is not None else tails(session)
+    seq, prev = head(session, found)
     key: bytes | None = session.info.get(KEY_INFO)
-    ids: dict[str, int] = {}
+    ids = {table: tail.id for table, tail in found.items()}
     for row in rows:
         table = row.__tablename__  # type: ignore[attr-defined]
-        cls = CHAINED[table]
-        if table not in ids:
-            ids[table] = int(session.scalar(select(cls.id).order_by(cls.id.desc()).limit(1)) or 0)  # type: ignore[attr-defined]
-        ids[table] += 1
+        ids[table] = ids.get(table, 0) + 1
         row.id = ids[table]  # type: ignore[attr-defined]
-        _defaults(row)
+        _defaults(table, row)
         seq += 1
         row.chain_seq = seq
         row.prev_hash = prev

@@ -97,8 +97,9 @@ def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
     Each row is appended to the hash chain: the write lock is taken first (so no other writer can append in
     between), then every row gets the next id and its link (histod.db.chain.append)."""
     chain.lock_chain(session)
+    found = chain.tails(session)
     first = first_results(session, (r.sha256 for r in results if r.sha256 is not None))
-    last_id = int(session.scalar(select(func.max(Result.id))) or 0)
+    last_id = found["results"].id if "results" in found else 0
     for result in results:
         result.kind = result.kind or KIND_CLASSIFICATION  # the column default applies only at flush
         if result.kind == KIND_CLASSIFICATION and result.sha256 is not None and result.sha256 in first:
@@ -106,7 +107,7 @@ def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
         last_id += 1  # the id chain.append gives it: a later row of this batch may be its duplicate
         if result.kind == KIND_CLASSIFICATION and result.sha256 is not None:
             first.setdefault(result.sha256, last_id)
-    chain.append(session, results)
+    chain.append(session, results, found)
     return list(results)
 
 
