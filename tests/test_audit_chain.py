@@ -410,3 +410,16 @@ def test_verify_prints_one_broken_line_and_no_traceback(tmp_path: Path) -> None:
     assert [line for line in out.stderr.splitlines() if line.startswith("BROKEN")] == [
         "BROKEN: results row 3: p_malignant is not a number"
     ]
+
+
+def test_verify_takes_the_key_from_the_settings_and_no_key_skips_it(tmp_path: Path) -> None:
+    path, _ = _full_db(tmp_path, key=KEY)
+    flipped = _rewrite(path, tmp_path, edit=("results", 3, "label", "Benign"), macs="keep")
+    db = ["audit", "verify", "--db", f"sqlite:///{flipped}"]
+    env = {"HISTOD_AUDIT_KEY_FILE": str(_key_file(tmp_path))}
+    got = CliRunner().invoke(cli, db, env=env)
+    assert got.exit_code == 1 and "BROKEN: results row 3: row_mac does not match" in got.output
+    env = {"HISTOD_AUDIT_KEY_FILE": str(_key_file(tmp_path, 0o644))}  # an auditor's view: a key they may not use
+    assert CliRunner().invoke(cli, db, env=env).exit_code == 2
+    got = CliRunner().invoke(cli, [*db, "--no-key"], env=env)
+    assert got.exit_code == 0 and "not checked (no key given)" in got.output
