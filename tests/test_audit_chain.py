@@ -196,6 +196,9 @@ def test_migrating_does_not_seal_a_models_row_that_was_changed(tmp_path: Path) -
     with pytest.raises(DatabaseError, match="models row 1 does not match its row_hash"):
         open_database(f"sqlite:///{path}")
     assert current_revision(make_engine(f"sqlite:///{path}")) == "0003"  # nothing half done
+    with sqlite3.connect(path) as raw:
+        columns = {row[1] for table in ("results", "models") for row in raw.execute(f"PRAGMA table_info({table})")}
+    assert "chain_seq" not in columns
 
 
 # --- the keyed chain ---------------------------------------------------------------------------------------
@@ -423,3 +426,29 @@ def test_verify_takes_the_key_from_the_settings_and_no_key_skips_it(tmp_path: Pa
     assert CliRunner().invoke(cli, db, env=env).exit_code == 2
     got = CliRunner().invoke(cli, [*db, "--no-key"], env=env)
     assert got.exit_code == 0 and "not checked (no key given)" in got.output
+
+
+def test_processes_opening_a_new_database_together_migrate_it_once(tmp_path: Path) -> None:
+    """A service and a reader (or several) that open a new SQLite file at the same moment: each migration is one
+    transaction under the write lock, so the others wait and find the schema at head (never half migrated)."""
+    code = (
+        "import sys\n"
+        "from histod.db.session import open_database\n"
+        "from histod.db.migrations import current_revision\n"
+        "f = open_database(sys.argv[1])\n"
+        "print(current_revision(f.kw['bind']))\n"
+    )
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'new-{attempt}.db'}"
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HISTOD_")}
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+            )
+            for _ in range(4)
+        ]
+        outs = [p.communicate(timeout=120) for p in procs]
+        assert [p.returncode for p in procs] == [0] * 4, [err[-600:] for _, err in outs]
+        assert {out.strip() for out, _ in outs} == {"0004"}
+        code_, out = _verify(Path(url.removeprefix("sqlite:///")))
+        assert code_ == 0, out
