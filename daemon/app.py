@@ -25,7 +25,7 @@ from histod.daemon.notify import notify, watchdog_period
 from histod.daemon.reports import write_report
 from histod.daemon.service import Service
 from histod.daemon.steps import Served, settle_moves
-from histod.db import queries
+from histod.db import chain, queries
 from histod.db.models import utcnow
 from histod.db.paths import path_text
 from histod.db.session import FileGuard, close_database, open_database, shared_database, transaction
@@ -204,7 +204,9 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
 
 def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: bool, started: datetime) -> ServeResult:
     assert settings.model is not None
+    key = chain.load_key(settings.audit_key_file)  # refused before anything is written: the key must be private
     factory = open_database(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
+    chain.use_key(factory, key)
     try:
         return _run(settings, factory, watch_dir, stop, once=once, started=started)
     finally:

@@ -1,6 +1,6 @@
 """What the service, the CLI and the reports ask of the database. Functions take a Session; the caller owns
 the transaction (see histod.db.session.transaction). Rows are inserted, never updated (the database's triggers
-refuse it); result rows are appended to the hash chain of histod.db.chain."""
+refuse it); every audit row (results, moves, reports, models) is appended to the hash chain of histod.db.chain."""
 
 from __future__ import annotations
 
@@ -61,9 +61,7 @@ def register_model(
     found = session.scalars(select(ModelRecord).where(ModelRecord.sha256 == sha256)).first()
     if found is not None:  # registered by another writer since the first look
         return found
-    last = session.scalar(select(func.max(ModelRecord.id)))
     record = ModelRecord(
-        id=(last or 0) + 1,
         sha256=sha256,
         run_id=run_id,
         run_path=run_path,
@@ -74,9 +72,7 @@ def register_model(
         registered_at=utcnow(),
         split_sha256=split_sha256,
     )
-    record.row_hash = chain.model_hash(chain.as_mapping(record, chain.MODEL_FIELDS))
-    session.add(record)
-    session.flush()
+    chain.append(session, [record])
     return record
 
 
@@ -102,22 +98,19 @@ def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
     sha256: an earlier row in the database or an earlier one in this batch. Returns them with ids set.
 
     Each row is appended to the hash chain: the write lock is taken first (so no other writer can append in
-    between), then every row gets the next id, ``prev_hash`` and ``row_hash``."""
+    between), then every row gets the next id and its link (histod.db.chain.append)."""
     chain.lock_chain(session)
-    last_id, last_hash = chain.head(session)
+    found = chain.tails(session)
     first = first_results(session, (r.sha256 for r in results if r.sha256 is not None))
+    last_id = found["results"].id if "results" in found else 0
     for result in results:
         result.kind = result.kind or KIND_CLASSIFICATION  # the column default applies only at flush
         if result.kind == KIND_CLASSIFICATION and result.sha256 is not None and result.sha256 in first:
             result.duplicate_of = first[result.sha256]
-        last_id += 1
-        result.id = last_id
-        result.prev_hash = last_hash
-        result.row_hash = last_hash = chain.result_hash(last_hash, chain.as_mapping(result))
-        session.add(result)
+        last_id += 1  # the id chain.append gives it: a later row of this batch may be its duplicate
         if result.kind == KIND_CLASSIFICATION and result.sha256 is not None:
-            first.setdefault(result.sha256, result.id)
-    session.flush()  # ids are assigned above, so the whole batch goes to the database in one round
+            first.setdefault(result.sha256, last_id)
+    chain.append(session, results, found)
     return list(results)
 
 
@@ -217,7 +210,7 @@ def stored_path_query(path: str) -> Select[tuple[bool]]:
 
 
 def record_moves(session: Session, moves: Iterable[Move]) -> None:
-    session.add_all(list(moves))
+    chain.append(session, list(moves))
 
 
 def unmoved_results(session: Session, limit: int = 1000, after_id: int = 0) -> list[Result]:
@@ -420,6 +413,5 @@ def add_report(session: Session, summary: Summary, *, host: str, model_sha256: s
         host=host,
         summary=summary.to_json(),
     )
-    session.add(report)
-    session.flush()
+    chain.append(session, [report])
     return report

@@ -3,7 +3,6 @@ histod.db. Everything heavy is imported inside the command, so `histod --help` s
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import re
@@ -20,6 +19,7 @@ import click
 
 from histod import stopping
 from histod.errors import ConfigError
+from histod.logs import printable
 from histod.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -183,7 +183,8 @@ def results(
     )
     with reading(_open(_settings(**flags))) as session:
         rows = [{c: _value(getattr(r, c)) for c in COLUMNS} for r in list_results(session, filters)]
-    click.echo(format_rows(rows, fmt), nl=fmt != "csv")
+    # color=True: click would strip what looks like a colour code from piped output, and a name may hold one
+    click.echo(format_rows(rows, fmt), nl=fmt != "csv", color=True)
 
 
 def _value(value: Any) -> Any:
@@ -194,10 +195,10 @@ def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
+        from histod.db.audit import write_csv
+
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        write_csv(out, COLUMNS, rows)
         return out.getvalue()
     shown = (
         "id",
@@ -225,7 +226,7 @@ def _cell(value: Any, column: str) -> str:
         return f"{value:.4f}"
     if column == "received_at":
         return str(value)[:19].replace("T", " ")
-    return str(value).replace("\n", "\\n")
+    return printable(str(value))
 
 
 @click.command()

@@ -15,7 +15,7 @@ from PIL import Image
 
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED
 from tests.faults_support import account, report, wait_for
-from tests.test_imaging import RED, bomb_png, corner_marked, encode, noise, png16_rgb, solid
+from tests.test_imaging import EPS, RED, TEXT_PBM, bomb_png, corner_marked, encode, nan_tiff, noise, png16_rgb, solid
 from tests.test_service_support import row_count, rows, running_service, service_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
@@ -51,7 +51,10 @@ def _corpus(watch: Path, outside: Path) -> dict[str, set[str | None]]:
         "cmyk.jpg": (encode(noise(48, seed=6).convert("CMYK"), "JPEG", quality=90), {CLASSIFIED}),
         "exif rotated.jpg": (encode(corner_marked(40, 20), "JPEG", quality=90, exif=exif.tobytes()), {CLASSIFIED}),
         "frames.tif": (encode(frames[0], "TIFF", save_all=True, append_images=frames[1:]), {CLASSIFIED}),
-        "frames.gif": (encode(frames[1], "GIF", save_all=True, append_images=frames[2:]), {CLASSIFIED}),
+        "frames.gif": (encode(frames[1], "GIF", save_all=True, append_images=frames[2:]), {"unsupported_format"}),
+        "text bitmap.png": (TEXT_PBM, {"unsupported_format"}),
+        "postscript.png": (EPS, {"unsupported_format"}),
+        "all nan.tif": (nan_tiff(), {"non_finite_pixels"}),
         "with  spaces .png": (encode(noise(48, seed=7), "PNG"), {CLASSIFIED}),
         "ünïcödé 病理.png": (encode(noise(48, seed=8), "PNG"), {CLASSIFIED}),
         "new\nline.png": (encode(noise(48, seed=9), "PNG"), {CLASSIFIED}),
@@ -94,7 +97,7 @@ def refuse_reading(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_hostile_corpus_through_the_running_service(
     tiny_run_dir: Path, tmp_path: Path, refuse_reading: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # .gif is not among the default extensions: added here so that a multi-frame GIF goes through the service
+    # .gif is not among the default extensions: added here so that a GIF is taken, and refused by its content
     settings = service_settings(
         tmp_path, tiny_run_dir, stable_ms=200, extensions=[".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif"]
     )
