@@ -6,12 +6,12 @@ Protocol (both recipes see ONLY the training patients; the validation patients a
 
 * The outer split is the one ``histod train`` makes (``trainer.data.split``: stratified, grouped by patient,
   20 %, seed 42), so the validation patients are the same as those of a ``histod train`` run with that seed.
-* ``ours``: histod's default recipe through the trainer's own functions (``build_model``, ``fit``,
-  ``choose_threshold``): MobileNetV2 scaling inside the model, head-only warm-up then the last 30 base layers
-  fine-tuned, class weights, augmentation, EarlyStopping/ReduceLROnPlateau. Its monitoring set is an inner
-  patient-grouped split of the training patients, and its decision threshold (max balanced accuracy) is chosen
-  there, then applied to the validation patients.
-* ``histology``: ``histod train --preset histology`` (see bench/levers.py for how each part of it was chosen),
+* ``ours``: the standard Keras transfer-learning recipe through the trainer's own functions (``build_model``,
+  ``fit``, ``choose_threshold``): MobileNetV2 scaling inside the model, head-only warm-up then the last 30 base
+  layers fine-tuned at Adam 1e-5, class weights, augmentation, EarlyStopping/ReduceLROnPlateau. Its monitoring
+  set is an inner patient-grouped split of the training patients, and its decision threshold (max balanced
+  accuracy) is chosen there, then applied to the validation patients.
+* ``histology``: ``histod train``'s defaults (bench/README.md, "levers", says how each part of them was chosen),
   with the same inner split; its test-time views (``tta``) are used for the threshold and the validation score.
 * ``paper``: the paper's literal recipe in plain Keras: pixels / 255 (MobileNetV2 expects [-1, 1]), the
   ImageNet base and a GlobalAveragePooling -> Dense(1, sigmoid) head all trainable from the start, one phase at
@@ -76,9 +76,9 @@ def train_ours(cfg: Any, x_fit: Any, y_fit: Any, x_mon: Any, y_mon: Any) -> tupl
     import keras
 
     from histod.trainer.evaluate import choose_threshold
-    from histod.trainer.export import predict_views
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
+    from histod.trainer.score import predict_views
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg)
@@ -150,8 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     from histod.trainer import data
     from histod.trainer.config import TrainConfig
     from histod.trainer.evaluate import bootstrap_ci, choose_threshold, expected_calibration_error, metrics
-    from histod.trainer.export import predict_views
-    from histod.trainer.presets import preset
+    from histod.trainer.score import predict_views
 
     conditions = machine()
     data_dir: Path = (
@@ -206,12 +205,21 @@ def main(argv: list[str] | None = None) -> int:
             }
             started = time.monotonic()
             if recipe == "ours":
-                cfg = TrainConfig(**common, head_epochs=args.ours_head_epochs, epochs=args.ours_epochs)
+                cfg = TrainConfig(
+                    **common,
+                    head_epochs=args.ours_head_epochs,
+                    epochs=args.ours_epochs,
+                    fine_tune_layers=30,
+                    learning_rate=1e-5,
+                    dihedral=False,
+                    ema=0.0,
+                    calibrate=False,
+                )
                 say(f"training ours: {args.ours_head_epochs} head + up to {args.ours_epochs} fine-tuning epochs")
                 model, info = train_ours(cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
             elif recipe == "histology":
-                cfg = TrainConfig(**{**preset("histology"), **common})
-                say(f"training histology (--preset histology): {cfg.model_dump(exclude={'data_dir', 'out'})}")
+                cfg = TrainConfig(**common)
+                say(f"training histology (the defaults): {cfg.model_dump(exclude={'data_dir', 'out'})}")
                 model, info = train_ours(cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
             elif recipe == "paper":
                 cfg = TrainConfig(**common, head_epochs=0, epochs=args.paper_epochs, learning_rate=1e-5)

@@ -27,7 +27,7 @@ from histod.daemon.steps import Served, settle_moves
 from histod.db import queries
 from histod.db.models import utcnow
 from histod.db.session import open_database, shared_database, transaction
-from histod.errors import ConfigError, DatabaseError, WatchError
+from histod.errors import ConfigError, DatabaseError, ModelError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
 
@@ -194,6 +194,11 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
     from histod.daemon.engine import load_engine
 
     engine = load_engine(settings.model, kind=settings.engine, threads=settings.threads)
+    if engine.name == "litert" and engine.run.parity == "failed" and not settings.allow_parity_failure:
+        raise ModelError(
+            f"{settings.model}: its model.tflite failed the export parity check against model.keras (metrics.json "
+            "parity); serve it anyway with --allow-parity-failure, or model.keras with --engine keras"
+        )
     if stop.is_set():
         return _stopped_in_start_up(started, "model")
     served = _register(factory, engine, settings.model, settings.engine)

@@ -61,6 +61,12 @@ def _settings(**flags: Any) -> Settings:
 @common
 @click.option("--engine", type=click.Choice(["litert", "keras"]), default=None, help="default: litert")
 @click.option("--once", is_flag=True, help="process what is in the folder, write a report and exit")
+@click.option(
+    "--allow-parity-failure",
+    is_flag=True,
+    default=None,
+    help="serve a run whose model.tflite failed the export parity check (default: refused)",
+)
 def serve(once: bool, **flags: Any) -> None:
     """Watch a folder; classify, record and move every image dropped into it."""
     with stopping.stop_on_signals() as stop:  # first: a SIGTERM from here on (or caught earlier) is a clean stop
@@ -265,6 +271,7 @@ DEMO_TRAINING: dict[str, Any] = {
     "batch_size": 8,
     "augment": False,
     "patience": 3,
+    "ema": 0.0,  # a moving average over so few steps would still be the random start
 }
 """A model that learns the synthetic tiles in seconds: small, random start, every layer trained."""
 
