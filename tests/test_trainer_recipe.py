@@ -214,7 +214,8 @@ def test_train_with_the_defaults_writes_every_artefact_and_flags_win(synthetic_d
     assert lo <= m["balanced_accuracy"] <= hi
     assert (run / "reliability_diagram.png").stat().st_size > 1000
     # the final stretch says where its time goes: each step one log line with its seconds
-    steps = {e["event"]: e for e in map(json.loads, result.stderr.splitlines()) if "seconds" in e}
+    events = [json.loads(line) for line in result.stderr.splitlines() if line.startswith("{")]
+    steps = {e["event"]: e for e in events if "seconds" in e}
     for name in ("score.predicted", "score.calibrated", "score.bootstrapped", "export.saved", "artefacts.written"):
         assert steps[name]["seconds"] >= 0, name
     for name in ("export.converted", "export.parity"):

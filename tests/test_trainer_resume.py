@@ -1,7 +1,10 @@
 """An interrupted `histod train` goes on with `--resume` from its last finished epoch, to the same complete run.
 
 The kill is real: `histod train` runs as a subprocess and gets SIGKILL once its log says a fine-tuning epoch is
-done (the epoch's line is written after the epoch's checkpoint). The resumed run is the CLI in-process.
+done (the epoch's line is written after the epoch's checkpoint). The resumed run is the CLI in-process. And on a
+small deterministic Keras model, a fit resumed from a checkpoint file ends bit for bit where the uninterrupted
+fit ends: the optimizer (Adam's moments, its step, the moving average), the learning rate ReduceLROnPlateau
+lowered and EarlyStopping's best weights all come back.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -22,6 +26,7 @@ from click.testing import CliRunner, Result
 from histod import imaging
 from histod.cli import cli
 from histod.runs import load_run
+from histod.trainer import checkpoint
 from histod.trainer.config import TrainConfig
 from tests.test_service_support import wait_for
 
@@ -135,3 +140,71 @@ def test_resume_refuses_what_it_cannot_go_on_with(synthetic_dataset: Path, tiny_
     elsewhere.mkdir()
     moved = _invoke("train", str(elsewhere), "--out", str(run), "--resume")
     assert moved.exit_code == 2 and "DATA_DIR" in moved.stderr
+
+
+def _fit(model: Any, epochs: int, saved: list[checkpoint.PhaseState], resume: checkpoint.PhaseState | None) -> None:
+    import keras
+
+    rng = np.random.default_rng(0)
+    x = rng.random((64, 4)).astype(np.float32)
+    y = (x[:, 0] > 0.5).astype(np.float32)
+    stop = keras.callbacks.EarlyStopping(monitor="val_loss", patience=10, restore_best_weights=True)
+    plateau = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", patience=1, factor=0.5)
+
+    def end_of_epoch(done: int, stopped: bool, logs: list[dict[str, float]], rate: float, *state: Any) -> None:
+        saved.append(checkpoint.PhaseState("fine_tune", done, stopped, list(logs), rate, *state))
+
+    first, last = checkpoint.callbacks(end_of_epoch, stop, plateau, resume)
+    initial = 0
+    if resume is not None:
+        checkpoint.restore_weights(model, resume.model)
+        checkpoint.restore_optimizer(model, resume.optimizer)
+        model.optimizer.learning_rate = resume.learning_rate
+        initial = resume.epochs_done
+    callbacks = [first, keras.callbacks.SwapEMAWeights(swap_on_epoch=True), stop, plateau, last]
+    # validation labels the other way round: the better it fits, the worse validation gets, so the best epoch is
+    # the first, ReduceLROnPlateau halves the rate after every epoch, and both must survive the interruption
+    model.fit(
+        x,
+        y,
+        validation_data=(x, 1 - y),
+        epochs=epochs,
+        initial_epoch=initial,
+        batch_size=8,
+        shuffle=False,
+        verbose=0,
+        callbacks=callbacks,
+    )
+
+
+def _small_model() -> Any:
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((4,)), keras.layers.Dense(8, activation="relu"), keras.layers.Dense(1, activation="sigmoid")]
+    )
+    model.compile(optimizer=keras.optimizers.Adam(1e-2, use_ema=True, ema_momentum=0.9), loss="binary_crossentropy")
+    return model
+
+
+def test_a_fit_resumed_from_its_checkpoint_ends_where_the_uninterrupted_one_ends(tmp_path: Path) -> None:
+    whole: list[checkpoint.PhaseState] = []
+    uninterrupted = _small_model()
+    _fit(uninterrupted, 6, whole, None)
+    rates = [s.learning_rate for s in whole]
+    assert rates[-1] < rates[0]  # ReduceLROnPlateau did lower it
+    assert whole[-1].early_stopping["best_epoch"] == 0  # and the best epoch lies before the interruption
+
+    path = tmp_path / checkpoint.CHECKPOINT_FILE
+    checkpoint.save(path, checkpoint.State(current=whole[2]))  # as the run left it, killed after epoch 3
+    state = checkpoint.load(path)
+    assert state is not None and state.current is not None and state.current.epochs_done == 3
+    rest: list[checkpoint.PhaseState] = []
+    resumed = _small_model()
+    _fit(resumed, 6, rest, state.current)
+    assert [s.epochs_done for s in rest] == [4, 5, 6]
+    assert [s.learning_rate for s in rest] == rates[3:]
+    assert [e["val_loss"] for e in rest[-1].logs] == [e["val_loss"] for e in whole[-1].logs]
+    for a, b in zip(uninterrupted.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)

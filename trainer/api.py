@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
@@ -21,11 +21,16 @@ from numpy.typing import NDArray
 from histod import LABELS, imaging
 from histod.errors import ConfigError, DatasetError, ExportParityError, ImageError
 from histod.logs import get_logger
-from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
+from histod.runs import CONFIG_FILE, KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
 from histod.trainer import artefacts, data
 from histod.trainer.checkpoint import CHECKPOINT_FILE
 from histod.trainer.config import TrainConfig
 from histod.trainer.evaluate import metrics, report_text
+
+if TYPE_CHECKING:
+    from histod.trainer.export import Parity
+    from histod.trainer.fit import FitResult
+    from histod.trainer.score import Scored
 
 log = get_logger("histod.trainer")
 
@@ -49,8 +54,8 @@ def _check_out(out: Path, resume: bool) -> None:
     if resume:
         if complete:
             raise ConfigError(f"--out {out} holds a finished run: there is nothing to resume")
-        if not (out / "config.json").is_file():
-            raise ConfigError(f"--out {out} holds no run to resume (no config.json)")
+        if not (out / CONFIG_FILE).is_file():
+            raise ConfigError(f"--out {out} holds no run to resume (no {CONFIG_FILE})")
     elif interrupted:
         raise ConfigError(
             f"--out {out} holds an interrupted run: add --resume to go on with it, or choose a new folder"
@@ -91,7 +96,7 @@ def _load_images(cfg: TrainConfig, found: list[data.Sample]) -> _Images:
     return _Images(found, list(skipped), split, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx])
 
 
-def _record(cfg: TrainConfig, imgs: _Images, fitted: Any, scored: Any) -> dict[str, Any]:
+def _record(cfg: TrainConfig, imgs: _Images, fitted: FitResult, scored: Scored) -> dict[str, Any]:
     """metrics.json's content, all but what the export adds (parity, run_id, sha256, wall time)."""
     split = imgs.split
     return {
@@ -122,7 +127,9 @@ def _record(cfg: TrainConfig, imgs: _Images, fitted: Any, scored: Any) -> dict[s
     }
 
 
-def _write_run(model: Any, cfg: TrainConfig, imgs: _Images, fitted: Any, scored: Any, record: dict[str, Any]) -> None:
+def _write_run(
+    model: Any, cfg: TrainConfig, imgs: _Images, fitted: FitResult, scored: Scored, record: dict[str, Any]
+) -> None:
     """Everything but model.tflite and model.json: model.keras, metrics.json, reports, plots, split.csv."""
     from histod.trainer.export import save_keras
     from histod.trainer.score import timed
@@ -150,7 +157,7 @@ def _write_run(model: Any, cfg: TrainConfig, imgs: _Images, fitted: Any, scored:
         )
 
 
-def _export(model: Any, cfg: TrainConfig, imgs: _Images, scored: Any) -> Any:
+def _export(model: Any, cfg: TrainConfig, imgs: _Images, scored: Scored) -> Parity:
     """model.tflite, and how far it agrees with model.keras on the validation images (export.Parity)."""
     from histod.trainer.export import check_parity, litert_p, save_tflite
     from histod.trainer.score import timed
@@ -163,7 +170,7 @@ def _export(model: Any, cfg: TrainConfig, imgs: _Images, scored: Any) -> Any:
     return parity
 
 
-def _finish(cfg: TrainConfig, record: dict[str, Any], scored: Any, parity: Any, started: float) -> None:
+def _finish(cfg: TrainConfig, record: dict[str, Any], scored: Scored, parity: Parity, started: float) -> None:
     """model.json, then metrics.json complete; the checkpoint goes: the run is done."""
     from histod.trainer.export import write_run_info
 

@@ -18,6 +18,7 @@ measured on held-out patients and bought nothing (bench/README.md, "levers").
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -104,8 +105,11 @@ class _Data:
     bn_images: NDArray[np.float32] | None  # with ema: the training images that set the head BatchNorm for it
 
 
+Save = Callable[[checkpoint.PhaseState | None], None]
+
+
 def _run_phase(
-    model: Any, cfg: TrainConfig, phase: _Phase, data: _Data, resume: checkpoint.PhaseState | None, save: Any
+    model: Any, cfg: TrainConfig, phase: _Phase, data: _Data, resume: checkpoint.PhaseState | None, save: Save | None
 ) -> tuple[list[dict[str, float]], bool]:
     """One phase's fit(): its epochs' logs and whether EarlyStopping ended it. ``resume`` continues a phase that
     a checkpoint says was interrupted; ``save(PhaseState)`` (or None) is called after every epoch, before the
@@ -194,9 +198,15 @@ def fit(
         _Phase("head", cfg.head_epochs, cfg.head_learning_rate),
         _Phase("fine_tune", cfg.epochs, cfg.learning_rate),
     ]
-    for phase in phases:
-        if phase.epochs <= 0 or phase.name in state.finished:
-            continue
+    todo = [p for p in phases if p.epochs > 0 and p.name not in state.finished]
+    if state.finished or state.current is not None:  # a checkpoint: go on where it left off
+        where = {
+            "phase": todo[0].name if todo else None,
+            "epochs_done": state.current.epochs_done if state.current else 0,
+        }
+        log.info("train.resumed", finished=state.finished, **where)
+        result.resumed.append(where)
+    for phase in todo:
         resume = state.current if state.current is not None and state.current.name == phase.name else None
         if resume is None and state.model is not None:
             checkpoint.restore_weights(model, state.model)  # where the phases before it ended
@@ -208,9 +218,6 @@ def fit(
         log.info(
             "train.phase", phase=phase.name, epochs=phase.epochs, learning_rate=phase.rate, trainable_params=trainable
         )
-        if resume is not None:
-            log.info("train.resumed", phase=phase.name, epochs_done=resume.epochs_done, of=phase.epochs)
-            result.resumed.append({"phase": phase.name, "epochs_done": resume.epochs_done})
         logs, stopped = _run_phase(model, cfg, phase, data, resume, save if checkpoint_path else None)
         _add_phase(result, phase.name, logs, stopped)
         start = len(result.phases) - len(logs)
