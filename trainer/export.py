@@ -3,8 +3,9 @@ the two agree on the validation images, and write model.json (histod.runs.RunInf
 
 The parity check is there for conversion faults (a wrong op, lost preprocessing, stale weights), which move p by
 1e-2 and more. Two float32 runtimes never agree exactly: XNNPACK and TensorFlow order their sums differently and
-LiteRT folds each BatchNormalization into its convolution, so p differs by up to about 1e-4 through this network
-(bench/parity.py, bench/results/parity.json). The check compares what a user sees:
+LiteRT folds each BatchNormalization into its convolution. Through this network p differs by up to 1e-5 after a
+few epochs and up to about 1e-4 after thirty, the difference growing with training (bench/parity.py,
+bench/results/parity.json and parity-long.json). The check compares what a user sees:
 
 * p within ``PARITY_TOLERANCE`` on every image (times the folded Platt scale when that is above 1: the scale
   multiplies the logit, and with it the rounding);
@@ -36,8 +37,9 @@ from histod.runs import KERAS_FILE, TFLITE_FILE, RunInfo, sha256_file
 
 log = get_logger("histod.trainer")
 
-PARITY_TOLERANCE = 1e-3
-"""the largest |p Keras - p LiteRT| accepted (before the Platt scale); see bench/results/parity.json"""
+PARITY_TOLERANCE = 2e-3
+"""the largest |p Keras - p LiteRT| accepted (before the Platt scale): over ten times the largest difference seen
+after a full training, five times below the smallest conversion fault (docs/training.md, "The export check")"""
 
 
 def to_tflite(model: Any) -> bytes:
