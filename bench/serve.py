@@ -60,18 +60,18 @@ from bench.common import (
     write_result,
 )
 from bench.drops import Drop, drop_files, make_sets
-from bench.inference import LiteRT
 
 
 # --- raw LiteRT on the same images -----------------------------------------------------------------------------
 def raw_throughput(run_dir: Path, drops: list[Drop], batch: int, threads: int, workers: int) -> dict[str, Any]:
     """LiteRT alone on pre-decoded images, and read+decode+LiteRT without the service around it."""
     from histod.imaging import decode
+    from histod.litert import LiteRTModel
     from histod.runs import TFLITE_FILE, load_run
 
     info = load_run(run_dir)
     size = info.image_size
-    model = LiteRT((run_dir / TFLITE_FILE).read_bytes(), threads)
+    model = LiteRTModel(run_dir / TFLITE_FILE, threads)
     with ThreadPoolExecutor(workers) as pool:
         images = np.stack(list(pool.map(lambda d: decode(d.data, size), drops)))
     n = len(images) - len(images) % batch or len(images)

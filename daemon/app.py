@@ -29,7 +29,7 @@ from histod.db import chain, queries
 from histod.db.models import utcnow
 from histod.db.paths import path_text
 from histod.db.session import FileGuard, close_database, open_database, shared_database, transaction
-from histod.errors import ConfigError, DatabaseError, WatchError
+from histod.errors import ConfigError, DatabaseError, ModelError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
 
@@ -230,6 +230,11 @@ def _run(
     from histod.daemon.engine import load_engine
 
     engine = load_engine(settings.model, kind=settings.engine, threads=settings.threads)
+    if engine.name == "litert" and engine.run.parity == "failed" and not settings.allow_parity_failure:
+        raise ModelError(
+            f"{settings.model}: its model.tflite failed the export parity check against model.keras (metrics.json "
+            "parity); serve it anyway with --allow-parity-failure, or model.keras with --engine keras"
+        )
     if stop.is_set():
         return _stopped_in_start_up(started, "model")
     served = _register(factory, engine, settings.model, settings.engine)

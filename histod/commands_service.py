@@ -6,11 +6,9 @@ from __future__ import annotations
 import io
 import json
 import re
-import signal
 import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -63,37 +61,19 @@ def _settings(**flags: Any) -> Settings:
     return load_settings(**flags)
 
 
-@contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM/SIGINT set the event (stop taking files, finish the batch in flight); a second one aborts.
-    A SIGTERM caught since the process started (histod.stopping) sets it at once: the service stops during its
-    start-up, after the step in progress."""
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        click.echo(f"histod: {signal.Signals(signum).name}, finishing the batch in flight", err=True)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    if stopping.take_early():
-        click.echo("histod: SIGTERM during start-up, stopping", err=True)
-        stop.set()
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 @click.command()
 @common
 @click.option("--engine", type=click.Choice(["litert", "keras"]), default=None, help="default: litert")
 @click.option("--once", is_flag=True, help="process what is in the folder, write a report and exit")
+@click.option(
+    "--allow-parity-failure",
+    is_flag=True,
+    default=None,
+    help="serve a run whose model.tflite failed the export parity check (default: refused)",
+)
 def serve(once: bool, **flags: Any) -> None:
     """Watch a folder; classify, record and move every image dropped into it."""
-    with _stop_on_signals() as stop:  # first: a SIGTERM from here on (or caught earlier) is a clean stop
+    with stopping.stop_on_signals() as stop:  # first: a SIGTERM from here on (or caught earlier) is a clean stop
         from histod.daemon.app import serve as run
 
         settings = _settings(**flags)
@@ -235,7 +215,7 @@ def _cell(value: Any, column: str) -> str:
 @click.option("--epochs", type=click.IntRange(min=0), default=4, show_default=True)
 def demo(folder: Path | None, images: int, epochs: int) -> None:
     """Generate synthetic tiles, train a tiny model, serve a folder, drop images in and print the report."""
-    with _stop_on_signals() as stop:
+    with stopping.stop_on_signals() as stop:
         _run_demo(folder, images=images, epochs=epochs, stop=stop)
 
 
@@ -300,6 +280,7 @@ DEMO_TRAINING: dict[str, Any] = {
     "batch_size": 8,
     "augment": False,
     "patience": 3,
+    "ema": 0.0,  # a moving average over so few steps would still be the random start
 }
 """A model that learns the synthetic tiles in seconds: small, random start, every layer trained."""
 

@@ -118,6 +118,9 @@ class Settings(BaseSettings):
         "litert", description="litert serves model.tflite; keras loads TensorFlow"
     )
     threads: int = Field(2, ge=1, le=256, description="inference threads (LiteRT)")
+    allow_parity_failure: bool = Field(
+        False, description="serve a run whose model.tflite failed the export parity check (model.json parity)"
+    )
     batch_size: int = Field(8, ge=1, le=1024, description="images classified together in one call")
     batch_timeout_ms: int = Field(200, ge=0, le=60_000, description="how long a partial batch waits for more files")
     decode_workers: int = Field(2, ge=1, le=256, description="threads that read and decode images")
