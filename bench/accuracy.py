@@ -91,7 +91,7 @@ def train_ours(cfg: Any, x_fit: Any, y_fit: Any, x_mon: Any, y_mon: Any) -> tupl
     import keras
 
     from histod.trainer.evaluate import apply_calibration, decision_threshold, fit_calibration
-        from histod.trainer.fit import fit
+    from histod.trainer.fit import fit
     from histod.trainer.model import build_model
     from histod.trainer.score import predict_views
 
@@ -176,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         expected_calibration_error,
         metrics,
     )
-    
+    from histod.trainer.score import predict_views
+
     conditions = machine()
     image_size: int = args.image_size or TrainConfig.model_fields["image_size"].default
     ours_schedule = {
