@@ -73,7 +73,7 @@ def configure(
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS.get(level, logging.INFO)),
-        logger_factory=structlog.PrintLoggerFactory(file=out),
+        logger_factory=structlog.WriteLoggerFactory(file=out),  # line and newline in one write
         cache_logger_on_first_use=False,
     )
     # Quieten libraries that log through the standard library (TensorFlow's absl, watchdog, alembic).

@@ -79,7 +79,9 @@ def release() -> None:
 
 
 def _say(message: str) -> None:
-    print(f"histod: {message}", file=sys.stderr, flush=True)
+    # one write, line and newline together, so the notice never lands inside another thread's log line
+    sys.stderr.write(f"histod: {message}\n")
+    sys.stderr.flush()
 
 
 @contextmanager
