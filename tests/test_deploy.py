@@ -115,7 +115,7 @@ def test_security_parser_sees_a_bare_unit_as_unsafe(tmp_path: Path) -> None:
 
 
 def test_service_essentials() -> None:
-    """The settings the issue and the service rely on are there, spelled as systemd reads them."""
+    """The settings the service relies on are there, spelled as systemd reads them."""
     text = (DEPLOY / "histod.service").read_text()
     for line in (
         "Type=notify",

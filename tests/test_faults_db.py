@@ -259,8 +259,8 @@ def test_a_move_row_refused_by_a_locked_database_is_saved_with_the_next_ones(tmp
 def test_a_periodic_report_refused_by_a_locked_database_does_not_stop_the_service(
     tiny_run_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The report is written from the loop; a lock held past the busy timeout at report time used to raise out
-    of the loop and stop `histod serve`. Now the report waits for a later tick, and files keep being served."""
+    """The report is written from the loop; a lock held past the busy timeout at report time must not raise out
+    of the loop and stop `histod serve`: the report waits for a later tick, and files keep being served."""
     from histod.daemon import reports
 
     refused_reports = count_refusals(monkeypatch, reports)

@@ -108,8 +108,8 @@ def test_kill_9_at_random_points_while_files_stream_in(
 @pytest.mark.parametrize("crash", ["after the copy", "after the link"])
 def test_a_move_across_filesystems_killed_midway_leaves_no_temporary_behind(tmp_path: Path, crash: str) -> None:
     """processed/ on another filesystem: move_file copies to a hidden temporary, links it into place, removes the
-    original. A kill after the copy (or after the link) used to leave ``.<name>.histod-<pid>.tmp`` for good; the
-    retry after the restart now removes it."""
+    original. A kill after the copy (or after the link) must not leave ``.<name>.histod-<pid>.tmp`` for good: the
+    retry after the restart removes it."""
     shm = Path("/dev/shm")
     if not shm.is_dir() or shm.stat().st_dev == tmp_path.stat().st_dev:
         pytest.skip("needs a second filesystem (/dev/shm)")

@@ -4,7 +4,7 @@
 * ``dihedral``: a random one of the 8 flips/90° rotations per image (tissue on a slide has no "up").
 
 Colour and H&E stain jitter, MixUp and label smoothing were measured on held-out patients and bought nothing
-(bench/README.md, "levers"); they are not offered.
+(docs/training.md, "What helps and what does not"); they are not offered.
 
 Nothing here is part of the saved model: augmentation runs in the tf.data pipeline of the training split only.
 """

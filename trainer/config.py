@@ -1,8 +1,8 @@
 """Every hyper-parameter of a training run, in one place. The defaults are the recipe measured best on
-patient-grouped splits of IDC tiles (bench/README.md, "levers"): MobileNetV2 alpha 0.35 at 128 px, 3 head epochs,
-then the whole base fine-tuned at Adam 1e-4 for up to 30 epochs with flips and 90° rotations, a moving average of
-the weights (EMA 0.999) scored and kept, and Platt scaling folded into the model. ``--preset paper``
-(histod.trainer.presets) gives the paper's literal recipe instead.
+patient-grouped splits of IDC tiles (docs/training.md, "What helps and what does not"): MobileNetV2 alpha 0.35
+at 128 px, 3 head epochs, then the whole base fine-tuned at Adam 1e-4 for up to 30 epochs with flips and 90°
+rotations, a moving average of the weights (EMA 0.999) scored and kept, and Platt scaling folded into the model.
+``--preset paper`` (histod.trainer.presets) gives the paper's literal recipe instead.
 
 The whole object is written to RUN_DIR/config.json, so a run can always be reproduced from its directory.
 """

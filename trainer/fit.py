@@ -12,7 +12,7 @@ pipeline of the training split only. With a checkpoint path, the whole state is 
 (trainer.checkpoint) and a later call with the same path goes on from there.
 
 Following the validation ROC AUC instead of the loss, and a cosine decay instead of ReduceLROnPlateau, were
-measured on held-out patients and bought nothing (bench/README.md, "levers").
+measured on held-out patients and bought nothing (docs/training.md, "What helps and what does not").
 """
 
 from __future__ import annotations

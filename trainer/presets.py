@@ -1,9 +1,9 @@
 """Named starting points for `histod train --preset NAME`; any flag given on the command line wins over them.
 
 Without a preset, TrainConfig's defaults apply: the recipe measured best on patient-grouped splits of IDC tiles
-(bench/README.md, "levers"): 128 px, alpha 0.35, 3 head epochs, then the whole base fine-tuned at Adam 1e-4 for
-up to 30 epochs with vertical flips and 90° rotations, a moving average of the weights (EMA 0.999) scored,
-early-stopped on and kept, and Platt scaling folded into the model; one view per image.
+(docs/training.md, "What helps and what does not"): 128 px, alpha 0.35, 3 head epochs, then the whole base
+fine-tuned at Adam 1e-4 for up to 30 epochs with vertical flips and 90° rotations, a moving average of the
+weights (EMA 0.999) scored, early-stopped on and kept, and Platt scaling folded into the model; one view per image.
 
 * ``paper``: the method's literal recipe, to reproduce its figure: MobileNetV2 alpha 0.35 at 224 px, pixels / 255
   (not the [-1, 1] MobileNetV2 was trained on), no head warm-up, one phase of up to 20 epochs at Adam 1e-5 with
