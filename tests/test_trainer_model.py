@@ -12,13 +12,6 @@ from histod.errors import ConfigError
 from histod.trainer.config import TrainConfig
 from histod.trainer.export import check_parity
 
-SHARED_WEIGHTS = (
-    Path(__file__).resolve().parents[2]
-    / "shared"
-    / "weights"
-    / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5"
-)
-
 
 def _cfg(tmp_path: Path, **kw: object) -> TrainConfig:
     values: dict[str, object] = {
@@ -167,26 +160,6 @@ def test_imagenet_weights_offline_is_a_config_error(tmp_path: Path, monkeypatch:
 def test_weights_must_be_imagenet_none_or_h5(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="imagenet"):
         _cfg(tmp_path, weights="resnet")
-
-
-@pytest.mark.shared
-@pytest.mark.skipif(not SHARED_WEIGHTS.is_file(), reason=f"shared weights file absent: {SHARED_WEIGHTS}")
-def test_shared_imagenet_weights_load(tmp_path: Path) -> None:
-    import keras
-
-    from histod.trainer.model import base_of, build_model
-
-    model = build_model(_cfg(tmp_path, weights=str(SHARED_WEIGHTS), image_size=96))
-    base = base_of(model)
-    assert base.count_params() == 410_208
-    reference = keras.applications.MobileNetV2(
-        input_shape=(96, 96, 3), alpha=0.35, include_top=False, weights=str(SHARED_WEIGHTS)
-    )
-    for a, b in zip(reference.get_weights(), base.get_weights(), strict=True):
-        np.testing.assert_array_equal(a, b)
-    p = np.asarray(model(np.full((2, 96, 96, 3), 200.0, dtype=np.float32)))
-    assert p.shape == (2, 1)
-    assert np.all(np.isfinite(p))
 
 
 # --- export ------------------------------------------------------------------------------------------------------
