@@ -143,7 +143,27 @@ def _print_metrics(result: dict[str, Any]) -> None:
     default=None,
     help="k-fold patient-grouped cross-validation instead: k models, scored on held-out patients (no model kept)",
 )
-def train(data_dir: Path, out: Path, preset: str | None, cv: int | None, **flags: Any) -> None:
+@click.option(
+    "--tile-px",
+    type=click.IntRange(min=1),
+    default=None,
+    help="side of the training images in source pixels: larger inputs are tiled at it (default: their median)",
+)
+@click.option(
+    "--tile-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="microns per pixel of the training images (picks a slide's level)",
+)
+def train(
+    data_dir: Path,
+    out: Path,
+    preset: str | None,
+    cv: int | None,
+    tile_px: int | None,
+    tile_mpp: float | None,
+    **flags: Any,
+) -> None:
     """Train a Benign/Malignant classifier on DATA_DIR (benign/ and malignant/ folders) into --out RUN_DIR."""
     from pydantic import ValidationError
 
@@ -161,7 +181,7 @@ def train(data_dir: Path, out: Path, preset: str | None, cv: int | None, **flags
     from histod.runs import load_metrics
     from histod.trainer.api import train as run_training
 
-    run = run_training(cfg)
+    run = run_training(cfg, tile_px=tile_px, tile_mpp=tile_mpp)
     m = load_metrics(run)
     counts: Any = m.get("counts", {})
     click.echo(

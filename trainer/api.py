@@ -14,7 +14,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from histod import LABELS, imaging
+from histod import LABELS, imaging, tiling
 from histod.errors import ConfigError, DatasetError, ImageError, ModelError
 from histod.logs import get_logger
 from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
@@ -47,8 +47,11 @@ def _log_skipped(skipped: Sequence[data.Skipped]) -> None:
         log.warning("images_skipped", count=len(skipped))
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train, evaluate and export one model; return the run directory (cfg.out)."""
+def train(cfg: TrainConfig, *, tile_px: int | None = None, tile_mpp: float | None = None) -> Path:
+    """Train, evaluate and export one model; return the run directory (cfg.out).
+
+    ``tile_px`` (default: the training images' median side) and ``tile_mpp`` record the model's scale.
+    """
     started = time.monotonic()
     # Fail fast, before anything slow: a bad folder, too few images or patients, a used RUN_DIR, unusable weights.
     samples = data.discover(cfg.data_dir, cfg.group_pattern)
@@ -117,6 +120,9 @@ def train(cfg: TrainConfig) -> Path:
         tta_views=cfg.tta,
         calibration=(scale, shift),
     )
+    scale_px = tile_px or tiling.native_side(s.path for s in split.train)
+    info = info.model_copy(update={"tile_px": scale_px, "tile_mpp": tile_mpp})
+    info.write(cfg.out)
 
     run = cfg.out
     rule = (
