@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,6 +17,9 @@ from histod.settings import load_settings
 from histod.trainer import presets
 from histod.trainer.config import TrainConfig
 from histod.trainer.presets import PRESETS
+
+if TYPE_CHECKING:
+    from histod.tiling import TiledResult
 
 COMMANDS: list[click.Command] = []
 
@@ -256,11 +259,20 @@ def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line (with every tile of a tiled image)")
 @click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
+@click.option(
+    "--heatmap",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="write a heat-map PNG of every tiled image into this folder",
+)
 @click.pass_context
-def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_json: bool, threads: int) -> None:
-    """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image."""
+def predict(
+    ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_json: bool, threads: int, heatmap: Path | None
+) -> None:
+    """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image; an image much
+    larger than the model's tiles is tiled, with one summary line."""
     from histod.daemon.engine import load_engine
     from histod.trainer.api import expand, predict_paths
 
@@ -281,15 +293,38 @@ def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_
                 click.echo(f"{pred.path} => error ({pred.error.reason}): {pred.error.args[0]}")
             continue
         assert pred.p_malignant is not None
-        if as_json:
-            click.echo(
-                json.dumps({"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)})
-            )
+        for warning in pred.warnings if not as_json else ():
+            click.echo(f"warning: {pred.path}: {warning}", err=True)
+        if pred.tiled is not None:
+            _tiled(pred.path, pred.tiled, as_json, heatmap, engine.threshold)
+        elif as_json:
+            record = {"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)}
+            click.echo(json.dumps({**record, "warnings": list(pred.warnings)} if pred.warnings else record))
         else:
             click.echo(f"{pred.path} => {pred.label} (p_malignant={pred.p_malignant:.2f})")
     if failed:
         click.secho(f"error: {failed} of {total} images could not be read", err=True, fg="red")
         ctx.exit(1)
+
+
+def _tiled(path: Path, result: TiledResult, as_json: bool, heatmap: Path | None, threshold: float) -> None:
+    """One summary line (or JSON object with every tile) for a tiled image; its heat-map when asked."""
+    a = result.aggregate
+    written = None
+    if heatmap is not None:
+        from histod import heatmap as heatmaps
+
+        written = heatmaps.write(heatmap / f"{path.name}.heatmap.png", result, threshold)
+    if as_json:
+        record = {"path": str(path), **result.summary(), "heatmap": None if written is None else str(written)}
+        click.echo(json.dumps({**record, "tiles": result.tiles()}))
+        return
+    area = "" if result.malignant_area_mm2 is None else f", {result.malignant_area_mm2:.3f} mm²"
+    click.echo(
+        f"{path} => {a.label} (rule {a.rule}: {a.score:.3f}): {a.n_tissue} tissue tiles of {result.n_tiles}, "
+        f"{a.n_malignant} malignant ({a.malignant_share:.1%} of the tissue{area})"
+        + ("" if written is None else f"; heat-map {written}")
+    )
 
 
 COMMANDS += [train, evaluate, predict]

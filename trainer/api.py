@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from histod import LABELS, imaging, tiling
+from histod import LABELS, slides, tiling
 from histod.errors import ConfigError, DatasetError, ImageError, ModelError
 from histod.logs import get_logger
 from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
@@ -247,6 +247,8 @@ class Prediction:
     p_malignant: float | None  # None when the image could not be read
     label: str | None
     error: ImageError | None = None
+    tiled: tiling.TiledResult | None = None  # an image cut into tiles: p_malignant is its rule's score
+    warnings: tuple[str, ...] = ()
 
 
 def expand(paths: Sequence[Path]) -> list[Path]:
@@ -264,22 +266,27 @@ def expand(paths: Sequence[Path]) -> list[Path]:
 def predict_paths(
     run_dir: Path, paths: Sequence[Path], scorer: Scorer | None = None, batch_size: int = 32
 ) -> Iterator[Prediction]:
-    """Classify image files and folders; an unreadable file yields a Prediction with ``error`` set, never raises."""
+    """Classify image files and folders; an unreadable file yields a Prediction with ``error`` set, never raises.
+    An image much larger than the model's training tiles is classified tile by tile (histod.slides)."""
     model = scorer if scorer is not None else load_scorer(run_dir)
+    scale = replace(tiling.Scale.of(load_run(run_dir)), image_size=model.image_size, threshold=model.threshold)
     files = expand(paths)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        decoded: list[tuple[Path, NDArray[np.uint8] | ImageError]] = []
+        decoded: list[tuple[Path, slides.Whole | tiling.TiledResult | ImageError]] = []
         for path in chunk:
             try:
-                decoded.append((path, imaging.load(path, model.image_size)))
+                with slides.open_reader(path) as reader:
+                    decoded.append((path, slides.classify(reader, model.predict, scale)))
             except ImageError as exc:
                 decoded.append((path, exc))
-        good = [img for _, img in decoded if not isinstance(img, ImageError)]
+        good = [r.image for _, r in decoded if isinstance(r, slides.Whole)]
         probs = iter(model.predict(np.stack(good)).tolist() if good else [])
-        for path, img in decoded:
-            if isinstance(img, ImageError):
-                yield Prediction(path, None, None, img)
+        for path, r in decoded:
+            if isinstance(r, ImageError):
+                yield Prediction(path, None, None, r)
+            elif isinstance(r, tiling.TiledResult):
+                yield Prediction(path, r.aggregate.score, r.label, tiled=r, warnings=r.warnings)
             else:
                 p = float(next(probs))
-                yield Prediction(path, p, LABELS[int(p >= model.threshold)])
+                yield Prediction(path, p, LABELS[int(p >= model.threshold)], warnings=r.warnings)
