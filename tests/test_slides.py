@@ -353,3 +353,16 @@ def test_predict_warns_on_stderr_when_the_scale_does_not_fit(tiny_run_dir: Path,
     assert code == 0
     assert out.startswith(f"{small} => ")
     assert f"warning: {small}: smaller_than_tile" in err
+
+
+def test_predict_takes_the_slides_in_a_folder(tiny_run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(synthetic.tile(True, SIDE, np.random.default_rng(1))).save(folder / "tile.png")
+    (folder / "scan.svs").write_bytes(b"II*\x00" + bytes(range(256)) * 8)  # a slide name, not a readable slide
+    code, out, _ = _predict("--model", str(tiny_run_dir), str(folder))
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{folder / 'scan.svs'} => error (")
+    assert lines[1].startswith(f"{folder / 'tile.png'} => ")
+    assert code == 1

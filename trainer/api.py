@@ -252,12 +252,16 @@ class Prediction:
 
 
 def expand(paths: Sequence[Path]) -> list[Path]:
-    """Files as given; folders become their image files (recursively, sorted). A missing path stays in the
-    list, so that it gets its own error line."""
+    """Files as given; folders become their image and slide files (recursively, sorted). A missing path stays in
+    the list, so that it gets its own error line."""
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file() and data.is_image(p))
+            out += sorted(
+                p
+                for p in path.rglob("*")
+                if p.is_file() and (data.is_image(p) or p.suffix.lower() in slides.SLIDE_ONLY)
+            )
         else:
             out.append(path)
     return out
