@@ -22,14 +22,7 @@ from histod.errors import ConfigError
 from histod.logs import get_logger
 from histod.trainer import artefacts, data
 from histod.trainer.config import TrainConfig
-from histod.trainer.evaluate import (
-    apply_calibration,
-    bootstrap_ci,
-    decision_threshold,
-    expected_calibration_error,
-    fit_calibration,
-    metrics,
-)
+from histod.trainer.evaluate import bootstrap_ci, decision_threshold, expected_calibration_error, metrics
 
 log = get_logger("histod.trainer")
 
@@ -48,9 +41,9 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
         raise ConfigError(f"--out {cfg.out} already holds a cross-validation; choose a new folder")
     import keras
 
-    from histod.trainer.export import predict_views
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
+    from histod.trainer.score import score
 
     cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.save(cfg.out)
@@ -70,34 +63,28 @@ def cross_validate(cfg: TrainConfig, k: int) -> dict[str, Any]:
         keras.utils.set_random_seed(cfg.seed + i)
         model = build_model(cfg)
         fitted = fit(model, cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
-        mon_views = predict_views(model, images[mon_idx], cfg.tta).astype(np.float64)
-        val_views = predict_views(model, images[val_idx], cfg.tta).astype(np.float64)
-        scale, shift = 1.0, 0.0
-        if cfg.calibrate:  # Platt on the monitoring patients, as histod train folds it in on its validation split
-            scale, shift = fit_calibration(labels[mon_idx], mon_views)
-            mon_views = apply_calibration(mon_views, scale, shift)
-            val_views = apply_calibration(val_views, scale, shift)
-        p_mon = mon_views.mean(axis=0)
-        threshold = decision_threshold(labels[mon_idx], p_mon, cfg.threshold, cfg.target_sensitivity)
-        p = val_views.mean(axis=0)
-        p_oof[val_idx] = p
-        decided[val_idx] = p >= threshold
+        # Platt and the threshold on the monitoring patients, as histod train fits them on its validation split
+        scored = score(model, cfg, (images[mon_idx], labels[mon_idx]), (images[val_idx], labels[val_idx]))
+        p_oof[val_idx] = scored.p
+        decided[val_idx] = scored.p >= scored.threshold
         fold_of[val_idx] = i
-        m = metrics(labels[val_idx], p, threshold)
+        m = scored.metrics
         row = {
             "fold": i,
             **{key: m[key] for key in (*KEYS, "threshold", "confusion_matrix")},
             "n": len(val_idx),
             "val_patients": len({kept[j].group for j in val_idx}),
-            "calibration": {"scale": scale, "shift": shift},
+            "calibration": {"scale": scored.scale, "shift": scored.calibration["shift"]},
             "epochs": len(fitted.phases),
             "best_epoch": fitted.best_epoch,
             "seconds": round(time.monotonic() - fold_started, 1),
         }
         if cfg.tta > 1:
-            row["single_view"] = _single_view(cfg, labels[mon_idx], mon_views[0], labels[val_idx], val_views[0])
+            row["single_view"] = _single_view(
+                cfg, labels[mon_idx], scored.tuning_views[0], labels[val_idx], scored.views[0]
+            )
         rows.append(row)
-        log.info("cv_fold", **{key: row[key] for key in ("fold", *KEYS, "n")})
+        log.info("cv.fold", **{key: row[key] for key in ("fold", *KEYS, "n")})
     groups = np.array([s.group for s in kept])
     # pooled: every image scored by the model that never saw its patient, at its own fold's threshold
     pooled = metrics(labels, decided.astype(np.float64), 0.5)
