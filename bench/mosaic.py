@@ -124,10 +124,10 @@ def png_bytes(image: NDArray[np.uint8]) -> bytes:
 
 def tile(mosaic: Mosaic, engine: Any, scale: Any, offset: int = 0) -> Any:
     """The mosaic (shifted by ``offset`` px) through histod.slides as a PNG file's bytes, like a dropped field."""
-    from histod import slides
+    from histod import readers, slides
 
     image = mosaic.image[offset:, offset:]
-    reader = slides.ImageReader(png_bytes(image), mosaic.patient)
+    reader = readers.ImageReader(png_bytes(image), mosaic.patient)
     return slides.classify(reader, engine.predict, scale)
 
 
@@ -474,7 +474,7 @@ def run_show(args: argparse.Namespace) -> None:
     """One patient's mosaic and its densest field as PNG files, `histod predict` on both, and a small heat-map."""
     from PIL import Image
 
-    from histod import heatmap, slides, tiling
+    from histod import heatmap, readers, slides, tiling
     from histod.daemon.engine import load_engine
     from histod.runs import load_run
 
@@ -496,7 +496,7 @@ def run_show(args: argparse.Namespace) -> None:
     print(done.stdout, end="")
     engine = load_engine(args.run, "litert", threads=2)
     result = slides.classify(
-        slides.ImageReader(mosaic_png.read_bytes(), mosaic_png.name),
+        readers.ImageReader(mosaic_png.read_bytes(), mosaic_png.name),
         engine.predict,
         tiling.Scale.of(load_run(args.run)),
     )

@@ -109,7 +109,7 @@ def cpu() -> float:
 def measure(kind: str, run: Path, path: Path, mpp: float | None, raw_n: int) -> dict[str, Any]:
     """In a fresh process: classify ``path`` end to end, then raw LiteRT on (up to raw_n of) the same tiles."""
     from bench.common import proc_status_mb
-    from histod import slides, tiling
+    from histod import readers, slides, tiling
     from histod.daemon.engine import load_engine
     from histod.runs import load_run
 
@@ -119,7 +119,7 @@ def measure(kind: str, run: Path, path: Path, mpp: float | None, raw_n: int) -> 
     rss_loaded = proc_status_mb(os.getpid(), "VmRSS")
     scale = tiling.Scale(info.image_size, info.threshold, info.tile_px, mpp)
     started, cpu_started = time.monotonic(), cpu()
-    with slides.open_reader(path) as reader:
+    with readers.open_reader(path) as reader:
         result = slides.classify(reader, engine.predict, scale)
         seconds, cpu_seconds = time.monotonic() - started, cpu() - cpu_started
         assert isinstance(result, tiling.TiledResult)

@@ -1,249 +1,36 @@
-"""Read microscope fields and whole-slide images at the model's scale, and classify them tile by tile.
+"""Classify an image or a whole-slide image at the model's scale: whole, or tile by tile.
 
-    reader = open_reader(path)                       # ImageReader (PIL, in memory) or SlideReader (OpenSlide)
-    outcome = classify(reader, engine.predict, tiling.Scale.of(run_info))
+    with readers.open_reader(path) as reader:
+        outcome = classify(reader, engine.predict, tiling.Scale.of(run_info))
     # -> Whole(image at the model's input, warnings): about one tile, classify it as trained
     # -> tiling.TiledResult(aggregate, every tile's x, y, p, tissue, warnings, thumbnail): a tiled image
 
-Two backends behind one :class:`Reader`: :class:`ImageReader` decodes a field with histod.imaging (its byte and
-pixel limits, EXIF orientation, colour rules) and holds it in memory; :class:`SlideReader` reads .svs, .ndpi,
-.mrxs, .scn and pyramidal tiled .tif through OpenSlide (``pip install 'histod[slides]'``), one block of tiles at a
-time, so memory stays bounded whatever the slide's size. The level is the coarsest one still at least as fine as
-the model's microns per pixel. A slide that cannot be read raises :class:`~histod.errors.ImageError`.
+:func:`plan` picks the level (the coarsest one still at least as fine as the model's microns per pixel) and the
+tile grid, or says "whole", and lists every scale mismatch as a warning. :func:`classify` finds tissue on one
+thumbnail, reads the tissue tiles one block at a time (histod.readers), classifies them in batches with the
+caller's predictor (the service engine's ``predict``) and aggregates them (histod.tiling).
 """
 
 from __future__ import annotations
 
-import errno
 import math
-import os
-import stat
 import time
-from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
-from types import ModuleType, TracebackType
-from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
-from histod import imaging, tiling
+from histod import tiling
 from histod.errors import ImageError
 from histod.logs import get_logger
+from histod.readers import BLOCK_PX, ImageReader, Reader, best_level
 
 _log = get_logger("histod.slides")
 
-SLIDE_ONLY = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
-"""Extensions only OpenSlide reads; .tif/.tiff go to OpenSlide when it finds a tiled slide in them."""
-TIFF = (".tif", ".tiff")
-BLOCK_PX = 2048
-"""Tiles are read in blocks of about this many pixels a side: the unit of memory when streaming a slide."""
 MAX_TILES = 4_000_000
 THUMBNAIL_PX = 1024
 """The longer side of the thumbnail kept with a tiled result, for the heat-map."""
-
-
-class Reader(ABC):
-    """An image at one or more levels (level 0 = full resolution); coordinates are in a level's pixels."""
-
-    backend: str
-    name: str
-    mpp: float | None = None
-    """microns per pixel at level 0, when the file declares it"""
-
-    @property
-    @abstractmethod
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]: ...
-
-    @property
-    @abstractmethod
-    def level_downsamples(self) -> tuple[float, ...]: ...
-
-    @property
-    def dimensions(self) -> tuple[int, int]:
-        return self.level_dimensions[0]
-
-    @abstractmethod
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
-        """RGB (height, width, 3) of a box at ``level``; white where the box runs past the image."""
-
-    def thumbnail(self, width: int, height: int) -> NDArray[np.uint8]:
-        """The whole image at ``width`` x ``height``, read from the best level strip by strip."""
-        from PIL import Image
-
-        w0, h0 = self.dimensions
-        level = _best_level(self.level_downsamples, min(w0 / width, h0 / height))
-        lw, lh = self.level_dimensions[level]
-        out = np.empty((height, width, 3), dtype=np.uint8)
-        rows_per_strip = max(1, (BLOCK_PX * BLOCK_PX) // max(1, lw))
-        done = 0
-        for top in range(0, lh, rows_per_strip):
-            bottom = min(lh, top + rows_per_strip)
-            target = height if bottom == lh else round(bottom * height / lh)
-            if target > done:
-                strip = Image.fromarray(self.read(level, 0, top, lw, bottom - top))
-                out[done:target] = np.asarray(strip.resize((width, target - done), Image.Resampling.BOX))
-                done = target
-        return out
-
-    def close(self) -> None:  # noqa: B027 - a reader with nothing to release keeps this
-        """Release the file."""
-
-    def __enter__(self) -> Reader:
-        return self
-
-    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
-        self.close()
-
-
-class ImageReader(Reader):
-    """A field decoded whole by histod.imaging at its native size (one level)."""
-
-    backend = "image"
-
-    def __init__(self, data: bytes, name: str, *, max_pixels: int = imaging.DEFAULT_MAX_PIXELS) -> None:
-        self.data = data
-        self.name = name
-        self.image = imaging.decode(data, None, max_pixels=max_pixels, name=name)
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return ((self.image.shape[1], self.image.shape[0]),)
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return (1.0,)
-
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
-        piece = self.image[max(0, y) : y + height, max(0, x) : x + width]
-        if piece.shape[:2] == (height, width):
-            return piece
-        out = np.full((height, width, 3), 255, dtype=np.uint8)
-        out[max(0, -y) : max(0, -y) + piece.shape[0], max(0, -x) : max(0, -x) + piece.shape[1]] = piece
-        return out
-
-    def thumbnail(self, width: int, height: int) -> NDArray[np.uint8]:
-        from PIL import Image
-
-        return np.asarray(Image.fromarray(self.image).resize((width, height), Image.Resampling.BOX), dtype=np.uint8)
-
-
-class SlideReader(Reader):
-    """A whole-slide image through OpenSlide (the ``slides`` extra)."""
-
-    backend = "openslide"
-
-    def __init__(self, path: Path) -> None:
-        import openslide
-
-        self.name = str(path)
-        try:
-            self._slide = openslide.OpenSlide(path)
-            self._levels = tuple((int(w), int(h)) for w, h in self._slide.level_dimensions)
-            self._downsamples = tuple(float(d) for d in self._slide.level_downsamples)
-        except openslide.OpenSlideUnsupportedFormatError as exc:
-            raise ImageError("not_an_image", f"{path} is not a slide OpenSlide can read") from exc
-        except openslide.OpenSlideError as exc:
-            raise ImageError("corrupt", f"{path}: OpenSlide cannot read the slide ({exc})") from exc
-        self.mpp = _mpp(self._slide.properties)
-        self._error: type[Exception] = openslide.OpenSlideError
-
-    @property
-    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
-        return self._levels
-
-    @property
-    def level_downsamples(self) -> tuple[float, ...]:
-        return self._downsamples
-
-    def read(self, level: int, x: int, y: int, width: int, height: int) -> NDArray[np.uint8]:
-        from PIL import Image
-
-        d = self._downsamples[level]
-        try:
-            rgba = self._slide.read_region((round(x * d), round(y * d)), level, (width, height))
-        except self._error as exc:
-            raise ImageError("corrupt", f"{self.name}: cannot read level {level} at {x},{y}: {exc}") from exc
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))  # unscanned areas are transparent: glass
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
-
-    def close(self) -> None:
-        self._slide.close()
-
-
-def _mpp(properties: Any) -> float | None:
-    try:
-        x, y = float(properties["openslide.mpp-x"]), float(properties["openslide.mpp-y"])
-    except (KeyError, ValueError, TypeError):
-        return None
-    return (x + y) / 2 if x > 0 and y > 0 else None
-
-
-def _best_level(downsamples: tuple[float, ...], wanted: float) -> int:
-    """The coarsest level whose downsample is at most ``wanted`` (level 0 if none)."""
-    fits = [i for i, d in enumerate(downsamples) if d <= wanted * 1.01]
-    return max(fits, key=lambda i: downsamples[i]) if fits else 0
-
-
-def open_reader(
-    path: Path,
-    *,
-    max_pixels: int = imaging.DEFAULT_MAX_PIXELS,
-    max_bytes: int = imaging.DEFAULT_MAX_BYTES,
-    follow_symlinks: bool = True,
-) -> Reader:
-    """A reader for ``path``: OpenSlide for slide formats and tiled TIFFs, else the file decoded in memory."""
-    suffix = path.suffix.lower()
-    if suffix in SLIDE_ONLY or suffix in TIFF:
-        openslide = _openslide()
-        if openslide is None and suffix in SLIDE_ONLY:
-            raise ImageError(
-                "unsupported", f"{path} is a whole-slide image: install the slides extra (pip install 'histod[slides]')"
-            )
-        if openslide is not None:
-            _check_file(path, follow_symlinks)
-            try:
-                vendor = openslide.OpenSlide.detect_format(path)
-            except openslide.OpenSlideError as exc:
-                raise ImageError("corrupt", f"{path}: {exc}") from exc
-            if vendor is not None:
-                return SlideReader(path)
-            if suffix in SLIDE_ONLY:
-                raise ImageError("corrupt", f"{path} is not a slide OpenSlide can read")
-    data = imaging.read_file(path, max_bytes=max_bytes, follow_symlinks=follow_symlinks)
-    return ImageReader(data, str(path), max_pixels=max_pixels)
-
-
-def _openslide() -> ModuleType | None:
-    """The openslide module, or None when the slides extra is not installed."""
-    try:
-        import openslide
-    except ImportError:
-        return None
-    return openslide
-
-
-def _check_file(path: Path, follow_symlinks: bool) -> None:
-    """The checks histod.imaging.read_file makes, for a file OpenSlide opens itself."""
-    try:
-        st = path.stat() if follow_symlinks else path.lstat()
-    except FileNotFoundError as exc:
-        raise ImageError("missing", f"{path} does not exist") from exc
-    except PermissionError as exc:
-        raise ImageError("unreadable", f"permission denied reading {path}") from exc
-    except OSError as exc:
-        reason = "symlink" if exc.errno == errno.ELOOP else "unreadable"
-        raise ImageError(reason, f"cannot open {path}: {exc.strerror}") from exc
-    if stat.S_ISLNK(st.st_mode):
-        raise ImageError("symlink", f"{path} is a symbolic link; links are not followed")
-    if not stat.S_ISREG(st.st_mode):
-        raise ImageError("not_a_file", f"{path} is not a regular file")
-    if st.st_size == 0:
-        raise ImageError("empty", f"{path} is empty (0 bytes)")
-    if not os.access(path, os.R_OK):
-        raise ImageError("unreadable", f"permission denied reading {path}")
 
 
 # --- classifying at the model's scale ---------------------------------------------------------------------------
@@ -266,13 +53,13 @@ class Plan:
 def plan(reader: Reader, scale: tiling.Scale) -> tuple[Plan | None, list[str]]:
     """How ``reader``'s image meets the model's scale: a tiling plan, or None to classify it whole; and the
     warnings that say where the scales do not match."""
-    w0, h0 = reader.dimensions
+    longest = reader.longest_side()
     warnings: list[str] = []
     if scale.tile_px is None:
-        if max(w0, h0) > 2 * scale.image_size:
+        if longest > 2 * scale.image_size:
             warnings.append(
-                f"scale_unknown: the model does not record its tile size; the {w0}x{h0} image was resized whole "
-                f"to {scale.image_size}x{scale.image_size}"
+                f"scale_unknown: the model does not record its tile size; the image ({longest} px on its longer "
+                f"side) was resized whole to {scale.image_size}x{scale.image_size}"
             )
         return None, warnings
     ratio = 1.0  # level-0 pixels per pixel of the model's training tiles
@@ -288,11 +75,11 @@ def plan(reader: Reader, scale: tiling.Scale) -> tuple[Plan | None, list[str]]:
             f"mpp_unknown_image: the image declares no µm/px; it is taken to be the model's {scale.tile_mpp:.3g}"
         )
     side0 = scale.tile_px * ratio
-    if not tiling.should_tile(w0, h0, side0):
-        if max(w0, h0) * tiling.TILE_FACTOR < side0:
+    if not tiling.should_tile(longest, side0):
+        if longest * tiling.TILE_FACTOR < side0:
             warnings.append(
-                f"smaller_than_tile: the {w0}x{h0} image is smaller than the model's {side0:.0f} px tile; "
-                "it was enlarged to the model's input"
+                f"smaller_than_tile: the image ({longest} px on its longer side) is smaller than the model's "
+                f"{side0:.0f} px tile; it was enlarged to the model's input"
             )
         return None, warnings
     if ratio < 1 / 1.1:
@@ -300,7 +87,7 @@ def plan(reader: Reader, scale: tiling.Scale) -> tuple[Plan | None, list[str]]:
             f"coarser_than_model: the image's {reader.mpp:.3g} µm/px is coarser than the model's "
             f"{scale.tile_mpp:.3g}: its tiles are enlarged"
         )
-    level = _best_level(reader.level_downsamples, ratio)
+    level = best_level(reader.level_downsamples, ratio)
     downsample = reader.level_downsamples[level]
     lw, lh = reader.level_dimensions[level]
     grid = tiling.Grid(lw, lh, max(1, round(side0 / downsample)))
@@ -412,8 +199,8 @@ def _stream(reader: Reader, the_plan: Plan, chosen: NDArray[np.int64]) -> Iterat
 
 
 def _whole(reader: Reader, size: int) -> NDArray[np.uint8]:
-    if isinstance(reader, ImageReader):  # exactly the path a tile-sized file always took
-        return imaging.decode(reader.data, size, name=reader.name)
+    if isinstance(reader, ImageReader):  # exactly the path a tile-sized file always takes
+        return reader.whole(size)
     return reader.thumbnail(size, size)
 
 

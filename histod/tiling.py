@@ -61,9 +61,10 @@ def native_side(paths: Iterable[Path]) -> int | None:
     return int(np.median(sides)) if sides else None
 
 
-def should_tile(width: int, height: int, tile_side: float | None) -> bool:
-    """Whether an image of this size (in source pixels) is cut into tiles of ``tile_side`` (None: scale unknown)."""
-    return tile_side is not None and max(width, height) > TILE_FACTOR * tile_side
+def should_tile(longest_side: int, tile_side: float | None) -> bool:
+    """Whether an image whose longer side is ``longest_side`` source pixels is cut into tiles of ``tile_side``
+    (None: scale unknown)."""
+    return tile_side is not None and longest_side > TILE_FACTOR * tile_side
 
 
 # --- the grid ---------------------------------------------------------------------------------------------------

@@ -56,7 +56,7 @@ def test_grid_refuses_empty_sizes() -> None:
     ("size", "side", "expected"), [((75, 75), 50, False), ((76, 40), 50, True), ((4000, 3000), None, False)]
 )
 def test_should_tile_only_above_one_and_a_half_tiles(size: tuple[int, int], side: int | None, expected: bool) -> None:
-    assert tiling.should_tile(*size, side) is expected
+    assert tiling.should_tile(max(size), side) is expected
 
 
 # --- tissue -------------------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from histod import LABELS, slides, tiling
+from histod import LABELS, readers, slides, tiling
 from histod.errors import ConfigError, DatasetError, ExportParityError, ImageError
 from histod.logs import get_logger
 from histod.runs import CONFIG_FILE, KERAS_FILE, MODEL_INFO, TFLITE_FILE, RunInfo, load_run
@@ -277,11 +277,7 @@ def expand(paths: Sequence[Path]) -> list[Path]:
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            out += sorted(
-                p
-                for p in path.rglob("*")
-                if p.is_file() and (data.is_image(p) or p.suffix.lower() in slides.SLIDE_ONLY)
-            )
+            out += sorted(p for p in path.rglob("*") if p.is_file() and (data.is_image(p) or readers.is_slide(p)))
         else:
             out.append(path)
     return out
@@ -298,7 +294,7 @@ def predict_paths(scorer: Scorer, paths: Sequence[Path], batch_size: int = 32) -
         decoded: list[tuple[Path, slides.Whole | tiling.TiledResult | ImageError]] = []
         for path in chunk:
             try:
-                with slides.open_reader(path) as reader:
+                with readers.open_reader(path) as reader:
                     decoded.append((path, slides.classify(reader, scorer.predict, scale)))
             except ImageError as exc:
                 decoded.append((path, exc))

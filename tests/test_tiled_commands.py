@@ -1,0 +1,92 @@
+"""The commands on images larger than the model's training tiles: `histod predict` prints one summary line per
+tiled image (every tile with --json, a heat-map PNG with --heatmap)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from PIL import Image
+
+from histod import synthetic, tiling
+from histod.cli import cli
+from tests.tiles_support import SIDE, field_png, mosaic, needs_openslide, pyramid
+
+Inputs = tuple[Path, dict[tuple[int, int], bool], Path, Path]
+
+
+# --- histod predict -----------------------------------------------------------------------------------------------
+
+
+def _predict(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(cli, ["predict", *args])
+    return result.exit_code, result.stdout, result.stderr
+
+
+@pytest.fixture
+def inputs(tmp_path: Path) -> Iterator[Inputs]:
+    field, truth = field_png(tmp_path, rows=5, cols=6)
+    tile = tmp_path / "tile.png"
+    Image.fromarray(synthetic.tile(True, SIDE, np.random.default_rng(9))).save(tile)
+    image, _ = mosaic(4, 6, seed=6)
+    pyramid(tmp_path / "slide.tif", image, mpp=0.5)
+    yield field, truth, tile, tmp_path / "slide.tif"
+
+
+def test_predict_prints_one_summary_line_per_tiled_image(tiny_run_dir: Path, tmp_path: Path, inputs: Inputs) -> None:
+    field, truth, tile, _ = inputs
+    code, out, err = _predict("--model", str(tiny_run_dir), "--heatmap", str(tmp_path / "maps"), str(field), str(tile))
+    assert code == 0, out + err
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{field} => ")
+    assert f": {len(truth)} tissue tiles of 30, " in lines[0]
+    assert f"rule {tiling.DEFAULT_RULE.name}: " in lines[0]
+    assert f"heat-map {tmp_path / 'maps' / 'field.png.heatmap.png'}" in lines[0]
+    assert lines[1].startswith(f"{tile} => ") and "(p_malignant=" in lines[1]
+    with Image.open(tmp_path / "maps" / "field.png.heatmap.png") as png:
+        assert png.format == "PNG"
+    assert [p.name for p in (tmp_path / "maps").iterdir()] == ["field.png.heatmap.png"]
+
+
+@needs_openslide
+def test_predict_json_gives_every_tile_and_the_warnings(tiny_run_dir: Path, inputs: Inputs) -> None:
+    field, truth, tile, slide = inputs
+    code, out, err = _predict("--model", str(tiny_run_dir), "--json", str(field), str(slide), str(tile))
+    assert code == 0, out + err
+    records = [json.loads(line) for line in out.strip().splitlines()]
+    by_name = {Path(r["path"]).name: r for r in records}
+    tiled = by_name["field.png"]
+    assert {(t["x"], t["y"]) for t in tiled["tiles"]} == set(truth)
+    assert tiled["tissue_tiles"] == len(tiled["tiles"]) == len(truth)
+    assert tiled["rule"] == tiling.DEFAULT_RULE.name and tiled["label"] in ("Benign", "Malignant")
+    assert all(0 <= t["p"] <= 1 for t in tiled["tiles"])
+    assert by_name["slide.tif"]["backend"] == "openslide"
+    assert by_name["slide.tif"]["warnings"][0].startswith("mpp_unknown_model")
+    assert set(by_name["tile.png"]) == {"path", "label", "p_malignant"}
+
+
+def test_predict_warns_on_stderr_when_the_scale_does_not_fit(tiny_run_dir: Path, tmp_path: Path) -> None:
+    small = tmp_path / "small.png"
+    Image.fromarray(synthetic.tile(False, 16, np.random.default_rng(0))).save(small)
+    code, out, err = _predict("--model", str(tiny_run_dir), str(small))
+    assert code == 0
+    assert out.startswith(f"{small} => ")
+    assert f"warning: {small}: smaller_than_tile" in err
+
+
+def test_predict_takes_the_slides_in_a_folder(tiny_run_dir: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "in"
+    folder.mkdir()
+    Image.fromarray(synthetic.tile(True, SIDE, np.random.default_rng(1))).save(folder / "tile.png")
+    (folder / "scan.svs").write_bytes(b"II*\x00" + bytes(range(256)) * 8)  # a slide name, not a readable slide
+    code, out, _ = _predict("--model", str(tiny_run_dir), str(folder))
+    lines = out.strip().splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith(f"{folder / 'scan.svs'} => error (")
+    assert lines[1].startswith(f"{folder / 'tile.png'} => ")
+    assert code == 1
