@@ -246,7 +246,11 @@ def _cross_validate(cfg: TrainConfig, k: int) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write metrics, report and plots here")
 @click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
 def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None, threads: int) -> None:
-    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold."""
+    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold.
+
+    Each image is classified as `histod predict` classifies it: a folder of images much larger than the model's
+    tiles (fields, slides) is scored image by image, each tiled, at its rule's cut; a folder mixing them with
+    tile-sized images is refused."""
     from histod.daemon.engine import load_engine
     from histod.trainer.api import evaluate_folder
 
@@ -257,7 +261,11 @@ def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None
         return
     skipped = result["skipped"]
     click.echo(f"{data_dir}: {result['n']} images ({result['n_benign']} benign, {result['n_malignant']} malignant)")
+    if result["tiled"]:
+        click.echo(f"  each image tiled at the model's scale and labelled by rule {result['rule']} (its score for p)")
     _print_metrics(result)
+    for w in result["warnings"]:
+        click.echo(f"warning: {w['path']}: {w['warning']}", err=True)
     for s in skipped:
         click.echo(f"skipped {s['path']}: {s['reason']}: {s['message']}", err=True)
     if out is not None:

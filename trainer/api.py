@@ -311,31 +311,61 @@ def predict_paths(scorer: Scorer, paths: Sequence[Path], batch_size: int = 32) -
 
 
 def evaluate_folder(run_dir: Path, data_dir: Path, scorer: Scorer, out: Path | None = None) -> dict[str, Any]:
-    """Score a labelled folder (benign/, malignant/) with the run's model (``scorer``) and its stored threshold.
+    """Score a labelled folder (benign/, malignant/) with the run's model (``scorer``), each image as `histod
+    predict` classifies it: images of about the model's tiles by p at the stored threshold; a folder of larger
+    images (fields, slides), each tiled, by its rule's score at the rule's cut (``tiled``, ``rule`` in the
+    result). A folder holding both is refused: a tile's p and a tiled image's score are not one scale.
 
     Files are written only when ``out`` is given: metrics.json, classification_report.txt, confusion_matrix.png
     and predictions.csv.
     """
     info = load_run(run_dir)
     samples = data.discover(data_dir)
-    images, labels, kept, skipped = data.load_images(samples, scorer.image_size)
+    kept: list[data.Sample] = []
+    skipped: list[data.Skipped] = []
+    scores: list[float] = []
+    tiled: list[tuple[Path, str]] = []  # (path, rule)
+    warnings: list[dict[str, str]] = []
+    threshold = scorer.threshold  # a tiled image's rule cut when the folder's images are tiled
+    for sample, pred in zip(samples, predict_paths(scorer, [s.path for s in samples]), strict=True):
+        warnings += [{"path": str(pred.path), "warning": w} for w in pred.warnings]
+        if pred.error is not None:
+            skipped.append(data.Skipped(pred.path, pred.error.reason, str(pred.error.args[0])))
+            continue
+        assert pred.p_malignant is not None
+        kept.append(sample)
+        scores.append(pred.p_malignant)
+        if pred.tiled is not None:
+            tiled.append((pred.path, pred.tiled.aggregate.rule))
+            threshold = pred.tiled.aggregate.cut
     _log_skipped(skipped)
-    if len(kept) == 0:
+    if not kept:
         raise DatasetError(f"no readable images in {data_dir}")
-    p = scorer.predict(images)
-    result = metrics(labels, p, scorer.threshold)
+    if tiled and len(tiled) < len(kept):
+        whole = next(s.path for s in kept if s.path not in {path for path, _ in tiled})
+        raise DatasetError(
+            f"{data_dir} mixes images of about the model's tile size ({len(kept) - len(tiled)}, such as {whole}) "
+            f"with larger images that are tiled ({len(tiled)}, such as {tiled[0][0]}): a tile's p and a tiled "
+            "image's score are not on one scale; evaluate them from separate folders"
+        )
+    labels = np.array([s.label for s in kept], dtype=np.int64)
+    p = np.array(scores, dtype=np.float64)
+    result = metrics(labels, p, threshold)
     result.update(
         run_id=info.run_id,
         run_dir=str(run_dir),
         data_dir=str(data_dir),
+        tiled=len(tiled),
+        rule=tiled[0][1] if tiled else None,
         skipped=[{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
+        warnings=warnings,
     )
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         artefacts.write_json(out / "metrics.json", result)
-        (out / "classification_report.txt").write_text(report_text(labels, p, scorer.threshold))
+        (out / "classification_report.txt").write_text(report_text(labels, p, threshold))
         artefacts.plot_confusion(
             out / "confusion_matrix.png", result["confusion_matrix"], LABELS, f"{data_dir.name} ({info.run_id})"
         )
-        artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), scorer.threshold)
+        artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), threshold)
     return result
