@@ -300,6 +300,7 @@ def predict(
         raise ConfigError(f"no image files in {', '.join(map(str, paths))}")
     engine = load_engine(run_dir, "litert", threads=threads)
     failed = total = 0
+    taken: set[str] = set()
     for pred in predict_paths(engine, list(paths)):
         total += 1
         if pred.error is not None:
@@ -315,7 +316,8 @@ def predict(
         for warning in pred.warnings if not as_json else ():
             click.echo(f"warning: {pred.path}: {warning}", err=True)
         if pred.tiled is not None:
-            _tiled(pred.path, pred.tiled, as_json, heatmap, engine.threshold)
+            target = None if heatmap is None else heatmap / _heatmap_name(pred.path.name, taken)
+            _tiled(pred.path, pred.tiled, as_json, target, engine.threshold)
         elif as_json:
             record = {"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)}
             click.echo(json.dumps({**record, "warnings": list(pred.warnings)} if pred.warnings else record))
@@ -326,14 +328,26 @@ def predict(
         ctx.exit(1)
 
 
+def _heatmap_name(name: str, taken: set[str]) -> str:
+    """``NAME.heatmap.png``, or ``NAME-2.heatmap.png``, ``NAME-3...`` when an earlier image of this command has the
+    same file name (images of one name in several folders), so that no heat-map overwrites another."""
+    candidate, n = f"{name}.heatmap.png", 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}.heatmap.png"
+    taken.add(candidate)
+    return candidate
+
+
 def _tiled(path: Path, result: TiledResult, as_json: bool, heatmap: Path | None, threshold: float) -> None:
-    """One summary line (or JSON object with every tile) for a tiled image; its heat-map when asked."""
+    """One summary line (or JSON object with every tile) for a tiled image; its heat-map, to the file ``heatmap``,
+    when asked."""
     a = result.aggregate
     written = None
     if heatmap is not None:
         from histod import heatmap as heatmaps
 
-        written = heatmaps.write(heatmap / f"{path.name}.heatmap.png", result, threshold)
+        written = heatmaps.write(heatmap, result, threshold)
     if as_json:
         record = {"path": str(path), **result.summary(), "heatmap": None if written is None else str(written)}
         click.echo(json.dumps({**record, "tiles": result.tiles()}))

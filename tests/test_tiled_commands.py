@@ -96,6 +96,21 @@ def test_predict_takes_the_slides_in_a_folder(tiny_run_dir: Path, tmp_path: Path
     assert code == 1
 
 
+def test_heat_maps_of_images_of_one_name_do_not_overwrite_each_other(tiny_run_dir: Path, tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        field_png(tmp_path / folder, rows=3, cols=4)
+    code, out, err = _predict("--model", str(tiny_run_dir), "--heatmap", str(tmp_path / "maps"), str(tmp_path))
+    assert code == 0, out + err
+    maps = tmp_path / "maps"
+    assert sorted(p.name for p in maps.iterdir()) == ["field.png-2.heatmap.png", "field.png.heatmap.png"]
+    lines = out.strip().splitlines()
+    assert lines[0].startswith(f"{tmp_path / 'a' / 'field.png'} => ")
+    assert lines[0].endswith(f"; heat-map {maps / 'field.png.heatmap.png'}")
+    assert lines[1].startswith(f"{tmp_path / 'b' / 'field.png'} => ")
+    assert lines[1].endswith(f"; heat-map {maps / 'field.png-2.heatmap.png'}")
+
+
 # --- histod evaluate ----------------------------------------------------------------------------------------------
 
 
