@@ -31,6 +31,8 @@ _log = get_logger("histod.slides")
 MAX_TILES = 4_000_000
 THUMBNAIL_PX = 1024
 """The longer side of the thumbnail kept with a tiled result, for the heat-map."""
+PROGRESS_EVERY_S = 10.0
+"""How often a tiled image's progress (``tiles.progress``: tiles done / total) goes to the log."""
 
 
 # --- classifying at the model's scale ---------------------------------------------------------------------------
@@ -148,7 +150,7 @@ def classify(
         done += len(indices)
         if progress is not None:
             progress(done, int(chosen.size))
-        if time.monotonic() - last_log >= 10:
+        if time.monotonic() - last_log >= PROGRESS_EVERY_S:
             last_log = time.monotonic()
             _log.info("tiles.progress", name=reader.name, done=done, total=int(chosen.size))
         if stop is not None and done < chosen.size and stop():

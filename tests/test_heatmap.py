@@ -63,6 +63,25 @@ def test_write_draws_malignant_tiles_warm_and_benign_tiles_cool(tmp_path: Path) 
     assert np.median(cols_blue) < np.median(cols_red)
 
 
+def test_write_adds_a_colour_bar_from_blue_to_red_with_a_line_at_the_threshold(tmp_path: Path) -> None:
+    xs, ys, ps = [0, 50, 100, 150] * 2, [0] * 4 + [50] * 4, [0.05, 0.05, 0.95, 0.95] * 2
+    path = heatmap.write(tmp_path / "map.png", result(xs, ys, ps), threshold=0.3, dpi=60)
+    with Image.open(path) as png:
+        pixels = np.asarray(png.convert("RGB")).astype(int)
+    right = pixels[:, int(pixels.shape[1] * 0.7) :]  # the bar is right of the image
+    red = (right[..., 0] - right[..., 2]) > 60
+    blue = (right[..., 2] - right[..., 0]) > 60
+    columns = np.flatnonzero(red.any(axis=0) & blue.any(axis=0))
+    assert columns.size >= 5  # a bar some pixels wide holds both ends of the scale
+    c = int(np.median(columns))
+    reds, blues = np.flatnonzero(red[:, c]), np.flatnonzero(blue[:, c])
+    top, bottom = reds.min(), blues.max()
+    assert reds.mean() < blues.mean()  # p = 1 (red) at the top, p = 0 (blue) at the bottom
+    dark = [r for r in np.flatnonzero(right[:, c].sum(axis=-1) < 150) if top + 2 < r < bottom - 2]
+    assert dark, "no threshold line on the colour bar"
+    assert (bottom - np.mean(dark)) / (bottom - top) == pytest.approx(0.3, abs=0.05)
+
+
 def test_importing_the_tiling_modules_loads_neither_matplotlib_nor_openslide() -> None:
     code = (
         "import sys, histod.heatmap, histod.slides, histod.tiling; "

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from structlog.testing import capture_logs
 
 from histod import imaging, readers, slides, synthetic, tiling
 from histod.errors import ImageError
@@ -115,6 +116,18 @@ def test_stop_between_batches_returns_nothing_and_progress_counts_up(tmp_path: P
             slides.classify(reader, nuclei, SCALE, batch_size=5, stop=lambda: True)
 
 
+def test_progress_of_a_tiled_image_goes_to_the_log_as_tiles_done_of_total(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(slides, "PROGRESS_EVERY_S", 0.0)  # every batch, rather than every 10 s
+    path, truth = field_png(tmp_path)
+    with readers.open_reader(path) as reader, capture_logs() as logs:
+        slides.classify(reader, nuclei, SCALE, batch_size=5)
+    progress = [(e["done"], e["total"]) for e in logs if e["event"] == "tiles.progress"]
+    assert progress == [(min(d, len(truth)), len(truth)) for d in range(5, len(truth) + 5, 5)]
+    assert {e["name"] for e in logs if e["event"] == "tiles.progress"} == {str(path)}
+
+
 # --- slides -------------------------------------------------------------------------------------------------------
 
 
@@ -151,6 +164,20 @@ def test_a_slide_whose_model_has_no_microns_is_tiled_at_its_base_level_with_a_wa
     assert result.level == 0
     assert {(int(x), int(y)) for x, y in zip(result.x, result.y, strict=True)} == set(truth)
     assert [w.split(":")[0] for w in result.warnings] == ["mpp_unknown_model"]
+
+
+@needs_openslide
+def test_a_slide_coarser_than_the_model_is_tiled_with_enlarged_tiles_and_a_warning(tmp_path: Path) -> None:
+    image, truth = mosaic(4, 6, seed=4)  # scanned at half the model's magnification: a tile is SIDE / 2 px
+    pyramid(tmp_path / "slide.tif", image, mpp=1.0, levels=2)
+    model = tiling.Scale(image_size=48, threshold=0.5, tile_px=2 * SIDE, tile_mpp=0.5)
+    with readers.open_reader(tmp_path / "slide.tif") as reader, capture_logs() as logs:
+        result = slides.classify(reader, nuclei, model)
+    assert isinstance(result, tiling.TiledResult)
+    assert result.level == 0 and result.tile_side == SIDE
+    assert {(int(x), int(y)) for x, y in zip(result.x, result.y, strict=True)} == set(truth)
+    assert [w.split(":")[0] for w in result.warnings] == ["coarser_than_model"]
+    assert [e["warning"].split(":")[0] for e in logs if e["event"] == "tiles.scale"] == ["coarser_than_model"]
 
 
 class _Counting(readers.SlideReader):
