@@ -147,7 +147,7 @@ def measure(kind: str, run: Path, path: Path, mpp: float | None, raw_n: int) -> 
         "raw_litert_tiles": len(pick),
         "raw_litert_tiles_per_s": len(pick) / raw_seconds,
         "raw_litert_tiles_per_cpu_s": len(pick) / raw_cpu,
-        "raw_p_matches": float(np.abs(raw_p - result.p[pick]).max()),
+        "raw_p_max_abs_diff": float(np.abs(raw_p - result.p[pick]).max()),
         "rss_engine_loaded_mb": rss_loaded,
         "peak_rss_mb": peak,
         "summary": result.summary(),
