@@ -142,7 +142,9 @@ def review(result_id: int, label: str, reviewer: str, note: str | None, **flags:
 )
 @click.option("--min-size", type=click.IntRange(min=1), default=256, show_default=True, help="shorter side, px")
 def explain(result_id: int, out: Path | None, target: str, min_size: int, **flags: Any) -> None:
-    """A Grad-CAM heat map of the image behind RESULT_ID, overlaid on it, as PNG (loads TensorFlow)."""
+    """A Grad-CAM heat map of the image behind RESULT_ID, overlaid on it, as PNG (loads TensorFlow). The image
+    is explained as one tile at the model's input, as the service classified it; an image much larger than the
+    model's training tiles is explained all the same, with a warning saying so."""
     from histod.db.audit import subject
     from histod.db.session import reading
 
@@ -153,7 +155,7 @@ def explain(result_id: int, out: Path | None, target: str, min_size: int, **flag
         target = "malignant" if (result.label or "").lower() == "malignant" else "benign"
     from histod.trainer.explain import explain_file
 
-    path, p, size = explain_file(
+    path, p, size, warnings = explain_file(
         Path(model.run_path),
         found.image,
         out or Path(f"explain-{result.id}.png"),
@@ -161,8 +163,11 @@ def explain(result_id: int, out: Path | None, target: str, min_size: int, **flag
         expected_sha256=model.sha256,
         min_size=min_size,
     )
+    for warning in warnings:
+        click.echo(f"warning: {found.image}: {warning}", err=True)
     click.echo(
-        f"{path}: Grad-CAM ({target}) of result {result.id} ({found.image}), {size[0]}x{size[1]} px; "
+        f"{path}: Grad-CAM ({target}) of result {result.id} ({found.image}) as one tile at the model's "
+        f"{model.image_size} px input, {size[0]}x{size[1]} px; "
         f"recorded p={result.p_malignant:.4f} {result.label}, Keras p={p:.4f}, model {model.run_path}"
     )
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -17,6 +17,9 @@ from histod.settings import load_settings
 from histod.trainer import presets
 from histod.trainer.config import TrainConfig
 from histod.trainer.presets import PRESETS
+
+if TYPE_CHECKING:
+    from histod.tiling import TiledResult
 
 COMMANDS: list[click.Command] = []
 
@@ -121,6 +124,18 @@ def _print_metrics(result: dict[str, Any]) -> None:
     type=int,
     default=None,
     help="k-fold patient-grouped cross-validation instead: k models, scored on held-out patients (no model kept)",
+)
+@click.option(
+    "--tile-px",
+    type=click.IntRange(min=1),
+    default=None,
+    help="side of the training images in source pixels: larger inputs are tiled at it (default: their median)",
+)
+@click.option(
+    "--tile-mpp",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="microns per pixel of the training images (picks a slide's level)",
 )
 def train(data_dir: Path, out: Path, resume: bool, preset: str | None, cv: int | None, **flags: Any) -> None:
     """Train a Benign/Malignant classifier on DATA_DIR (benign/ and malignant/ folders) into --out RUN_DIR.
@@ -231,7 +246,11 @@ def _cross_validate(cfg: TrainConfig, k: int) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="also write metrics, report and plots here")
 @click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
 def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None, threads: int) -> None:
-    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold."""
+    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold.
+
+    Each image is classified as `histod predict` classifies it: a folder of images much larger than the model's
+    tiles (fields, slides) is scored image by image, each tiled, at its rule's cut; a folder mixing them with
+    tile-sized images is refused."""
     from histod.daemon.engine import load_engine
     from histod.trainer.api import evaluate_folder
 
@@ -242,7 +261,11 @@ def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None
         return
     skipped = result["skipped"]
     click.echo(f"{data_dir}: {result['n']} images ({result['n_benign']} benign, {result['n_malignant']} malignant)")
+    if result["tiled"]:
+        click.echo(f"  each image tiled at the model's scale and labelled by rule {result['rule']} (its score for p)")
     _print_metrics(result)
+    for w in result["warnings"]:
+        click.echo(f"warning: {w['path']}: {w['warning']}", err=True)
     for s in skipped:
         click.echo(f"skipped {s['path']}: {s['reason']}: {s['message']}", err=True)
     if out is not None:
@@ -255,11 +278,20 @@ def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
+@click.option("--json", "as_json", is_flag=True, help="one JSON object per line (with every tile of a tiled image)")
 @click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
+@click.option(
+    "--heatmap",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="write a heat-map PNG of every tiled image into this folder",
+)
 @click.pass_context
-def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_json: bool, threads: int) -> None:
-    """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image."""
+def predict(
+    ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_json: bool, threads: int, heatmap: Path | None
+) -> None:
+    """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image; an image much
+    larger than the model's tiles is tiled, with one summary line."""
     from histod.daemon.engine import load_engine
     from histod.trainer.api import expand, predict_paths
 
@@ -268,6 +300,7 @@ def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_
         raise ConfigError(f"no image files in {', '.join(map(str, paths))}")
     engine = load_engine(run_dir, "litert", threads=threads)
     failed = total = 0
+    taken: set[str] = set()
     for pred in predict_paths(engine, list(paths)):
         total += 1
         if pred.error is not None:
@@ -280,15 +313,51 @@ def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_
                 click.echo(f"{pred.path} => error ({pred.error.reason}): {pred.error.args[0]}")
             continue
         assert pred.p_malignant is not None
-        if as_json:
-            click.echo(
-                json.dumps({"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)})
-            )
+        for warning in pred.warnings if not as_json else ():
+            click.echo(f"warning: {pred.path}: {warning}", err=True)
+        if pred.tiled is not None:
+            target = None if heatmap is None else heatmap / _heatmap_name(pred.path.name, taken)
+            _tiled(pred.path, pred.tiled, as_json, target, engine.threshold)
+        elif as_json:
+            record = {"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)}
+            click.echo(json.dumps({**record, "warnings": list(pred.warnings)} if pred.warnings else record))
         else:
             click.echo(f"{pred.path} => {pred.label} (p_malignant={pred.p_malignant:.2f})")
     if failed:
         click.secho(f"error: {failed} of {total} images could not be read", err=True, fg="red")
         ctx.exit(1)
+
+
+def _heatmap_name(name: str, taken: set[str]) -> str:
+    """``NAME.heatmap.png``, or ``NAME-2.heatmap.png``, ``NAME-3...`` when an earlier image of this command has the
+    same file name (images of one name in several folders), so that no heat-map overwrites another."""
+    candidate, n = f"{name}.heatmap.png", 1
+    while candidate in taken:
+        n += 1
+        candidate = f"{name}-{n}.heatmap.png"
+    taken.add(candidate)
+    return candidate
+
+
+def _tiled(path: Path, result: TiledResult, as_json: bool, heatmap: Path | None, threshold: float) -> None:
+    """One summary line (or JSON object with every tile) for a tiled image; its heat-map, to the file ``heatmap``,
+    when asked."""
+    a = result.aggregate
+    written = None
+    if heatmap is not None:
+        from histod import heatmap as heatmaps
+
+        written = heatmaps.write(heatmap, result, threshold)
+    if as_json:
+        record = {"path": str(path), **result.summary(), "heatmap": None if written is None else str(written)}
+        click.echo(json.dumps({**record, "tiles": result.tiles()}))
+        return
+    area = "" if result.malignant_area_mm2 is None else f", {result.malignant_area_mm2:.3f} mm²"
+    click.echo(
+        f"{path} => {a.label} (rule {a.rule}: {a.score:.3f}): {a.n_tissue} tissue tiles of {result.n_tiles}, "
+        f"{a.n_malignant} malignant ({a.malignant_share:.1%} of the tissue{area})"
+        + ("" if written is None else f"; heat-map {written}")
+    )
 
 
 COMMANDS += [train, evaluate, predict]

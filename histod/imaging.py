@@ -131,34 +131,7 @@ def decode(
     EXIF orientation is applied; the first frame of a multi-frame file is used; 16-bit, grayscale,
     palette, CMYK and alpha images become 8-bit RGB (transparency over white).
     """
-    if not data:
-        raise ImageError("empty", f"{name} is empty (0 bytes)")
-    try:
-        img = Image.open(io.BytesIO(data), formats=_ALLOWED)
-    except UnidentifiedImageError as exc:
-        fmt = _signature(data)
-        if fmt is not None:  # an image that starts right but whose header is cut short or damaged
-            raise ImageError("corrupt", f"{name} starts like a {fmt} file but its header cannot be read") from exc
-        other = _other_format(data)
-        if other is not None:
-            raise ImageError(
-                "unsupported_format", f"{name} is a {other} image; histod reads {_ALLOWED_TEXT} only"
-            ) from exc
-        raise ImageError("not_an_image", f"{name} is not an image in a format we can read") from exc
-    except Image.DecompressionBombError as exc:
-        raise ImageError("too_many_pixels", f"{name}: {exc}") from exc
-    except Exception as exc:  # Pillow's plugins raise many types on hostile headers
-        reason = "truncated" if _looks_truncated(exc) else "corrupt"
-        raise ImageError(reason, f"{name}: cannot read the image header ({exc})") from exc
-    with img:
-        width, height = img.size
-        if width < 1 or height < 1:
-            raise ImageError("corrupt", f"{name} has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise ImageError(
-                "too_many_pixels",
-                f"{name} is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}",
-            )
+    with _open(data, name, max_pixels) as img:
         try:
             img.seek(0)
             if size is not None and img.format == "JPEG":
@@ -180,6 +153,48 @@ def decode(
     if array.shape[-1] != 3 or array.ndim != 3:  # pragma: no cover - _to_rgb guarantees RGB
         raise ImageError("corrupt", f"{name}: unexpected decoded shape {array.shape}")
     return array
+
+
+def longest_side(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image") -> int:
+    """The longer side in pixels of the image :func:`decode` would return at its native size, read from the
+    header alone (no pixel is decoded; a side does not change under EXIF rotation). Raises the ImageError that
+    :func:`decode` would raise for the header (its format, its size against ``max_pixels``)."""
+    with _open(data, name, max_pixels) as img:
+        return max(img.size)
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """The image's header, opened by the allowed formats' plugins only and checked against ``max_pixels``;
+    every failure an ImageError."""
+    if not data:
+        raise ImageError("empty", f"{name} is empty (0 bytes)")
+    try:
+        img = Image.open(io.BytesIO(data), formats=_ALLOWED)
+    except UnidentifiedImageError as exc:
+        fmt = signature(data)
+        if fmt is not None:  # an image that starts right but whose header is cut short or damaged
+            raise ImageError("corrupt", f"{name} starts like a {fmt} file but its header cannot be read") from exc
+        other = _other_format(data)
+        if other is not None:
+            raise ImageError(
+                "unsupported_format", f"{name} is a {other} image; histod reads {_ALLOWED_TEXT} only"
+            ) from exc
+        raise ImageError("not_an_image", f"{name} is not an image in a format we can read") from exc
+    except Image.DecompressionBombError as exc:
+        raise ImageError("too_many_pixels", f"{name}: {exc}") from exc
+    except Exception as exc:  # Pillow's plugins raise many types on hostile headers
+        reason = "truncated" if _looks_truncated(exc) else "corrupt"
+        raise ImageError(reason, f"{name}: cannot read the image header ({exc})") from exc
+    width, height = img.size
+    if width < 1 or height < 1:
+        img.close()
+        raise ImageError("corrupt", f"{name} has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        img.close()
+        raise ImageError(
+            "too_many_pixels", f"{name} is {width}x{height} = {width * height} pixels, above the limit of {max_pixels}"
+        )
+    return img
 
 
 def load(
@@ -206,8 +221,8 @@ _SIGNATURES = (
 )
 
 
-def _signature(data: bytes) -> str | None:
-    """The decoded format whose magic bytes ``data`` starts with, if any."""
+def signature(data: bytes) -> str | None:
+    """The decoded format (a :data:`FORMATS` key) whose magic bytes ``data`` starts with, if any."""
     return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
 
 

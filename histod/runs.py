@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
 
 from histod import LABELS
 from histod.errors import ModelError
@@ -46,6 +46,11 @@ class RunInfo(BaseModel):
     calibration_shift: float = 0.0
     """Platt scaling already folded into the model's last layer: p = sigmoid(scale * logit + shift) (recorded for
     the audit; 1 and 0 = none)"""
+    tile_px: int | None = Field(None, ge=1)
+    """the side of the training images in source pixels (their median longer side): larger inputs are cut into
+    tiles of this side (histod.tiling); None (runs written before it was recorded) = unknown, resize as a whole"""
+    tile_mpp: float | None = Field(None, gt=0)
+    """microns per pixel of the training images, when declared (`histod train --tile-mpp`): picks a slide's level"""
     parity: Literal["passed", "failed"] = "passed"
     """whether model.tflite agreed with model.keras on the validation images (metrics.json ``parity`` has the
     figures); `histod serve` refuses a ``failed`` model.tflite unless told otherwise"""

@@ -74,7 +74,8 @@ def test_explain_writes_the_image_and_its_heat_map_side_by_side(tmp_path: Path, 
     out = tmp_path / "out" / "cam.png"
     got = CliRunner().invoke(cli, ["explain", str(result_id), "--out", str(out), "--db", url])
     assert got.exit_code == 0, got.output
-    assert f"of result {result_id} ({stored})" in got.output and "512x256 px" in got.output
+    assert f"of result {result_id} ({stored}) as one tile at the model's 48 px input" in got.output
+    assert "512x256 px" in got.output and "warning:" not in got.output
     with Image.open(out) as png:
         assert png.format == "PNG" and png.size == (512, 256) and png.mode == "RGB"
         pixels = np.asarray(png, dtype=np.int16)
@@ -82,6 +83,15 @@ def test_explain_writes_the_image_and_its_heat_map_side_by_side(tmp_path: Path, 
     original = np.asarray(Image.open(stored).convert("RGB").resize((256, 256), Image.Resampling.BICUBIC))
     assert np.abs(left - original).mean() < 1.0  # the left panel is the image itself
     assert np.abs(right - left).mean() > 5.0  # the right one has the map blended over it
+
+
+def test_explain_says_when_the_image_is_much_larger_than_the_models_tiles(tmp_path: Path, tiny_run_dir: Path) -> None:
+    url, stored, result_id = _served(tmp_path, tiny_run_dir, size=256)  # 4 x 4 of the run's 64 px training tiles
+    got = CliRunner().invoke(cli, ["explain", str(result_id), "--out", str(tmp_path / "cam.png"), "--db", url])
+    assert got.exit_code == 0, got.output
+    assert f"warning: {stored}: larger_than_tile: the image (256 px on its longer side) spans about 16 " in got.stderr
+    assert "of the whole image resized to 48x48" in got.stderr and "histod predict --heatmap" in got.stderr
+    assert "as one tile at the model's 48 px input" in got.stdout
 
 
 def test_gradcam_maps_the_last_conv_features_and_reproduces_p(tiny_run_dir: Path, tmp_path: Path) -> None:

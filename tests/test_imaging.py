@@ -17,7 +17,7 @@ from numpy.typing import NDArray
 from PIL import Image
 
 from histod.errors import ImageError
-from histod.imaging import decode, load, read_file
+from histod.imaging import DEFAULT_MAX_PIXELS, decode, load, longest_side, read_file
 
 pytestmark = pytest.mark.timeout(20)  # a FIFO that blocks would hang here: fail instead
 
@@ -540,3 +540,19 @@ def test_error_message_names_the_file(tmp_path: Path) -> None:
     with pytest.raises(ImageError) as info:
         load(path, SIZE)
     assert "named file.png" in str(info.value) and str(info.value).startswith("not_an_image: ")
+
+
+def test_longest_side_reads_the_header_under_the_same_rules_as_decode() -> None:
+    """What histod.readers asks of a file before deciding to tile it: the longer side decode would return
+    (rotation does not change it), refused exactly as decode refuses the header."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rotated = encode(corner_marked(40, 20), "JPEG", quality=95, exif=exif.tobytes())
+    assert longest_side(rotated) == max(decode(rotated, None).shape[:2]) == 40
+    for data, cap in ((bomb_png(), DEFAULT_MAX_PIXELS), (encode(noise(64), "PNG"), 64 * 64 - 1)):
+        with pytest.raises(ImageError) as info:
+            longest_side(data, max_pixels=cap)
+        assert info.value.reason == "too_many_pixels"
+    with pytest.raises(ImageError) as info:
+        longest_side(EPS)
+    assert info.value.reason == "unsupported_format"

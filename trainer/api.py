@@ -18,10 +18,10 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from histod import LABELS, imaging
+from histod import LABELS, readers, slides, tiling
 from histod.errors import ConfigError, DatasetError, ExportParityError, ImageError
 from histod.logs import get_logger
-from histod.runs import CONFIG_FILE, KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
+from histod.runs import CONFIG_FILE, KERAS_FILE, MODEL_INFO, TFLITE_FILE, RunInfo, load_run
 from histod.trainer import artefacts, data
 from histod.trainer.checkpoint import CHECKPOINT_FILE
 from histod.trainer.config import TrainConfig
@@ -170,8 +170,11 @@ def _export(model: Any, cfg: TrainConfig, imgs: _Images, scored: Scored) -> Pari
     return parity
 
 
-def _finish(cfg: TrainConfig, record: dict[str, Any], scored: Scored, parity: Parity, started: float) -> None:
-    """model.json, then metrics.json complete; the checkpoint goes: the run is done."""
+def _finish(
+    cfg: TrainConfig, imgs: _Images, record: dict[str, Any], scored: Scored, parity: Parity, started: float
+) -> None:
+    """model.json (with the model's scale: --tile-px, or the training images' median side), then metrics.json
+    complete; the checkpoint goes: the run is done."""
     from histod.trainer.export import write_run_info
 
     info = write_run_info(
@@ -182,6 +185,8 @@ def _finish(cfg: TrainConfig, record: dict[str, Any], scored: Scored, parity: Pa
         tta_views=cfg.tta,
         calibration=(scored.scale, float(scored.calibration["shift"])),
         parity=parity.status,
+        tile_px=cfg.tile_px or tiling.native_side(s.path for s in imgs.split.train),
+        tile_mpp=cfg.tile_mpp,
     )
     wall = round(time.monotonic() - started, 1)
     artefacts.write_metrics(
@@ -231,7 +236,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     record = _record(cfg, imgs, fitted, scored)
     _write_run(model, cfg, imgs, fitted, scored, record)
     parity = _export(model, cfg, imgs, scored)
-    _finish(cfg, record, scored, parity, started)
+    _finish(cfg, imgs, record, scored, parity, started)
     if not parity.passed:
         raise ExportParityError(
             f"the LiteRT export disagrees with the Keras model: {parity.problem()}. The run in {cfg.out} is complete "
@@ -246,81 +251,121 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
 class Scorer(Protocol):
     """What scoring needs from a loaded model: histod.daemon.engine.Engine (the CLI passes the service's engine,
-    so `histod evaluate` and `histod predict` score exactly as `histod serve` classifies)."""
+    so `histod evaluate` and `histod predict` score exactly as `histod serve` classifies). ``run`` is its
+    model.json, whose tile_px and tile_mpp say which images are cut into tiles (histod.tiling)."""
 
     image_size: int
     threshold: float
+    run: RunInfo
 
     def predict(self, batch: NDArray[Any]) -> NDArray[np.float32]: ...
-
-
-def evaluate_folder(run_dir: Path, data_dir: Path, scorer: Scorer, out: Path | None = None) -> dict[str, Any]:
-    """Score a labelled folder (benign/, malignant/) with the run's model (``scorer``) and its stored threshold.
-
-    Files are written only when ``out`` is given: metrics.json, classification_report.txt, confusion_matrix.png
-    and predictions.csv.
-    """
-    info = load_run(run_dir)
-    samples = data.discover(data_dir)
-    images, labels, kept, skipped = data.load_images(samples, scorer.image_size)
-    _log_skipped(skipped)
-    if len(kept) == 0:
-        raise DatasetError(f"no readable images in {data_dir}")
-    p = scorer.predict(images)
-    result = metrics(labels, p, scorer.threshold)
-    result.update(
-        run_id=info.run_id,
-        run_dir=str(run_dir),
-        data_dir=str(data_dir),
-        skipped=[{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
-    )
-    if out is not None:
-        out.mkdir(parents=True, exist_ok=True)
-        artefacts.write_json(out / "metrics.json", result)
-        (out / "classification_report.txt").write_text(report_text(labels, p, scorer.threshold))
-        artefacts.plot_confusion(
-            out / "confusion_matrix.png", result["confusion_matrix"], LABELS, f"{data_dir.name} ({info.run_id})"
-        )
-        artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), scorer.threshold)
-    return result
 
 
 @dataclass(frozen=True)
 class Prediction:
     path: Path
-    p_malignant: float | None  # None when the image could not be read
+    p_malignant: float | None  # None when the image could not be read; a tiled image's rule score
     label: str | None
     error: ImageError | None = None
+    tiled: tiling.TiledResult | None = None  # an image cut into tiles: p_malignant is its rule's score
+    warnings: tuple[str, ...] = ()
 
 
 def expand(paths: Sequence[Path]) -> list[Path]:
-    """Files as given; folders become their image files (recursively, sorted). A missing path stays in the
-    list, so that it gets its own error line."""
+    """Files as given; folders become their image and slide files (recursively, sorted). A missing path stays in
+    the list, so that it gets its own error line."""
     out: list[Path] = []
     for path in paths:
         if path.is_dir():
-            out += sorted(p for p in path.rglob("*") if p.is_file() and data.is_image(p))
+            out += sorted(p for p in path.rglob("*") if p.is_file() and (data.is_image(p) or readers.is_slide(p)))
         else:
             out.append(path)
     return out
 
 
 def predict_paths(scorer: Scorer, paths: Sequence[Path], batch_size: int = 32) -> Iterator[Prediction]:
-    """Classify image files and folders; an unreadable file yields a Prediction with ``error`` set, never raises."""
+    """Classify image files and folders; an unreadable file yields a Prediction with ``error`` set, never raises.
+    An image of about the model's training tiles is classified whole (batched); a much larger one (a field, a
+    slide) tile by tile (histod.slides.classify)."""
+    scale = tiling.Scale(scorer.image_size, scorer.threshold, scorer.run.tile_px, scorer.run.tile_mpp)
     files = expand(paths)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
-        decoded: list[tuple[Path, NDArray[np.uint8] | ImageError]] = []
+        decoded: list[tuple[Path, slides.Whole | tiling.TiledResult | ImageError]] = []
         for path in chunk:
             try:
-                decoded.append((path, imaging.load(path, scorer.image_size)))
+                with readers.open_reader(path) as reader:
+                    decoded.append((path, slides.classify(reader, scorer.predict, scale)))
             except ImageError as exc:
                 decoded.append((path, exc))
-        good = [img for _, img in decoded if not isinstance(img, ImageError)]
+        good = [r.image for _, r in decoded if isinstance(r, slides.Whole)]
         probs = iter(scorer.predict(np.stack(good)).tolist() if good else [])
-        for path, img in decoded:
-            if isinstance(img, ImageError):
-                yield Prediction(path, None, None, img)
+        for path, r in decoded:
+            if isinstance(r, ImageError):
+                yield Prediction(path, None, None, r)
+            elif isinstance(r, tiling.TiledResult):
+                yield Prediction(path, r.aggregate.score, r.label, tiled=r, warnings=r.warnings)
             else:
                 p = float(next(probs))
-                yield Prediction(path, p, LABELS[int(p >= scorer.threshold)])
+                yield Prediction(path, p, LABELS[int(p >= scorer.threshold)], warnings=r.warnings)
+
+
+def evaluate_folder(run_dir: Path, data_dir: Path, scorer: Scorer, out: Path | None = None) -> dict[str, Any]:
+    """Score a labelled folder (benign/, malignant/) with the run's model (``scorer``), each image as `histod
+    predict` classifies it: images of about the model's tiles by p at the stored threshold; a folder of larger
+    images (fields, slides), each tiled, by its rule's score at the rule's cut (``tiled``, ``rule`` in the
+    result). A folder holding both is refused: a tile's p and a tiled image's score are not one scale.
+
+    Files are written only when ``out`` is given: metrics.json, classification_report.txt, confusion_matrix.png
+    and predictions.csv.
+    """
+    info = load_run(run_dir)
+    samples = data.discover(data_dir)
+    kept: list[data.Sample] = []
+    skipped: list[data.Skipped] = []
+    scores: list[float] = []
+    tiled: list[tuple[Path, str]] = []  # (path, rule)
+    warnings: list[dict[str, str]] = []
+    threshold = scorer.threshold  # a tiled image's rule cut when the folder's images are tiled
+    for sample, pred in zip(samples, predict_paths(scorer, [s.path for s in samples]), strict=True):
+        warnings += [{"path": str(pred.path), "warning": w} for w in pred.warnings]
+        if pred.error is not None:
+            skipped.append(data.Skipped(pred.path, pred.error.reason, str(pred.error.args[0])))
+            continue
+        assert pred.p_malignant is not None
+        kept.append(sample)
+        scores.append(pred.p_malignant)
+        if pred.tiled is not None:
+            tiled.append((pred.path, pred.tiled.aggregate.rule))
+            threshold = pred.tiled.aggregate.cut
+    _log_skipped(skipped)
+    if not kept:
+        raise DatasetError(f"no readable images in {data_dir}")
+    if tiled and len(tiled) < len(kept):
+        whole = next(s.path for s in kept if s.path not in {path for path, _ in tiled})
+        raise DatasetError(
+            f"{data_dir} mixes images of about the model's tile size ({len(kept) - len(tiled)}, such as {whole}) "
+            f"with larger images that are tiled ({len(tiled)}, such as {tiled[0][0]}): a tile's p and a tiled "
+            "image's score are not on one scale; evaluate them from separate folders"
+        )
+    labels = np.array([s.label for s in kept], dtype=np.int64)
+    p = np.array(scores, dtype=np.float64)
+    result = metrics(labels, p, threshold)
+    result.update(
+        run_id=info.run_id,
+        run_dir=str(run_dir),
+        data_dir=str(data_dir),
+        tiled=len(tiled),
+        rule=tiled[0][1] if tiled else None,
+        skipped=[{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
+        warnings=warnings,
+    )
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        artefacts.write_json(out / "metrics.json", result)
+        (out / "classification_report.txt").write_text(report_text(labels, p, threshold))
+        artefacts.plot_confusion(
+            out / "confusion_matrix.png", result["confusion_matrix"], LABELS, f"{data_dir.name} ({info.run_id})"
+        )
+        artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), threshold)
+    return result

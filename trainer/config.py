@@ -63,6 +63,10 @@ class TrainConfig(BaseModel):
     calibrate: bool = True  # Platt scaling (scale and shift of the logit) fitted on the validation split, in the model
     preset: str | None = None  # the --preset this config started from; recorded, never read back
 
+    # --- the model's scale (histod.tiling: larger inputs are cut into tiles of this side) -------------
+    tile_px: int | None = Field(None, ge=1)  # the training images' side in source pixels; None: their median side
+    tile_mpp: float | None = Field(None, gt=0)  # their microns per pixel, when known (picks a slide's level)
+
     # --- decision threshold --------------------------------------------------------------------------
     target_sensitivity: float | None = Field(None, gt=0, le=1)  # None: maximise balanced accuracy
     threshold: float | None = Field(None, gt=0, lt=1)  # a fixed threshold instead (the paper's 0.5)

@@ -88,13 +88,17 @@ def explain_file(
     target: str = "malignant",
     expected_sha256: str | None = None,
     min_size: int = 256,
-) -> tuple[Path, float, tuple[int, int]]:
+) -> tuple[Path, float, tuple[int, int], list[str]]:
     """Grad-CAM of ``image_path`` under ``run_dir/model.keras``, written as PNG to ``out`` (the image | the map
-    over it). The image goes through the service's own decode (histod.imaging) at the model's input size.
+    over it). The image is explained as one tile: the whole image through the service's own decode
+    (histod.imaging) at the model's input size, which is how the service classifies every file.
     With ``expected_sha256`` (the served model's, from the models table) the run directory must still be that
     run: its model.json names that sha256 and model.keras hashes to the keras_sha256 recorded beside it.
-    Returns the PNG path, p(malignant) and the PNG's (width, height)."""
-    from histod.imaging import decode, read_file
+    Returns the PNG path, p(malignant), the PNG's (width, height) and warnings: the scale warnings of
+    histod.slides.plan, and ``larger_than_tile`` for an image much larger than the model's training tiles (the
+    map then explains a call on the image squashed to the input, not its tissue at the model's scale)."""
+    from histod import readers, slides, tiling
+    from histod.imaging import read_file
     from histod.runs import KERAS_FILE, load_run, sha256_file
     from histod.trainer.model import load_keras
 
@@ -105,10 +109,18 @@ def explain_file(
             raise ModelError(f"{run_dir} no longer holds the model {expected_sha256[:12]}... that made this call")
         if not keras_path.is_file() or sha256_file(keras_path) != info.keras_sha256:
             raise ModelError(f"{keras_path} is missing or differs from the keras_sha256 in {run_dir}/model.json")
+    reader = readers.ImageReader(read_file(image_path), str(image_path))
+    tiles, warnings = slides.plan(reader, tiling.Scale.of(info))
+    if tiles is not None:
+        warnings.append(
+            f"larger_than_tile: the image ({reader.longest_side()} px on its longer side) spans about "
+            f"{len(tiles.grid)} of the model's {info.tile_px} px training tiles; the recorded call and this map are "
+            f"of the whole image resized to {info.image_size}x{info.image_size} (`histod predict --heatmap DIR` "
+            "classifies it tile by tile)"
+        )
     model = load_keras(keras_path)
-    data = read_file(image_path)
-    heat, p = gradcam(model, decode(data, info.image_size, name=str(image_path)), target=target)
-    picture = overlay(decode(data, None, name=str(image_path)), heat, min_size=min_size)
+    heat, p = gradcam(model, reader.whole(info.image_size), target=target)
+    picture = overlay(reader.image, heat, min_size=min_size)
     out.parent.mkdir(parents=True, exist_ok=True)
     picture.save(out, format="PNG")
-    return out, p, picture.size
+    return out, p, picture.size, warnings

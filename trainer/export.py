@@ -148,8 +148,10 @@ def write_run_info(
     tta_views: int = 1,
     calibration: tuple[float, float] = (1.0, 0.0),
     parity: Literal["passed", "failed"] = "passed",
+    tile_px: int | None = None,
+    tile_mpp: float | None = None,
 ) -> RunInfo:
-    """model.json: what a server needs, with the sha256 of both model files."""
+    """model.json: what a server needs, with the sha256 of both model files and the model's scale."""
     now = datetime.now(UTC)
     info = RunInfo(
         run_id=f"{now:%Y%m%dT%H%M%SZ}-{uuid.uuid4().hex[:8]}",
@@ -163,6 +165,8 @@ def write_run_info(
         keras_sha256=sha256_file(run_dir / KERAS_FILE),
         tflite_sha256=sha256_file(run_dir / TFLITE_FILE),
         parity=parity,
+        tile_px=tile_px,
+        tile_mpp=tile_mpp,
     )
     info.write(run_dir)
     return info
