@@ -55,8 +55,26 @@ def _print_metrics(result: dict[str, Any]) -> None:
 
 
 @click.command()
-@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="RUN_DIR to write (new or empty)")
+@click.option(
+    "--val-patients",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="file of patient ids, one a line: validate on exactly these patients instead of a drawn split",
+)
+@click.option(
+    "--patient-cap",
+    type=click.IntRange(min=1),
+    default=None,
+    help=f"at most this many images per patient in each epoch, drawn afresh {_d('patient_cap')}",
+)
+@click.option(
+    "--patient-weighting",
+    type=click.Choice(["none", "sqrt"]),
+    default=None,
+    help=f"weight each image by 1/sqrt(its patient's image count) {_d('patient_weighting')}",
+)
 @click.option("--epochs", type=int, default=None, help=f"fine-tuning epochs {_d('epochs')}")
 @click.option(
     "--head-epochs", type=int, default=None, help=f"head-only epochs with the base frozen {_d('head_epochs')}"
@@ -143,8 +161,11 @@ def _print_metrics(result: dict[str, Any]) -> None:
     default=None,
     help="k-fold patient-grouped cross-validation instead: k models, scored on held-out patients (no model kept)",
 )
-def train(data_dir: Path, out: Path, preset: str | None, cv: int | None, **flags: Any) -> None:
-    """Train a Benign/Malignant classifier on DATA_DIR (benign/ and malignant/ folders) into --out RUN_DIR."""
+def train(data_dir: tuple[Path, ...], out: Path, preset: str | None, cv: int | None, **flags: Any) -> None:
+    """Train a Benign/Malignant classifier on DATA_DIR (benign/ and malignant/ folders) into --out RUN_DIR.
+
+    Several DATA_DIRs, or a folder of them, are pooled; a patient's images stay on one side of the split
+    whichever folder they are in."""
     from pydantic import ValidationError
 
     values = {k: v for k, v in flags.items() if v is not None}

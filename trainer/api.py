@@ -51,8 +51,10 @@ def train(cfg: TrainConfig) -> Path:
     """Train, evaluate and export one model; return the run directory (cfg.out)."""
     started = time.monotonic()
     # Fail fast, before anything slow: a bad folder, too few images or patients, a used RUN_DIR, unusable weights.
-    samples = data.discover(cfg.data_dir, cfg.group_pattern)
-    data.split(samples, cfg.val_split, cfg.seed, cfg.split_by)  # a dry run; the real one leaves out unreadable files
+    samples = data.discover_all(cfg.data_dirs, cfg.group_pattern)
+    pinned = data.read_patients(cfg.val_patients) if cfg.val_patients is not None else None
+    # a dry run; the real one leaves out unreadable files
+    data.split(samples, cfg.val_split, cfg.seed, cfg.split_by, pinned)
     _check_out(cfg.out)
     import keras
 
@@ -64,14 +66,14 @@ def train(cfg: TrainConfig) -> Path:
     model = build_model(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.save(cfg.out)
-    log.info("dataset", data_dir=str(cfg.data_dir), **data.counts(samples))
+    log.info("dataset", data_dir=[str(d) for d in cfg.data_dirs], **data.counts(samples))
 
     images, labels, kept, skipped = data.load_images(samples, cfg.image_size)
     _log_skipped(skipped)
     for label, name in enumerate(data.CLASS_DIRS):
         if not np.any(labels == label):
-            raise DatasetError(f"no readable {name} images in {cfg.data_dir} ({len(skipped)} unreadable files)")
-    split = data.split(kept, cfg.val_split, cfg.seed, cfg.split_by)
+            raise DatasetError(f"no readable {name} images ({len(skipped)} unreadable files)")
+    split = data.split(kept, cfg.val_split, cfg.seed, cfg.split_by, pinned)
     index = {s.path: i for i, s in enumerate(kept)}
     train_idx = np.array([index[s.path] for s in split.train])
     val_idx = np.array([index[s.path] for s in split.val])
@@ -79,7 +81,7 @@ def train(cfg: TrainConfig) -> Path:
     x_val, y_val = images[val_idx], labels[val_idx]
     log.info("split", train=data.counts(split.train), val=data.counts(split.val), skipped=len(skipped))
 
-    result = fit(model, cfg, x_train, y_train, x_val, y_val)
+    result = fit(model, cfg, x_train, y_train, x_val, y_val, [s.group for s in split.train])
 
     p_views = predict_views(model, x_val, cfg.tta)  # (views, N); one view unless cfg.tta
     ece_uncalibrated = expected_calibration_error(y_val, p_views.mean(axis=0))
@@ -160,7 +162,8 @@ def train(cfg: TrainConfig) -> Path:
     )
     (run / "classification_report.txt").write_text(report_text(y_val, p_val, threshold))
     (run / "model_summary.txt").write_text(artefacts.model_summary(model))
-    artefacts.write_split(run / "split.csv", cfg.data_dir, {"train": split.train, "val": split.val}, skipped)
+    root = data.common_root(data.data_folders(cfg.data_dirs))
+    artefacts.write_split(run / "split.csv", root, {"train": split.train, "val": split.val}, skipped)
     artefacts.plot_confusion(
         run / "confusion_matrix.png", scores["confusion_matrix"], LABELS, f"validation (threshold {threshold:.3f})"
     )

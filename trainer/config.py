@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from histod.errors import ConfigError
 from histod.runs import CONFIG_FILE
@@ -20,7 +20,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # --- where ---------------------------------------------------------------------------------------
-    data_dir: Path  # holds benign/ and malignant/ (any letter case)
+    # a folder holding benign/ and malignant/ (any letter case), a folder of such folders, or several of either:
+    # their images are pooled, and one patient's images stay on one side of a split whichever folder they are in
+    data_dir: Path | tuple[Path, ...]
     out: Path  # the RUN_DIR to write (created; may exist but must then be empty of model files)
 
     # --- schedule ------------------------------------------------------------------------------------
@@ -55,6 +57,12 @@ class TrainConfig(BaseModel):
     group_pattern: str | None = None  # regex with a named group `group` (patient/slide id); None: built-ins
     augment: bool = True  # rotation 20°, zoom 0.2, shear, horizontal flip on the training split only
     split_by: Literal["patient", "image"] = "patient"  # "image" leaks a patient's tiles across the split (paper)
+    val_patients: Path | None = None  # a file of patient ids, one a line: the validation side is exactly these
+    # patients' images (in every data folder) instead of a drawn split
+    patient_cap: int | None = Field(None, ge=1)  # at most this many images of one patient in each training epoch,
+    # drawn afresh every epoch (None: all), so that a few densely sampled slides do not outweigh sparse patients
+    patient_weighting: Literal["none", "sqrt"] = "none"  # "sqrt": each training image's loss weight is
+    # 1 / sqrt(its patient's image count), rescaled to the same mean (on top of the class weights)
 
     # --- histology extras (issue 7; each one measured in bench/README.md) ------------------------------
     preset: str | None = None  # the --preset this config started from; recorded, never read back
@@ -82,6 +90,26 @@ class TrainConfig(BaseModel):
         if path.suffix.lower() != ".h5":
             raise ValueError(f"weights must be 'imagenet', 'none' or an .h5 file, not {value!r}")
         return value
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("give at least one data folder")
+            return value[0] if len(value) == 1 else tuple(value)
+        return value
+
+    @model_validator(mode="after")
+    def _one_per_patient_rule(self) -> TrainConfig:
+        if self.patient_cap is not None and self.patient_weighting != "none":
+            raise ValueError("patient_cap and patient_weighting: choose one way to even out patients")
+        return self
+
+    @property
+    def data_dirs(self) -> tuple[Path, ...]:
+        """The data folders as given (a folder of folders is expanded by trainer.data.data_folders)."""
+        return self.data_dir if isinstance(self.data_dir, tuple) else (self.data_dir,)
 
     @property
     def weights_path(self) -> Path | None:

@@ -14,14 +14,16 @@ Augmentation runs in the tf.data pipeline of the training split only.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from numpy.typing import NDArray
 
+from histod.errors import ConfigError
 from histod.logs import get_logger
-from histod.trainer import augment
+from histod.trainer import augment, data
 from histod.trainer.config import TrainConfig
 from histod.trainer.model import calibrate_batchnorm, freeze_base, head_features, recalibrate_head_bn, unfreeze_top
 
@@ -40,10 +42,11 @@ class FitResult:
     stopped_early: list[bool] = field(default_factory=list)
 
 
-def class_weights(labels: NDArray[np.int64]) -> dict[int, float]:
-    """Inverse-frequency weights, n / (2 * n_c): a balanced data set gets 1.0 for both classes."""
-    counts = np.bincount(labels, minlength=2)
-    n = float(labels.size)
+def class_weights(labels: NDArray[np.int64], share: NDArray[np.float64] | None = None) -> dict[int, float]:
+    """Inverse-frequency weights, n / (2 * n_c): a balanced data set gets 1.0 for both classes. With ``share``
+    (each image's weight in an epoch, trainer.data.patient_share) the counts are the epoch's weighted ones."""
+    counts = np.bincount(labels, weights=share, minlength=2)
+    n = float(counts.sum())
     return {c: (n / (2.0 * counts[c]) if counts[c] else 1.0) for c in range(2)}
 
 
@@ -54,20 +57,33 @@ def datasets(
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
     weights: dict[int, float] | None = None,
+    groups: Sequence[str] | None = None,
 ) -> tuple[Any, Any]:
     """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented.
 
     With MixUp and class ``weights`` the training batches carry a sample weight per image, w0 + (w1 - w0) * y for
     its mixed label y: the mixture of its two images' class weights. (Keras' ``class_weight`` would round a soft
-    label to one class; ``fit`` passes none then.)"""
+    label to one class; ``fit`` passes none then.)
+
+    Per patient (``groups``: each training image's patient): ``cfg.patient_cap`` draws each epoch afresh, at most
+    that many images per patient; ``cfg.patient_weighting`` gives each batch a sample weight per image, its
+    patient weight times its class weight (``fit`` passes no ``class_weight`` then)."""
     import tensorflow as tf
 
-    train = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
-    train = train.shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
-    train = train.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
+    if cfg.patient_cap is not None:
+        train = _capped(cfg, x_train, y_train, data.patient_codes(_groups(groups, len(x_train))))
+    else:
+        slices: tuple[Any, ...] = (x_train, y_train.astype(np.float32))
+        if cfg.patient_weighting != "none":
+            share = data.patient_share(_groups(groups, len(x_train)), weighting=cfg.patient_weighting)
+            by_class = weights or {0: 1.0, 1: 1.0}
+            slices += ((share * np.where(y_train == 1, by_class[1], by_class[0])).astype(np.float32),)
+        train = tf.data.Dataset.from_tensor_slices(slices)
+        train = train.shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+    train = train.map(lambda x, y, *w: (tf.cast(x, tf.float32), y, *w), num_parallel_calls=tf.data.AUTOTUNE)
     aug = augment.pipeline(cfg)
     if aug is not None:
-        train = train.map(lambda x, y: (aug(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        train = train.map(lambda x, y, *w: (aug(x), y, *w), num_parallel_calls=tf.data.AUTOTUNE)
     if cfg.mixup > 0:
         mix = augment.mixup(cfg.mixup, cfg.seed)
         train = train.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
@@ -77,6 +93,34 @@ def datasets(
     val = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32))).batch(cfg.batch_size)
     val = val.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
+
+
+def _groups(groups: Sequence[str] | None, n: int) -> Sequence[str]:
+    if groups is None or len(groups) != n:
+        raise ConfigError("per-patient capping or weighting needs each training image's patient")
+    return groups
+
+
+def _capped(cfg: TrainConfig, x: NDArray[np.uint8], y: NDArray[np.int64], codes: NDArray[np.int64]) -> Any:
+    """Batches of one epoch of at most ``cfg.patient_cap`` images per patient, drawn afresh each time Keras
+    starts an epoch (one random stream from ``cfg.seed``)."""
+    import tensorflow as tf
+
+    assert cfg.patient_cap is not None
+    cap, size, rng = cfg.patient_cap, cfg.batch_size, np.random.default_rng(cfg.seed)
+    labels = y.astype(np.float32)
+
+    def epoch() -> Iterator[tuple[NDArray[np.uint8], NDArray[np.float32]]]:
+        order = data.capped_draw(codes, cap, rng)
+        for start in range(0, len(order), size):
+            pick = order[start : start + size]
+            yield x[pick], labels[pick]
+
+    spec = (tf.TensorSpec((None, *x.shape[1:]), tf.uint8), tf.TensorSpec((None,), tf.float32))
+    batches = math.ceil(data.capped_size(codes, cap) / size)
+    return tf.data.Dataset.from_generator(epoch, output_signature=spec).apply(
+        tf.data.experimental.assert_cardinality(batches)
+    )
 
 
 def _epoch_logger(phase: str, total: int) -> Any:
@@ -173,19 +217,26 @@ def fit(
     y_train: NDArray[np.int64],
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
+    groups: Sequence[str] | None = None,
 ) -> FitResult:
     """Run both phases. The model ends up holding the weights of the best epoch over both phases (lowest
     val_loss, or highest val_auc with ``monitor="val_auc"``): EarlyStopping restores the best epoch of each phase,
-    and the head phase's best is kept when fine-tuning never beats it."""
+    and the head phase's best is kept when fine-tuning never beats it. ``groups`` (each training image's
+    patient) is needed by ``cfg.patient_cap`` and ``cfg.patient_weighting``."""
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
     if cfg.weights == "none":
         calibrate_batchnorm(model, x_train[: max(cfg.batch_size, 64)])
-    weights = class_weights(y_train) if cfg.class_weights else None
-    train, val = datasets(cfg, x_train, y_train, x_val, y_val, weights)
-    if cfg.mixup > 0:
-        weights = None  # the training batches carry them, per mixed label
+    if cfg.mixup > 0 and cfg.patient_weighting != "none":
+        raise ConfigError("MixUp and per-patient weighting cannot be combined")
+    share = None  # each training image's weight in an epoch, when patients are capped or weighted
+    if cfg.patient_cap is not None or cfg.patient_weighting != "none":
+        share = data.patient_share(_groups(groups, len(x_train)), cfg.patient_cap, cfg.patient_weighting)
+    weights = class_weights(y_train, share) if cfg.class_weights else None
+    train, val = datasets(cfg, x_train, y_train, x_val, y_val, weights, groups)
+    if cfg.mixup > 0 or cfg.patient_weighting != "none":
+        weights = None  # the training batches carry them, per mixed label or per patient
     bn_images = None  # with ema (only): the fixed training images whose features set the head BatchNorm for it
     if cfg.ema > 0:
         pick = np.random.default_rng(cfg.seed).permutation(len(x_train))[:EMA_BN_IMAGES]
