@@ -66,7 +66,7 @@ class Variant:
         head, *changes = name.split("+")
         if head not in ("dev", "both"):
             raise SystemExit(f"{name}: a variant starts with dev or both")
-        extras: dict[str, Any] = {}
+        extras: dict[str, Any] = {"patient_cap": 0}  # all images unless a change says otherwise
         frac, nocomplete = 1.0, False
         for change in changes:
             if change.startswith("cap"):

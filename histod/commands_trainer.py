@@ -65,15 +65,15 @@ def _print_metrics(result: dict[str, Any]) -> None:
 )
 @click.option(
     "--patient-cap",
-    type=click.IntRange(min=1),
+    type=click.IntRange(min=0),
     default=None,
-    help=f"at most this many images per patient in each epoch, drawn afresh {_d('patient_cap')}",
+    help=f"at most this many images per patient in each epoch, drawn afresh; 0 = all {_d('patient_cap')}",
 )
 @click.option(
     "--patient-weighting",
     type=click.Choice(["none", "sqrt"]),
     default=None,
-    help=f"weight each image by 1/sqrt(its patient's image count) {_d('patient_weighting')}",
+    help=f"weight each image by 1/sqrt(its patient's image count), with --patient-cap 0 {_d('patient_weighting')}",
 )
 @click.option("--epochs", type=int, default=None, help=f"fine-tuning epochs {_d('epochs')}")
 @click.option(

@@ -39,7 +39,7 @@ def _uneven(tmp_path: Path) -> tuple[TrainConfig, np.ndarray, np.ndarray, list[s
     sizes = {"sparse1": 3, "sparse2": 6, "mid": 12, "slide": 300}
     groups = [g for g, n in sizes.items() for _ in range(n)]
     labels = np.array([i % 3 == 0 for i in range(len(groups))], dtype=np.int64)
-    cfg = TrainConfig(data_dir=tmp_path, out=tmp_path / "run", augment=False, batch_size=8)
+    cfg = TrainConfig(data_dir=tmp_path, out=tmp_path / "run", augment=False, batch_size=8, patient_cap=0)
     return cfg, _indexed(len(groups)), labels, groups
 
 
@@ -88,8 +88,9 @@ def test_class_weights_of_a_capped_epoch() -> None:
 
 
 def test_cap_and_weighting_are_one_choice(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="choose one way"):
-        TrainConfig(data_dir=tmp_path, out=tmp_path / "o", patient_cap=5, patient_weighting="sqrt")
+    with pytest.raises(ValidationError, match="set patient_cap to 0"):
+        TrainConfig(data_dir=tmp_path, out=tmp_path / "o", patient_weighting="sqrt")
+    assert TrainConfig(data_dir=tmp_path, out=tmp_path / "o", patient_cap=0, patient_weighting="sqrt").patient_cap == 0
     assert TrainConfig.model_validate({"data_dir": [tmp_path], "out": tmp_path / "o"}).data_dir == tmp_path
     assert TrainConfig(data_dir=(tmp_path, tmp_path / "b"), out=tmp_path / "o").data_dirs == (tmp_path, tmp_path / "b")
 
@@ -156,6 +157,7 @@ def test_cross_validation_on_pinned_folds_over_two_folders(two_folders: Path, tm
         batch_size=16,
         head_epochs=1,
         epochs=0,
+        patient_cap=0,
         patient_weighting="sqrt",
     )
     summary = cross_validate(cfg, 2, fold_of)

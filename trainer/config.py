@@ -10,7 +10,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from histod.errors import ConfigError
 from histod.runs import CONFIG_FILE
@@ -59,10 +59,10 @@ class TrainConfig(BaseModel):
     split_by: Literal["patient", "image"] = "patient"  # "image" leaks a patient's tiles across the split (paper)
     val_patients: Path | None = None  # a file of patient ids, one a line: the validation side is exactly these
     # patients' images (in every data folder) instead of a drawn split
-    patient_cap: int | None = Field(None, ge=1)  # at most this many images of one patient in each training epoch,
-    # drawn afresh every epoch (None: all), so that a few densely sampled slides do not outweigh sparse patients
-    patient_weighting: Literal["none", "sqrt"] = "none"  # "sqrt": each training image's loss weight is
-    # 1 / sqrt(its patient's image count), rescaled to the same mean (on top of the class weights)
+    patient_cap: int = Field(100, ge=0)  # at most this many images of one patient in each training epoch, drawn
+    # afresh every epoch (0: all), so that a few densely sampled slides do not outweigh sparse patients
+    patient_weighting: Literal["none", "sqrt"] = "none"  # "sqrt" (with patient_cap 0): each training image's
+    # loss weight is 1 / sqrt(its patient's image count), rescaled to the same mean (on top of the class weights)
 
     # --- histology extras (issue 7; each one measured in bench/README.md) ------------------------------
     preset: str | None = None  # the --preset this config started from; recorded, never read back
@@ -100,11 +100,12 @@ class TrainConfig(BaseModel):
             return value[0] if len(value) == 1 else tuple(value)
         return value
 
-    @model_validator(mode="after")
-    def _one_per_patient_rule(self) -> TrainConfig:
-        if self.patient_cap is not None and self.patient_weighting != "none":
-            raise ValueError("patient_cap and patient_weighting: choose one way to even out patients")
-        return self
+    @field_validator("patient_weighting")
+    @classmethod
+    def _one_per_patient_rule(cls, value: str, info: ValidationInfo) -> str:
+        if value != "none" and info.data.get("patient_cap"):
+            raise ValueError("weighting replaces the per-patient cap: set patient_cap to 0 with it")
+        return value
 
     @property
     def data_dirs(self) -> tuple[Path, ...]:

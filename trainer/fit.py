@@ -70,7 +70,7 @@ def datasets(
     patient weight times its class weight (``fit`` passes no ``class_weight`` then)."""
     import tensorflow as tf
 
-    if cfg.patient_cap is not None:
+    if cfg.patient_cap:
         train = _capped(cfg, x_train, y_train, data.patient_codes(_groups(groups, len(x_train))))
     else:
         slices: tuple[Any, ...] = (x_train, y_train.astype(np.float32))
@@ -106,7 +106,6 @@ def _capped(cfg: TrainConfig, x: NDArray[np.uint8], y: NDArray[np.int64], codes:
     starts an epoch (one random stream from ``cfg.seed``)."""
     import tensorflow as tf
 
-    assert cfg.patient_cap is not None
     cap, size, rng = cfg.patient_cap, cfg.batch_size, np.random.default_rng(cfg.seed)
     labels = y.astype(np.float32)
 
@@ -231,8 +230,8 @@ def fit(
     if cfg.mixup > 0 and cfg.patient_weighting != "none":
         raise ConfigError("MixUp and per-patient weighting cannot be combined")
     share = None  # each training image's weight in an epoch, when patients are capped or weighted
-    if cfg.patient_cap is not None or cfg.patient_weighting != "none":
-        share = data.patient_share(_groups(groups, len(x_train)), cfg.patient_cap, cfg.patient_weighting)
+    if cfg.patient_cap or cfg.patient_weighting != "none":
+        share = data.patient_share(_groups(groups, len(x_train)), cfg.patient_cap or None, cfg.patient_weighting)
     weights = class_weights(y_train, share) if cfg.class_weights else None
     train, val = datasets(cfg, x_train, y_train, x_val, y_val, weights, groups)
     if cfg.mixup > 0 or cfg.patient_weighting != "none":
