@@ -4,6 +4,7 @@ patients), the default recipe (``--preset histology``, alpha 0.35 ImageNet weigh
     .venv/bin/python bench/more_data.py run both+cap100 --fold 1     # one training, scored on fold 1's patients
     .venv/bin/python bench/more_data.py cv both+cap100               # pool the 5 folds of a variant
     .venv/bin/python bench/more_data.py table                        # every result so far, as Markdown
+    .venv/bin/python bench/more_data.py rescore                      # re-score the saved predictions
 
 Protocol:
 
@@ -102,10 +103,14 @@ def load(image_size: int) -> Data:
     say(f"decoding {len(samples)} images at {image_size} px")
     images, labels, kept, skipped = data.load_images(samples, image_size)
     assert not skipped, skipped[:3]
-    with (EXTRA / "manifest.csv").open() as fh:
-        complete = frozenset(r["patient_id"] for r in csv.DictReader(fh) if r["complete_slide"] == "1")
     extra = np.array([EXTRA in s.path.parents for s in kept])
-    return Data(kept, images, labels, extra, complete, data.pinned_folds(kept, fold_of))
+    return Data(kept, images, labels, extra, complete_slides(), data.pinned_folds(kept, fold_of))
+
+
+def complete_slides() -> frozenset[str]:
+    """The patients whose every patch idc-dev + idc-extra hold (idc-extra's manifest, complete_slide = 1)."""
+    with (EXTRA / "manifest.csv").open() as fh:
+        return frozenset(r["patient_id"] for r in csv.DictReader(fh) if r["complete_slide"] == "1")
 
 
 def parts(v: Variant, d: Data, fold: int, cfg: Any) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
@@ -138,6 +143,40 @@ def scores(y: NDArray[np.int64], p: Any, decided: Any, groups: NDArray[np.str_])
     }
 
 
+def views(
+    y: NDArray[np.int64], p: Any, decided: Any, groups: NDArray[np.str_], extra: NDArray[np.bool_]
+) -> dict[str, Any]:
+    """The held-out scores on all images, on the idc-dev images alone, and on the patients other than the
+    complete slides (whose thousands of images otherwise dominate the patch-level figures)."""
+    sparse = ~np.isin(groups, sorted(complete_slides()))
+    return {
+        "held_out_all": scores(y, p, decided, groups),
+        "held_out_dev_images": scores(y[~extra], p[~extra], decided[~extra], groups[~extra]),
+        "held_out_sparse_patients": scores(y[sparse], p[sparse], decided[sparse], groups[sparse]),
+    }
+
+
+def read_predictions(path: Path) -> tuple[Any, ...]:
+    """(labels, p, decisions, groups, from idc-extra) of a saved .csv.gz of held-out predictions."""
+    with gzip.open(path, "rt") as fh:
+        rows = list(csv.DictReader(fh))
+    return (
+        np.array([int(r["true"]) for r in rows]),
+        np.array([float(r["p_malignant"]) for r in rows]),
+        np.array([r["predicted_malignant"] == "1" for r in rows]),
+        np.array([r["group"] for r in rows]),
+        np.array([r["extra"] == "1" for r in rows]),
+    )
+
+
+def rescore() -> None:
+    """Recompute every saved fold's held-out scores from its predictions (after a change to ``views``)."""
+    for path in sorted(OUT.glob("*-fold*.json")):
+        r = json.loads(path.read_text())
+        r.update(views(*read_predictions(path.with_suffix(".csv.gz"))))
+        path.write_text(json.dumps(r, indent=2) + "\n")
+
+
 def counts(d: Data, idx: NDArray[np.int64]) -> dict[str, int]:
     return {
         "images": len(idx),
@@ -167,7 +206,6 @@ def run(name: str, fold: int) -> Path:
         result = run_fold(cfg, d.images, d.labels, d.samples, (fit_idx, mon_idx, val_idx), fold)
         train_wall, train_cpu = time.monotonic() - wall0, time.process_time() - cpu0
     y, groups = d.labels[val_idx], np.array([d.samples[j].group for j in val_idx])
-    on_dev = ~d.extra[val_idx]
     out: dict[str, Any] = {
         "benchmark": "more-data",
         "variant": name,
@@ -178,8 +216,7 @@ def run(name: str, fold: int) -> Path:
         "monitor": counts(d, mon_idx),
         "held_out": counts(d, val_idx),
         "row": result.row,
-        "held_out_all": scores(y, result.p, result.decided, groups),
-        "held_out_dev_images": scores(y[on_dev], result.p[on_dev], result.decided[on_dev], groups[on_dev]),
+        **views(y, result.p, result.decided, groups, d.extra[val_idx]),
         "train_wall_s": round(train_wall, 1),
         "train_cpu_s": round(train_cpu, 1),
         "wall_s": round(time.monotonic() - started, 1),
@@ -214,29 +251,22 @@ def run(name: str, fold: int) -> Path:
 
 
 def pooled(name: str) -> dict[str, Any]:
-    """The 5 folds of ``name`` pooled (every patient held out once), on all images and on the idc-dev ones."""
+    """The 5 folds of ``name`` pooled (every patient held out once), in each of ``views``."""
     folds = [json.loads((OUT / f"{name}-fold{k}.json").read_text()) for k in range(1, K + 1)]
-    rows: list[dict[str, str]] = []
-    for k in range(1, K + 1):
-        with gzip.open(OUT / f"{name}-fold{k}.csv.gz", "rt") as fh:
-            rows += [{**r, "fold": str(k)} for r in csv.DictReader(fh)]
-    y = np.array([int(r["true"]) for r in rows])
-    p = np.array([float(r["p_malignant"]) for r in rows])
-    dec = np.array([r["predicted_malignant"] == "1" for r in rows])
-    groups = np.array([r["group"] for r in rows])
-    on_dev = np.array([r["extra"] == "0" for r in rows])
-    summary = {
-        "variant": name,
-        "k": K,
-        "patients": len(set(groups.tolist())),
-        "mean": {k: float(np.mean([f["held_out_all"][k] for f in folds])) for k in KEYS},
-        "mean_dev_images": {k: float(np.mean([f["held_out_dev_images"][k] for f in folds])) for k in KEYS},
-        "pooled": scores(y, p, dec, groups),
-        "pooled_dev_images": scores(y[on_dev], p[on_dev], dec[on_dev], groups[on_dev]),
-        "train_wall_s": [f["train_wall_s"] for f in folds],
-        "train_cpu_s": [f["train_cpu_s"] for f in folds],
-        "epochs": [f["row"]["epochs"] for f in folds],
-    }
+    parts_ = [read_predictions(OUT / f"{name}-fold{k}.csv.gz") for k in range(1, K + 1)]
+    y, p, dec, groups, extra = (np.concatenate([f[i] for f in parts_]) for i in range(5))
+    summary: dict[str, Any] = {"variant": name, "k": K, "patients": len(set(groups.tolist()))}
+    for view, scored in views(y, p, dec, groups, extra).items():
+        summary[view] = {
+            "mean": {k: float(np.mean([f[view][k] for f in folds])) for k in KEYS},
+            "sd": {k: float(np.std([f[view][k] for f in folds], ddof=1)) for k in KEYS},
+            "pooled": scored,
+        }
+    summary.update(
+        train_wall_s=[f["train_wall_s"] for f in folds],
+        train_cpu_s=[f["train_cpu_s"] for f in folds],
+        epochs=[f["row"]["epochs"] for f in folds],
+    )
     (OUT / f"cv5-{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
     return summary
 
@@ -246,12 +276,23 @@ def _ci(s: dict[str, Any], key: str) -> str:
     return f"{s[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+VIEWS = {
+    "held_out_all": "all images",
+    "held_out_dev_images": "idc-dev images",
+    "held_out_sparse_patients": "without the complete slides",
+}
+
+
+def _two(s: dict[str, Any]) -> str:
+    return f"{s['balanced_accuracy']:.3f} / {s['roc_auc']:.3f}"
+
+
 def show() -> None:
     """Markdown tables of every fold result and every pooled cross-validation."""
     rows = []
     for path in sorted(OUT.glob("*-fold*.json")):
         r = json.loads(path.read_text())
-        a, b = r["held_out_all"], r["held_out_dev_images"]
+        a = r["held_out_all"]
         rows.append(
             [
                 r["variant"],
@@ -259,54 +300,53 @@ def show() -> None:
                 f"{r['fit']['images']:,}",
                 _ci(a, "balanced_accuracy"),
                 _ci(a, "roc_auc"),
-                f"{a['sensitivity']:.3f}",
-                f"{a['specificity']:.3f}",
-                f"{b['balanced_accuracy']:.3f} / {b['roc_auc']:.3f}",
+                f"{a['sensitivity']:.3f} / {a['specificity']:.3f}",
+                _two(r["held_out_dev_images"]),
+                _two(r["held_out_sparse_patients"]),
                 f"{r['row']['epochs']} ({r['row']['best_epoch']})",
                 f"{r['train_wall_s'] / 60:.0f}",
                 f"{r['train_cpu_s'] / 120:.0f}",
             ]
         )
-    headers = ["variant", "fold", "fitting images", "balanced acc [95% CI]", "ROC AUC [95% CI]", "sens", "spec"]
-    headers += ["their idc-dev images (BA / AUC)", "epochs (best)", "min wall", "min CPU/2"]
+    headers = ["variant", "fold", "fitting images", "balanced acc [95% CI]", "ROC AUC [95% CI]", "sens / spec"]
+    headers += ["idc-dev images", "without complete slides", "epochs (best)", "min wall", "min CPU/2"]
     print(table(headers, rows))
     cv_rows = []
     for path in sorted(OUT.glob("cv5-*.json")):
         s = json.loads(path.read_text())
-        m, md = s["mean"], s["mean_dev_images"]
-        cv_rows.append(
-            [
-                s["variant"],
-                f"{m['balanced_accuracy']:.3f} / {m['roc_auc']:.3f}",
-                _ci(s["pooled"], "balanced_accuracy"),
-                _ci(s["pooled"], "roc_auc"),
-                f"{s['pooled']['sensitivity']:.3f} / {s['pooled']['specificity']:.3f}",
-                f"{md['balanced_accuracy']:.3f} / {md['roc_auc']:.3f}",
-                _ci(s["pooled_dev_images"], "balanced_accuracy"),
-                _ci(s["pooled_dev_images"], "roc_auc"),
-                f"{np.mean(s['train_wall_s']) / 60:.0f}",
-                f"{np.mean(s['train_cpu_s']) / 120:.0f}",
-            ]
-        )
+        for view, label in VIEWS.items():
+            v = s[view]
+            cv_rows.append(
+                [
+                    s["variant"],
+                    label,
+                    _two(v["mean"]),
+                    _ci(v["pooled"], "balanced_accuracy"),
+                    _ci(v["pooled"], "roc_auc"),
+                    f"{v['pooled']['sensitivity']:.3f} / {v['pooled']['specificity']:.3f}",
+                    f"{np.mean(s['train_wall_s']) / 60:.0f}",
+                    f"{np.mean(s['train_cpu_s']) / 120:.0f}",
+                ]
+            )
     if BASELINE.is_file():
         b = json.loads(BASELINE.read_text())
-        ms, base = b["mean_single_view"], {**b["pooled"], "ci95": b["pooled_ci95"]}
+        base = {**b["pooled"], "ci95": b["pooled_ci95"]}
+        wall = np.mean([f["seconds"] for f in b["folds"]]) / 60
+        cv_rows.append(["dev (one view)", "idc-dev images", _two(b["mean_single_view"]), "", "", "", f"{wall:.0f}", ""])
         cv_rows.append(
             [
-                "dev (8 views pooled)",
-                "-",
-                "-",
-                "-",
-                "-",
-                f"{ms['balanced_accuracy']:.3f} / {ms['roc_auc']:.3f}",
+                "dev (8 views)",
+                "idc-dev images",
+                _two(b["mean"]),
                 _ci(base, "balanced_accuracy"),
                 _ci(base, "roc_auc"),
-                f"{np.mean([f['seconds'] for f in b['folds']]) / 60:.0f}",
-                "-",
+                f"{base['sensitivity']:.3f} / {base['specificity']:.3f}",
+                "",
+                "",
             ]
         )
-    headers = ["variant", "mean of folds", "pooled balanced acc", "pooled ROC AUC", "pooled sens / spec"]
-    headers += ["idc-dev images: mean of folds", "pooled balanced acc", "pooled ROC AUC", "min wall", "min CPU/2"]
+    headers = ["variant", "held-out images", "mean of folds", "pooled balanced acc", "pooled ROC AUC"]
+    headers += ["pooled sens / spec", "min wall", "min CPU/2"]
     print()
     print(table(headers, cv_rows))
 
@@ -320,6 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     cv = sub.add_parser("cv", help="pool a variant's 5 folds")
     cv.add_argument("variant")
     sub.add_parser("table", help="the Markdown tables of every result")
+    sub.add_parser("rescore", help="recompute the saved folds' scores from their predictions")
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     from histod.logs import configure
@@ -329,7 +370,9 @@ def main(argv: list[str] | None = None) -> int:
         run(args.variant, args.fold)
     elif args.command == "cv":
         s = pooled(args.variant)
-        say(f"cv5 {args.variant}: mean {s['mean']}, pooled {s['pooled']}")
+        say(f"cv5 {args.variant}: {s['held_out_all']['mean']}")
+    elif args.command == "rescore":
+        rescore()
     else:
         show()
     return 0
