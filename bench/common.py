@@ -1,4 +1,5 @@
-"""What every benchmark shares: where the data and weights are, the machine, tables, JSON results, memory.
+"""What every benchmark shares: where the data and weights are, the machine, tables, JSON results, memory, the
+``histod`` command, and a throw-away PostgreSQL server.
 
 Real data and weights are read from ``../shared`` beside the repository (never copied into it); when they are
 absent the benchmarks say so and fall back to generated tiles (histod.synthetic).
@@ -6,15 +7,22 @@ absent the benchmarks say so and fall back to generated tiles (histod.synthetic)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import platform
+import pwd
 import resource
+import shutil
 import socket
+import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Sequence
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
@@ -57,6 +65,12 @@ def synthetic_dataset(root: Path, patients: int = 40, tiles: int = 25, size: int
         say(f"generating {patients * tiles} synthetic tiles into {root}")
         make_dataset(root, SyntheticSpec(patients=patients, tiles_per_patient=tiles, size=size, seed=3))
     return root
+
+
+def histod_command() -> list[str]:
+    """The installed ``histod`` beside this Python, else ``python -m histod``."""
+    exe = Path(sys.executable).with_name("histod")
+    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "histod"]
 
 
 def _cpu_model() -> str:
@@ -178,3 +192,82 @@ def write_result(name: str, data: dict[str, Any], results_dir: Path = RESULTS) -
     path.write_text(json.dumps(_clean(data), indent=2) + "\n")
     say(f"written {path}")
     return path
+
+
+# --- a throw-away PostgreSQL server ------------------------------------------------------------------------------
+@dataclass
+class PostgresServer:
+    """A server's maintenance database (``url``, SQLAlchemy form with the psycopg driver); ``folder`` is set when
+    :func:`start_postgres` made the server, which :meth:`stop` then stops and removes."""
+
+    url: str
+    folder: Path | None = None
+    bindir: Path | None = None
+    user: str | None = None
+
+    def stop(self) -> None:
+        if self.folder is None or self.bindir is None:
+            return
+        with contextlib.suppress(subprocess.SubprocessError, OSError):
+            _pg([str(self.bindir / "pg_ctl"), "-D", str(self.folder / "data"), "-m", "immediate", "stop"], self.user)
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def _pg(args: list[str], user: str | None) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")} | {"LC_ALL": "C"}
+    subprocess.run(args, check=True, capture_output=True, text=True, timeout=120, env=env, user=user, cwd="/")
+
+
+def start_postgres(url: str | None = None) -> PostgresServer:
+    """The server at ``url``; without one, a fresh server from the installed binaries (Debian:
+    /usr/lib/postgresql/<v>/bin) on 127.0.0.1 at a free port, trust authentication, durability off. PostgreSQL
+    refuses to run as root: as root it runs as the ``postgres`` user."""
+    from sqlalchemy.engine import make_url
+
+    if url:
+        return PostgresServer(make_url(url).set(drivername="postgresql+psycopg").render_as_string(False))
+    versions = [p.parent for p in Path("/usr/lib/postgresql").glob("*/bin/initdb") if p.parts[4].isdigit()]
+    on_path = shutil.which("initdb")
+    bindir = max(versions, key=lambda b: int(b.parts[4])) if versions else (Path(on_path).parent if on_path else None)
+    if bindir is None:
+        raise SystemExit("no PostgreSQL binaries (install the Debian package postgresql) and no --db-url")
+    user = "postgres" if os.geteuid() == 0 else None
+    folder = Path(tempfile.mkdtemp(prefix="histod-bench-pg-"))
+    if user is not None:
+        entry = pwd.getpwnam(user)
+        os.chown(folder, entry.pw_uid, entry.pw_gid)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    server = PostgresServer(f"postgresql+psycopg://postgres@127.0.0.1:{port}/postgres", folder, bindir, user)
+    data = folder / "data"
+    options = (
+        f"-p {port} -k {folder} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+        "-c full_page_writes=off -c max_connections=200"
+    )
+    try:
+        _pg([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8", "--no-sync"], user)
+        log = str(folder / "server.log")
+        _pg([str(bindir / "pg_ctl"), "-D", str(data), "-l", log, "-w", "-t", "60", "-o", options, "start"], user)
+    except (subprocess.SubprocessError, OSError) as exc:
+        server.stop()
+        raise SystemExit(f"could not start PostgreSQL from {bindir}: {exc}") from exc
+    return server
+
+
+@contextlib.contextmanager
+def postgres_database(server: PostgresServer) -> Iterator[str]:
+    """A new, empty database on ``server``; its URL (dropped afterwards, connections and all)."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    name = f"histod_bench_{uuid.uuid4().hex[:12]}"
+    base = make_url(server.url)
+    admin = base.set(drivername="postgresql").render_as_string(hide_password=False)
+    with psycopg.connect(admin, autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield base.set(database=name).render_as_string(hide_password=False)
+    finally:
+        with psycopg.connect(admin, autocommit=True) as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')

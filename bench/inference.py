@@ -6,7 +6,7 @@ Runtimes, each timed as ONE CALL PER BATCH on the same decoded images (decoding 
 
 * ``keras.predict``: ``model.predict(batch)`` (what a naive server would call; its per-call set-up counts);
 * ``keras tf.function``: ``model(x, training=False)`` inside a ``tf.function`` with a dynamic batch dimension;
-* ``litert float32``: the run's ``model.tflite`` (what ``histod serve`` runs), ``ai_edge_litert`` Interpreter;
+* ``litert float32``: the run's ``model.tflite`` through histod.litert, the runner ``histod serve`` uses;
 * ``litert int8``: a full-integer model quantised here from ``model.keras`` with ``tf.lite.TFLiteConverter``
   and a representative set drawn from the run's TRAINING split (``split.csv``); uint8 input (scale 1, zero
   point 0 for raw 0..255 pixels, checked), output dequantised with its scale and zero point.
@@ -131,49 +131,6 @@ def gather_images(
 
 
 # --- runtimes --------------------------------------------------------------------------------------------------
-class LiteRT:
-    """A raw ai_edge_litert Interpreter: float32 or full-integer (uint8/int8 input and output) models."""
-
-    def __init__(self, model: bytes, threads: int) -> None:
-        from ai_edge_litert.interpreter import Interpreter
-
-        self.interp: Any = Interpreter(model_content=model, num_threads=threads)
-        detail = self.interp.get_input_details()[0]
-        out = self.interp.get_output_details()[0]
-        self.index = int(detail["index"])
-        self.out_index = int(out["index"])
-        self.in_dtype = np.dtype(detail["dtype"])
-        self.out_dtype = np.dtype(out["dtype"])
-        self.in_scale, self.in_zero = (float(v) for v in detail["quantization"])
-        self.out_scale, self.out_zero = (float(v) for v in out["quantization"])
-        self.batch = -1
-
-    def quantise(self, x: NDArray[Any]) -> NDArray[Any]:
-        if self.in_dtype == np.float32:
-            return np.ascontiguousarray(x, dtype=np.float32)
-        if self.in_scale == 1.0 and self.in_zero == 0.0 and self.in_dtype == np.uint8 and x.dtype == np.uint8:
-            return np.ascontiguousarray(x)  # raw pixels are already the quantised values
-        info = np.iinfo(self.in_dtype)
-        q = np.round(np.asarray(x, dtype=np.float32) / self.in_scale + self.in_zero)
-        return np.clip(q, info.min, info.max).astype(self.in_dtype)
-
-    def predict(self, x: NDArray[Any]) -> NDArray[np.float32]:
-        if x.shape[0] != self.batch:
-            self.interp.resize_tensor_input(self.index, list(x.shape), strict=False)
-            self.interp.allocate_tensors()
-            self.batch = x.shape[0]
-        self.interp.set_tensor(self.index, self.quantise(x))
-        self.interp.invoke()
-        raw = self.interp.get_tensor(self.out_index).reshape(-1)
-        if self.out_dtype == np.float32:
-            return np.asarray(raw, dtype=np.float32)
-        out: NDArray[np.float32] = ((raw.astype(np.float32) - self.out_zero) * self.out_scale).astype(np.float32)
-        return out
-
-    def predict_all(self, x: NDArray[Any], batch: int = 32) -> NDArray[np.float32]:
-        return np.concatenate([self.predict(x[i : i + batch]) for i in range(0, len(x), batch)])
-
-
 def quantise_int8(keras_model: Any, calib: Images) -> bytes:
     """Full-integer LiteRT model: int8 weights and activations, uint8 input and output."""
     import contextlib
@@ -242,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+    from histod.litert import LiteRTModel
     from histod.runs import KERAS_FILE, TFLITE_FILE, load_run
     from histod.trainer.evaluate import metrics
 
@@ -278,15 +236,15 @@ def main(argv: list[str] | None = None) -> int:
     def keras_function(x: NDArray[Any]) -> NDArray[np.float32]:
         return np.asarray(fn(tf.convert_to_tensor(x, dtype=tf.float32))).reshape(-1)
 
-    float_rt = LiteRT((run_dir / TFLITE_FILE).read_bytes(), args.threads)
-    int8_rt = LiteRT(int8_bytes, args.threads)
+    float_rt = LiteRTModel(run_dir / TFLITE_FILE, args.threads)
+    int8_rt = LiteRTModel(int8_bytes, args.threads, name="model_int8.tflite")
     quant = {
-        "input_dtype": str(int8_rt.in_dtype),
-        "input_scale": int8_rt.in_scale,
-        "input_zero_point": int8_rt.in_zero,
-        "output_dtype": str(int8_rt.out_dtype),
-        "output_scale": int8_rt.out_scale,
-        "output_zero_point": int8_rt.out_zero,
+        "input_dtype": str(int8_rt.input_dtype),
+        "input_scale": int8_rt.input_scale,
+        "input_zero_point": int8_rt.input_zero,
+        "output_dtype": str(int8_rt.output_dtype),
+        "output_scale": int8_rt.output_scale,
+        "output_zero_point": int8_rt.output_zero,
     }
     say(f"int8 model: {quant}")
     runtimes: list[tuple[str, Predict]] = [
@@ -304,8 +262,8 @@ def main(argv: list[str] | None = None) -> int:
 
     say(f"agreement on {len(x_eval)} images")
     p_keras = np.asarray(model.predict(x_eval.astype(np.float32), batch_size=32, verbose=0)).reshape(-1)
-    p_float = float_rt.predict_all(x_eval)
-    p_int8 = int8_rt.predict_all(x_eval)
+    p_float = float_rt.predict(x_eval)
+    p_int8 = int8_rt.predict(x_eval)
     threshold = info.threshold
     delta = np.abs(p_int8.astype(np.float64) - p_float)
     agreement = {

@@ -1,5 +1,5 @@
 """Training with more data: idc-dev (8,127 patches) against idc-dev + idc-extra (28,676 patches of the same 223
-patients), the default recipe (``--preset histology``, alpha 0.35 ImageNet weights), on the same patients.
+patients), the default recipe (TrainConfig's defaults, alpha 0.35 ImageNet weights), on the same patients.
 
     .venv/bin/python bench/more_data.py run both+cap100 --fold 1     # one training, scored on fold 1's patients
     .venv/bin/python bench/more_data.py cv both+cap100               # pool the 5 folds of a variant
@@ -14,11 +14,12 @@ Protocol:
 * Inside a fold, the training patients are split again (``trainer.cv.inner_split``, as ``histod train --cv``
   does): the monitoring patients drive EarlyStopping and fit the Platt scaling and the threshold, and the
   held-out patients only score (``trainer.cv.run_fold``).
-* A variant's name: the data (``dev`` or ``both``), then ``+`` changes: ``cap<K>`` (``--patient-cap K``),
-  ``sqrt`` (``--patient-weighting sqrt``), ``frac<F>`` (a random share F of the fitting images; monitoring and
-  held-out images unchanged), ``nocomplete`` (without the idc-extra images of the complete slides on the training
-  side). ``dev`` keeps the inner split ``histod train --cv`` draws on idc-dev alone; the held-out side of every
-  variant is all of its patients' images (idc-dev + idc-extra), also scored on their idc-dev images alone.
+* A variant's name: the data (``dev`` or ``both``), then ``+`` changes: ``cap<K>`` (``--patient-cap K``; without
+  it a variant trains on all its images in every epoch), ``sqrt`` (``--patient-weighting sqrt``), ``frac<F>`` (a
+  random share F of the fitting images; monitoring and held-out images unchanged),
+  ``nocomplete`` (without the idc-extra images of the complete slides on the training side). ``dev`` keeps the
+  inner split ``histod train --cv`` draws on idc-dev alone; the held-out side of every variant is all of its
+  patients' images (idc-dev + idc-extra), also scored on their idc-dev images alone.
 * 95 % intervals: bootstrap over held-out patients. Minutes: wall and process CPU time (both cores), with the load.
 
 Writes bench/results/more-data/<variant>-fold<k>.json (+ .csv.gz of the held-out predictions) and cv5-<variant>.json.
@@ -58,7 +59,7 @@ K, SEED = 5, 42
 class Variant:
     name: str
     data: str  # "dev" or "both"
-    extras: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over the preset
+    extras: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields over the defaults
     frac: float = 1.0
     nocomplete: bool = False
 
@@ -189,16 +190,13 @@ def counts(d: Data, idx: NDArray[np.int64]) -> dict[str, int]:
 def run(name: str, fold: int) -> Path:
     from histod.trainer.config import TrainConfig
     from histod.trainer.cv import run_fold
-    from histod.trainer.presets import preset
 
     v = Variant.parse(name)
     conditions = machine()
     started, cpu_started = time.monotonic(), time.process_time()
     with tempfile.TemporaryDirectory(prefix="histod-more-data-") as tmp:
         dirs = (DEV,) if v.data == "dev" else (DEV, EXTRA)
-        cfg = TrainConfig(
-            **{**preset("histology"), "data_dir": dirs, "out": Path(tmp), "weights": str(WEIGHTS), **v.extras}
-        )
+        cfg = TrainConfig(data_dir=dirs, out=Path(tmp), weights=str(WEIGHTS), **v.extras)
         d = load(cfg.image_size)
         fit_idx, mon_idx, val_idx = parts(v, d, fold, cfg)
         say(f"{name} fold {fold}: fit {counts(d, fit_idx)}, monitor {counts(d, mon_idx)}, held out {len(val_idx)}")

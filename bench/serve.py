@@ -28,7 +28,6 @@ Start to ready: the benchmark binds an AF_UNIX datagram socket, passes it as ``N
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import shutil
 import signal
@@ -46,108 +45,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from numpy.typing import NDArray
 
 if __package__ in (None, ""):  # run as a file: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    histod_command,
     load_average,
     machine,
     percentile,
     proc_status_mb,
     say,
-    shared_data,
     table,
     write_result,
 )
-from bench.inference import LiteRT
-
-
-# --- images ----------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class Drop:
-    name: str
-    data: bytes
-
-
-def _sources(count: int, seed: int) -> list[Path] | None:
-    """``count`` distinct 50x50 PNGs from idc-dev, or None when the data is absent."""
-    from PIL import Image
-
-    root = shared_data()
-    if root is None:
-        return None
-    files = sorted(p for p in root.rglob("*.png") if p.is_file())
-    rng = np.random.default_rng(seed)
-    picked: list[Path] = []
-    for i in rng.permutation(len(files)):
-        with Image.open(files[i]) as img:
-            if img.size != (50, 50):
-                continue
-        picked.append(files[i])
-        if len(picked) == count:
-            break
-    if len(picked) < count:
-        raise SystemExit(f"{root} has only {len(picked)} 50x50 PNGs; ask for fewer images")
-    return picked
-
-
-def _jpeg(png: bytes | NDArray[np.uint8], size: int = 224) -> bytes:
-    from PIL import Image
-
-    img = Image.open(io.BytesIO(png)).convert("RGB") if isinstance(png, bytes) else Image.fromarray(png)
-    out = io.BytesIO()
-    img.resize((size, size), Image.Resampling.BILINEAR).save(out, format="JPEG", quality=90)
-    return out.getvalue()
-
-
-def make_sets(n_jpeg: int, n_png: int, n_low: int, seed: int) -> tuple[dict[str, list[Drop]], str]:
-    """The three drop lists, all distinct source images: ``jpeg224``, ``png50``, ``low`` (alternating)."""
-    total = n_jpeg + n_png + n_low
-    sources = _sources(total, seed)
-    pngs: list[bytes]
-    if sources is not None:
-        origin = f"{shared_data()} (50x50 PNGs; JPEGs upscaled to 224x224, quality 90)"
-        pngs = [p.read_bytes() for p in sources]
-        jpegs = [_jpeg(b) for b in pngs]
-    else:
-        from histod.synthetic import tile
-
-        origin = "generated tiles (histod.synthetic): ../shared/data/idc-dev is absent"
-        rng = np.random.default_rng(seed)
-        arrays = [tile(i % 2 == 1, 50, rng) for i in range(total)]
-        pngs = []
-        for a in arrays:
-            buf = io.BytesIO()
-            from PIL import Image
-
-            Image.fromarray(a).save(buf, format="PNG")
-            pngs.append(buf.getvalue())
-        jpegs = [_jpeg(a) for a in arrays]
-    sets: dict[str, list[Drop]] = {
-        "jpeg224": [Drop(f"j224_{i:05d}.jpg", jpegs[i]) for i in range(n_jpeg)],
-        "png50": [Drop(f"p50_{i:05d}.png", pngs[n_jpeg + i]) for i in range(n_png)],
-        "low": [],
-    }
-    for k in range(n_low):
-        i = n_jpeg + n_png + k
-        if k % 2 == 0:
-            sets["low"].append(Drop(f"low_{k:05d}.png", pngs[i]))
-        else:
-            sets["low"].append(Drop(f"low_{k:05d}.jpg", jpegs[i]))
-    return sets, origin
+from bench.drops import Drop, drop_files, make_sets
 
 
 # --- raw LiteRT on the same images -----------------------------------------------------------------------------
 def raw_throughput(run_dir: Path, drops: list[Drop], batch: int, threads: int, workers: int) -> dict[str, Any]:
     """LiteRT alone on pre-decoded images, and read+decode+LiteRT without the service around it."""
     from histod.imaging import decode
+    from histod.litert import LiteRTModel
     from histod.runs import TFLITE_FILE, load_run
 
     info = load_run(run_dir)
     size = info.image_size
-    model = LiteRT((run_dir / TFLITE_FILE).read_bytes(), threads)
+    model = LiteRTModel(run_dir / TFLITE_FILE, threads)
     with ThreadPoolExecutor(workers) as pool:
         images = np.stack(list(pool.map(lambda d: decode(d.data, size), drops)))
     n = len(images) - len(images) % batch or len(images)
@@ -295,24 +219,6 @@ def _utc(value: Any) -> float:
     return (when.replace(tzinfo=UTC) if when.tzinfo is None else when).timestamp()
 
 
-def drop_files(watch: Path, drops: list[Drop], rate: float | None) -> dict[str, float]:
-    """Write each file in place (close-write); return name -> wall time just after close."""
-    closed: dict[str, float] = {}
-    start = time.monotonic()
-    for k, d in enumerate(drops):
-        if rate:
-            delay = start + k / rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-        fd = os.open(watch / d.name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        try:
-            os.write(fd, d.data)
-        finally:
-            os.close(fd)
-        closed[d.name] = time.time()
-    return closed
-
-
 def phase_stats(name: str, drops: list[Drop], closed: dict[str, float], mon: Monitor) -> dict[str, Any]:
     names = [d.name for d in drops]
     got = [mon.seen[n] for n in names if n in mon.seen]
@@ -367,11 +273,6 @@ def startup_breakdown(log_path: Path, started_wall: float) -> dict[str, float]:
     return out
 
 
-def histod_command() -> list[str]:
-    exe = Path(sys.executable).with_name("histod")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "histod"]
-
-
 def service_settings(overrides: dict[str, str]) -> dict[str, Any]:
     """The service's batching settings as it will see them (defaults + the --env overrides)."""
     from histod.settings import Settings
@@ -403,21 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", type=Path, default=None, help="run the service under cProfile, writing its stats here"
     )
-    parser.add_argument("--name", default=None, help="results file name (default serve, or serve-workers)")
-    parser.add_argument(
-        "--workers", default=None, help="N (or a list, 1,3): 1..N services on one PostgreSQL (bench/serve_workers.py)"
-    )
-    parser.add_argument("--files", type=int, default=2000, help="--workers: 50x50 PNGs per run (default 2000)")
-    parser.add_argument("--repeats", type=int, default=3, help="--workers: rounds of every worker count (default 3)")
-    parser.add_argument("--db-url", default=None, help="--workers: a PostgreSQL server (default: a throw-away one)")
+    parser.add_argument("--name", default="serve", help="results file name (default serve)")
     args = parser.parse_args(argv)
-    if args.workers is not None:
-        from bench.serve_workers import run
-
-        spec = str(args.workers)
-        counts = [int(v) for v in spec.split(",")] if "," in spec else list(range(1, int(spec) + 1))
-        return run(args.run.resolve(), counts, args.files, args.repeats, args.db_url, args.name or "serve-workers")
-    args.name = args.name or "serve"
 
     from histod.runs import load_run
 

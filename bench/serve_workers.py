@@ -1,6 +1,6 @@
 """Several `histod serve` processes on one watch folder and one PostgreSQL database: throughput for 1..N workers.
 
-    .venv/bin/python bench/serve.py --run RUN_DIR --workers 3 [--files 2000 --repeats 3 --db-url URL]
+    .venv/bin/python bench/serve_workers.py --run RUN_DIR [--workers 3 --files 2000 --repeats 3 --db-url URL]
 
 For each worker count (1, 2, ..., N; or the list given, e.g. ``--workers 1,3``), ``--repeats`` times: a fresh
 database on the server, N services started on one fresh data folder (``HISTOD_DATABASE_URL`` = that database,
@@ -16,22 +16,38 @@ the end; divided by the wall time it is the number of cores each kept busy. The 
 end of every run is recorded: another job on the machine (a training run) shows there.
 
 The server is ``--db-url`` (a maintenance database whose user may create databases), else a throw-away one
-started from the installed binaries (tests/postgres_support.py). Writes bench/results/serve-workers.json.
+started from the installed binaries (``bench.common.start_postgres``: fsync off). Writes
+bench/results/serve-workers.json (or --name).
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import resource
+import shutil
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import load_average, machine, say, table, write_result
-from bench.serve import Drop, drop_files, histod_command, make_sets
+if __package__ in (None, ""):  # run as a file: make the `bench` package importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.common import (
+    histod_command,
+    load_average,
+    machine,
+    postgres_database,
+    say,
+    start_postgres,
+    table,
+    write_result,
+)
+from bench.drops import Drop, drop_files, make_sets
 
 TICK = os.sysconf("SC_CLK_TCK")
 
@@ -171,6 +187,8 @@ def one_run(run_dir: Path, drops: list[Drop], workers: int, url: str | None, pg_
                 p.wait(60)
             except subprocess.TimeoutExpired:
                 p.kill()
+                p.wait()
+        shutil.rmtree(work, ignore_errors=True)
     span = end - min(closed.values())
     return {
         "workers": workers,
@@ -186,20 +204,16 @@ def one_run(run_dir: Path, drops: list[Drop], workers: int, url: str | None, pg_
 
 
 def run(run_dir: Path, counts: list[int], files: int, repeats: int, db_url: str | None, name: str) -> int:
-    from sqlalchemy.engine import make_url
-
-    from tests import postgres_support
-
     conditions = machine()
     drops = make_sets(0, files, 0, seed=0)[0]["png50"]
-    server = postgres_support.Server(make_url(db_url)) if db_url else postgres_support.start()
+    server = start_postgres(db_url)
     runs: list[dict[str, Any]] = []
     try:
         for repeat in range(repeats):
             say(f"round {repeat + 1}/{repeats}: SQLite, 1 service")
             runs.append(one_run(run_dir, drops, 1, None, None))
             for n in counts:
-                with postgres_support.database(server) as url:
+                with postgres_database(server) as url:
                     say(f"round {repeat + 1}/{repeats}: PostgreSQL, {n} service(s)")
                     runs.append(one_run(run_dir, drops, n, url, server.folder))
                 say(f"  {runs[-1]['files_per_s']} files/s, cores {runs[-1]['total_cores']}")
@@ -254,3 +268,21 @@ def run(run_dir: Path, counts: list[int], files: int, repeats: int, db_url: str 
         },
     )
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", type=Path, required=True, help="RUN_DIR written by `histod train`")
+    parser.add_argument("--workers", default="3", help="N (1..N services) or a list such as 1,3 (default 3)")
+    parser.add_argument("--files", type=int, default=2000, help="50x50 PNGs per run (default 2000)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of every worker count (default 3)")
+    parser.add_argument("--db-url", default=None, help="a PostgreSQL server (default: a throw-away one)")
+    parser.add_argument("--name", default="serve-workers", help="results file name (default serve-workers)")
+    args = parser.parse_args(argv)
+    spec = str(args.workers)
+    counts = [int(v) for v in spec.split(",")] if "," in spec else list(range(1, int(spec) + 1))
+    return run(args.run.resolve(), counts, args.files, args.repeats, args.db_url, args.name)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -34,6 +34,7 @@ if __package__ in (None, ""):  # run as a file: make the `bench` package importa
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import (
+    histod_command,
     load_average,
     machine,
     proc_status_mb,
@@ -44,11 +45,6 @@ from bench.common import (
     table,
     write_result,
 )
-
-
-def histod_command() -> list[str]:
-    exe = Path(sys.executable).with_name("histod")
-    return [str(exe)] if exe.is_file() else [sys.executable, "-m", "histod"]
 
 
 def _when(event: dict[str, Any]) -> float:
@@ -84,7 +80,13 @@ class Child:
                     continue
                 if isinstance(event, dict) and "event" in event:
                     self.events.append(event)
-                    if event["event"] in ("phase", "epoch", "validation", "export", "run_written"):
+                    if event["event"] in (
+                        "train.phase",
+                        "train.epoch",
+                        "validation.scored",
+                        "export.parity",
+                        "run.written",
+                    ):
                         brief = {k: v for k, v in event.items() if k not in ("level", "timestamp")}
                         say(f"histod train: {brief}")
 
@@ -118,7 +120,7 @@ def analyse(events: list[dict[str, Any]], n_train: int, n_val: int) -> dict[str,
     current: str | None = None
     last = 0.0
     for e in events:
-        if e["event"] == "phase":
+        if e["event"] == "train.phase":
             current = str(e["phase"])
             last = _when(e)
             phases[current] = {
@@ -126,7 +128,7 @@ def analyse(events: list[dict[str, Any]], n_train: int, n_val: int) -> dict[str,
                 "trainable_params": e.get("trainable_params"),
                 "learning_rate": e.get("learning_rate"),
             }
-        elif e["event"] == "epoch" and current is not None:
+        elif e["event"] == "train.epoch" and current is not None:
             t = _when(e)
             phases[current]["epochs"].append(round(t - last, 2))
             last = t
@@ -143,13 +145,12 @@ def analyse(events: list[dict[str, Any]], n_train: int, n_val: int) -> dict[str,
         if by_name.get(a) and by_name.get(b):
             stages[name] = round(_when(by_name[b][0]) - _when(by_name[a][0]), 2)
 
-    gap("decode + split", "dataset", "split")
-    gap("build model", "split", "phase")
-    if by_name.get("epoch") and by_name.get("validation"):
-        stages["score validation"] = round(_when(by_name["validation"][0]) - _when(by_name["epoch"][-1]), 2)
-    gap("export + parity", "validation", "export")
-    gap("artefacts", "export", "run_written")
-    gap("total (first to last event)", "dataset", "run_written")
+    gap("decode + split", "dataset.found", "split.made")
+    gap("split to the first epoch's start", "split.made", "train.phase")
+    for e in events:  # the final stretch: each step logs its own seconds
+        if "seconds" in e and str(e["event"]).split(".")[0] in ("score", "export", "artefacts"):
+            stages[str(e["event"])] = float(e["seconds"])
+    gap("total (first to last event)", "dataset.found", "run.written")
     return {"phases": phases, "stages_s": stages}
 
 

@@ -20,14 +20,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from histod.daemon.filters import ImageFilter
+from histod.daemon.loop import run_loop, run_once
 from histod.daemon.notify import notify, watchdog_period
 from histod.daemon.reports import write_report
-from histod.daemon.service import Service, run_loop, run_once
+from histod.daemon.service import Service
 from histod.daemon.steps import Served, settle_moves
-from histod.db import queries
+from histod.db import chain, queries
 from histod.db.models import utcnow
-from histod.db.session import open_database, shared_database, transaction
-from histod.errors import ConfigError, DatabaseError, WatchError
+from histod.db.paths import path_text
+from histod.db.session import FileGuard, close_database, open_database, shared_database, transaction
+from histod.errors import ConfigError, DatabaseError, ModelError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
 
@@ -50,6 +52,8 @@ class ServeResult:
     stopped: datetime
     start_up_only: bool = False
     """stopped during start-up: the folder was not looked at (and the database may not exist)"""
+    unmoved: int = 0
+    """files recorded but still waiting for a move when the service stopped (their moves failed)"""
 
 
 def _stopped_in_start_up(started: datetime, after: str) -> ServeResult:
@@ -79,22 +83,34 @@ def _prepare_folders(settings: Settings) -> Path:
 
 
 @contextmanager
-def _single_instance(data_dir: Path, *, shared: bool = False) -> Iterator[None]:
-    """One service per data folder: a second one would classify the same files twice. Not with a shared
-    (PostgreSQL) database: there the services claim each file through the database (histod.daemon.claims)."""
+def _single_instance(folders: list[Path], *, shared: bool = False) -> Iterator[None]:
+    """One service per data folder and per watch folder: a second one would classify the same files twice. The
+    lock is an flock on each folder itself (its directory inode), not on a file in it: nothing that can be
+    deleted while the service runs lets a second one in. Not with a shared (PostgreSQL) database: there the
+    services claim each file through the database (histod.daemon.claims)."""
     if shared:
         yield
         return
-    path = data_dir / "serve.lock"
-    with path.open("a+") as fh:
-        try:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as exc:
-            raise ConfigError(f"another `histod serve` is using {data_dir} (lock {path} is held)") from exc
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    fds: list[int] = []
+    seen: set[tuple[int, int]] = set()
+    try:
+        for folder in folders:
+            fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            fds.append(fd)
+            st = os.fstat(fd)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError as exc:
+                raise ConfigError(f"another `histod serve` is using {folder} (it holds the folder's lock)") from exc
+            except OSError as exc:
+                raise ConfigError(f"cannot lock {folder} against a second service: {exc.strerror}") from exc
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)  # closing the last descriptor releases its lock
 
 
 def _register(factory: sessionmaker[Session], engine: Any, run_dir: Path, kind: str) -> Served:
@@ -113,7 +129,7 @@ def _register(factory: sessionmaker[Session], engine: Any, run_dir: Path, kind: 
 
 
 def _claims(factory: sessionmaker[Session], settings: Settings) -> Claims | None:
-    """Claims when the database is shared (PostgreSQL); None for SQLite, where the lock file keeps a second
+    """Claims when the database is shared (PostgreSQL); None for SQLite, where the folder lock keeps a second
     service away and claims would only add writes under SQLite's one write lock."""
     if not shared_database(settings.resolved_database_url):
         return None
@@ -181,19 +197,44 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
     watch_dir = _prepare_folders(settings)
     # absolute paths from here on: rows record where files came from and went, whatever the working folder
     settings = settings.model_copy(update={"data_dir": settings.data_dir.absolute(), "watch_dir": watch_dir})
-    with _single_instance(settings.data_dir, shared=shared_database(settings.resolved_database_url)):
+    folders = [settings.data_dir, watch_dir]
+    with _single_instance(folders, shared=shared_database(settings.resolved_database_url)):
         return _serve(settings, watch_dir, stop, once=once, started=started)
 
 
 def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: bool, started: datetime) -> ServeResult:
     assert settings.model is not None
+    key = chain.load_key(settings.audit_key_file)  # refused before anything is written: the key must be private
     factory = open_database(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
+    chain.use_key(factory, key)
+    try:
+        return _run(settings, factory, watch_dir, stop, once=once, started=started)
+    finally:
+        close_database(factory)
+
+
+def _run(
+    settings: Settings,
+    factory: sessionmaker[Session],
+    watch_dir: Path,
+    stop: threading.Event,
+    *,
+    once: bool,
+    started: datetime,
+) -> ServeResult:
+    assert settings.model is not None
+    guard = FileGuard(factory, settings.resolved_database_url)
     if stop.is_set():
         return _stopped_in_start_up(started, "database")
 
     from histod.daemon.engine import load_engine
 
     engine = load_engine(settings.model, kind=settings.engine, threads=settings.threads)
+    if engine.name == "litert" and engine.run.parity == "failed" and not settings.allow_parity_failure:
+        raise ModelError(
+            f"{settings.model}: its model.tflite failed the export parity check against model.keras (metrics.json "
+            "parity); serve it anyway with --allow-parity-failure, or model.keras with --engine keras"
+        )
     if stop.is_set():
         return _stopped_in_start_up(started, "model")
     served = _register(factory, engine, settings.model, settings.engine)
@@ -215,6 +256,7 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
     )
     with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="histod-decode") as pool:
         service = Service(settings, factory, engine, served, pool, claims=claims)
+        service.guard = guard.check
         try:
             if once:
                 run_once(service, watch_dir, ImageFilter.from_settings(settings), stop)
@@ -223,15 +265,16 @@ def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: 
         finally:
             notify("STOPPING=1")
             try:
-                reporter.write()
+                if guard.intact():  # not into a database file that was deleted or replaced
+                    reporter.write()
             finally:
                 if service.retrying:
-                    log.warning("service.moves_pending", files=sorted(str(p) for p in service.retrying))
+                    log.warning("service.moves_pending", files=sorted(path_text(p) for p in service.retrying))
                 if claims is not None:
                     _release(claims)
     stopped = utcnow()
     log.info("service.stopped", files=service.files, seconds=round((stopped - started).total_seconds(), 2))
-    return ServeResult(service.files, started, stopped)
+    return ServeResult(service.files, started, stopped, unmoved=len(service.retrying))
 
 
 def _run_forever(

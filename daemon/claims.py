@@ -32,6 +32,7 @@ from typing import Any
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.db import claims as sql
+from histod.db.paths import path_text, text_path
 from histod.db.session import reading, transaction
 from histod.errors import DatabaseError
 from histod.logs import get_logger
@@ -77,13 +78,13 @@ class Claims:
             return {}
         at = self.clock()
         with transaction(self.factory) as session:
-            got = sql.take(session, (str(p) for p in wanted), self.worker, self.expiry_s)
-        held = {Path(p): previous for p, previous in got.items()}
+            got = sql.take(session, (path_text(p) for p in wanted), self.worker, self.expiry_s)
+        held = {text_path(p): previous for p, previous in got.items()}
         for path, previous in held.items():
             self.confirmed[path] = at
             if previous is not None:
                 self.taken_over += 1
-                log.warning("claim.taken_over", path=str(path), previous=previous, worker=self.worker)
+                log.warning("claim.taken_over", path=path_text(path), previous=previous, worker=self.worker)
         others = len(wanted) - len(held)
         if others:
             log.debug("claim.held_elsewhere", files=others, worker=self.worker)
@@ -115,10 +116,10 @@ class Claims:
         self.next_beat = self.clock() + self.heartbeat_s
         at = self.clock()
         with transaction(self.factory) as session:
-            renewed = {Path(p) for p in sql.hold(session, self.worker, self.expiry_s)}
+            renewed = {text_path(p) for p in sql.hold(session, self.worker, self.expiry_s)}
         lost = [p for p in self.confirmed if p not in renewed]
         for path in lost:
-            log.warning("claim.lost", path=str(path), worker=self.worker)
+            log.warning("claim.lost", path=path_text(path), worker=self.worker)
             del self.confirmed[path]
         for path in renewed:
             self.confirmed[path] = at
@@ -128,26 +129,26 @@ class Claims:
             return []
         # only claims of others: an own claim that expired (a late heartbeat) was just renewed, and its file is
         # still in this service's hands (a queued arrival, a move to retry)
-        return sorted(p for p, previous in self._take(Path(p) for p in expired).items() if previous is not None)
+        return sorted(p for p, previous in self._take(text_path(p) for p in expired).items() if previous is not None)
 
     # --- inside the caller's transaction -------------------------------------------------------------
     def hold(self, session: Session, paths: Sequence[Path]) -> set[Path]:
         """Renew and lock this service's claims on ``paths``; returns those it still holds (see module doc)."""
         at = self.clock()
-        held = {Path(p) for p in sql.hold(session, self.worker, self.expiry_s, (str(p) for p in paths))}
+        held = {text_path(p) for p in sql.hold(session, self.worker, self.expiry_s, (path_text(p) for p in paths))}
         for path in paths:
             if path in held:
                 self.confirmed[path] = at
             else:
                 self.confirmed.pop(path, None)
-                log.warning("claim.lost", path=str(path), worker=self.worker)
+                log.warning("claim.lost", path=path_text(path), worker=self.worker)
         return held
 
     def release(self, session: Session, paths: Sequence[Path]) -> set[Path]:
         """Delete this service's claims on ``paths``; returns those it still held."""
         if not paths:
             return set()
-        gone = {Path(p) for p in sql.release(session, self.worker, (str(p) for p in paths))}
+        gone = {text_path(p) for p in sql.release(session, self.worker, (path_text(p) for p in paths))}
         for path in paths:
             self.confirmed.pop(path, None)
         return gone

@@ -4,8 +4,8 @@
     p = engine.predict(images)                       # uint8 (N, S, S, 3) -> float32 (N,)
     labels = np.where(p >= engine.threshold, ...)
 
-``litert`` (the default) runs ``model.tflite`` with ``ai_edge_litert``; this module never imports TensorFlow
-for it. ``keras`` loads ``model.keras`` (importing TensorFlow/Keras then, lazily), for parity checks. Both
+``litert`` (the default) runs ``model.tflite`` with histod.litert (``ai_edge_litert``); this module never imports
+TensorFlow for it. ``keras`` loads ``model.keras`` (importing TensorFlow/Keras then, lazily), for parity checks. Both
 check the served file against the sha256 recorded in ``model.json`` and raise :class:`ModelError` on any
 mismatch or missing file. When the run says ``tta`` N > 1, p is the mean over N flips/rotations (histod.tta).
 
@@ -25,12 +25,11 @@ from numpy.typing import NDArray
 
 from histod import tta
 from histod.errors import ConfigError, ModelError
+from histod.litert import MAX_CHUNK
 from histod.logs import get_logger
 from histod.runs import KERAS_FILE, TFLITE_FILE, RunInfo, load_run
 
 EngineKind = Literal["litert", "keras"]
-MAX_CHUNK = 64
-"""Images per interpreter call at most: bounds the input tensor's memory whatever batch the caller sends."""
 
 _log = get_logger("histod.engine")
 
@@ -82,44 +81,27 @@ class Engine(ABC):
 
 
 class LiteRTEngine(Engine):
-    """``model.tflite`` in ``ai_edge_litert``'s Interpreter; the input is resized when the batch size changes."""
+    """``model.tflite`` through the one LiteRT runner (histod.litert), loaded from the bytes whose sha256 was
+    checked, so the file cannot be swapped between the check and the load."""
 
     name = "litert"
 
     def __init__(self, run_dir: Path, run: RunInfo, threads: int = 2) -> None:
+        from histod.litert import LiteRTModel
+
         path = run_dir / TFLITE_FILE
         data = _read_checked(path, run.tflite_sha256)
         super().__init__(run_dir, run, path, run.tflite_sha256)
-        from ai_edge_litert.interpreter import Interpreter
-
-        try:
-            # from the bytes we hashed: the file cannot be swapped between the check and the load
-            self._interp: Any = Interpreter(model_content=data, num_threads=max(1, threads))
-            detail = self._interp.get_input_details()[0]
-            self._input = int(detail["index"])
-            self._output = int(self._interp.get_output_details()[0]["index"])
-        except (ValueError, RuntimeError, IndexError, KeyError) as exc:
-            raise ModelError(f"cannot load the LiteRT model {path}: {exc}") from exc
-        shape = [int(v) for v in detail["shape"]]
-        if len(shape) != 4 or shape[1:] != [run.image_size, run.image_size, 3]:
-            raise ModelError(f"{path} takes input {shape}; model.json says image_size {run.image_size}")
-        if np.dtype(detail["dtype"]) != np.float32:
-            raise ModelError(f"{path} takes {np.dtype(detail['dtype'])} input; histod serves float32 models")
-        self._batch = -1
-        self.threads = max(1, threads)
+        model = LiteRTModel(data, threads=threads, max_chunk=MAX_CHUNK, name=str(path))
+        if model.image_size != run.image_size:
+            raise ModelError(f"{path} takes input {model.input_shape}; model.json says image_size {run.image_size}")
+        if model.input_dtype != np.float32:
+            raise ModelError(f"{path} takes {model.input_dtype} input; histod serves float32 models")
+        self._model = model
+        self.threads = model.threads
 
     def _infer(self, x: NDArray[np.float32]) -> NDArray[np.float32]:
-        if x.shape[0] != self._batch:
-            try:
-                self._interp.resize_tensor_input(self._input, list(x.shape), strict=False)
-                self._interp.allocate_tensors()
-            except (ValueError, RuntimeError) as exc:
-                self._batch = -1
-                raise ModelError(f"{self.model_path}: cannot resize the input to {list(x.shape)}: {exc}") from exc
-            self._batch = x.shape[0]
-        self._interp.set_tensor(self._input, x)
-        self._interp.invoke()
-        return np.asarray(self._interp.get_tensor(self._output), dtype=np.float32).reshape(-1)
+        return self._model.predict(x)
 
 
 class KerasEngine(Engine):

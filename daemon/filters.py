@@ -2,6 +2,8 @@
 
 A filter is a small callable: ``ImageFilter(extensions, ignore_patterns)(path) -> bool``. It looks at the
 name only (never the file system), so it is cheap enough to run on every event and every reconcile entry.
+:meth:`ImageFilter.in_tree` applies it to a path in a subfolder: folders are walked into whatever their name,
+unless it matches an ignore pattern.
 """
 
 from __future__ import annotations
@@ -40,6 +42,15 @@ class ImageFilter:
     def ignored(self, name: str) -> bool:
         """True when ``name`` matches one of the ignore patterns."""
         return any(fnmatch.fnmatchcase(name, pattern) for pattern in self.ignore_patterns)
+
+    def in_tree(self, root: Path, path: Path) -> bool:
+        """``path``, somewhere under ``root``, is taken: its name passes, and no folder between ``root`` and it
+        matches an ignore pattern (a hidden folder is an upload in progress: nothing in it is taken)."""
+        try:
+            parts = path.relative_to(root).parts
+        except ValueError:
+            return False
+        return bool(parts) and not any(self.ignored(part) for part in parts[:-1]) and self(path)
 
     def __call__(self, path: Path) -> bool:
         name = path.name

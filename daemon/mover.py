@@ -11,27 +11,73 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection, Sequence
 from datetime import datetime
 from pathlib import Path
 
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
+
+Identity = tuple[int, int, int, int]
+"""(st_dev, st_ino, st_size, st_mtime_ns) of an entry, by lstat: the file that was read is the file moved"""
+
+
+class SourceReplacedError(Exception):
+    """The entry at the source is no longer the one that was read (another inode, size or mtime): nothing moved."""
+
+
+def identity_of(st: os.stat_result) -> Identity:
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def identity(path: Path) -> Identity | None:
+    """The entry's :data:`Identity` now; None when nothing is there (or it cannot be looked at)."""
+    try:
+        return identity_of(os.lstat(path))
+    except OSError:
+        return None
 
 
 def dated_dir(root: Path, when: datetime) -> Path:
     return root / when.strftime("%Y-%m-%d")
 
 
+NAME_MAX = 255
+"""the longest file name (one path component) Linux file systems take, in bytes of the file-system encoding"""
+
+
+def name_bytes(name: str) -> int:
+    return len(os.fsencode(name))
+
+
+def fit_name(stem: str, tail: str = "") -> str:
+    """``stem + tail``, the stem cut at a character boundary so that the whole fits in NAME_MAX bytes."""
+    room = NAME_MAX - name_bytes(tail)
+    if name_bytes(stem) <= room:
+        return stem + tail
+    kept: list[str] = []
+    used = 0
+    for ch in stem:
+        used += name_bytes(ch)
+        if used > room:
+            break
+        kept.append(ch)
+    return "".join(kept) + tail
+
+
 def candidates(folder: Path, name: str) -> Callable[[int], Path]:
-    """``name``, then ``stem-1.ext``, ``stem-2.ext``, ... in ``folder``."""
+    """``name``, then ``stem-1.ext``, ``stem-2.ext``, ... in ``folder``; each cut to fit in NAME_MAX bytes (the
+    stem is shortened, the suffix kept)."""
     dot = name.rfind(".")
     stem, suffix = (name[:dot], name[dot:]) if dot > 0 else (name, "")
+    if name_bytes(suffix) > NAME_MAX // 4:  # not an extension: a dot somewhere in a long name
+        stem, suffix = name, ""
 
     def nth(n: int) -> Path:
-        return folder / (name if n == 0 else f"{stem}-{n}{suffix}")
+        return folder / fit_name(stem, suffix if n == 0 else f"-{n}{suffix}")
 
     return nth
 
@@ -45,6 +91,23 @@ def plan_target(folder: Path, name: str, claimed: Callable[[Path], bool]) -> Pat
         if not os.path.lexists(path) and not claimed(path):
             return path
         n += 1
+
+
+def plan_tree_target(
+    folder: Path, parts: Sequence[str], taken: Callable[[Path], bool], pending: Collection[Path] = ()
+) -> Path:
+    """The target of a file found at ``parts`` (its path below the watch folder, as shown) under ``folder``:
+    each folder of ``parts`` where nothing but a folder is (on disk) and no file target is ``taken``, else its
+    next free name (``case-1``); then the first free name for the file (:func:`plan_target`) that is not a
+    folder some ``pending`` target lies in."""
+    base = folder
+    for part in parts[:-1]:
+        nth = candidates(base, part)
+        n = 0
+        while taken(nth(n)) or (os.path.lexists(nth(n)) and not stat.S_ISDIR(os.lstat(nth(n)).st_mode)):
+            n += 1
+        base = nth(n)
+    return plan_target(base, parts[-1], lambda p: taken(p) or any(p in t.parents for t in pending))
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -64,13 +127,17 @@ def _same_content(src: Path, dst: Path) -> bool:
         return False
 
 
-def move_file(src: Path, dst: Path) -> Path:
+def move_file(src: Path, dst: Path, *, expect: Identity | None = None) -> Path:
     """Move ``src`` to ``dst`` without overwriting; return where it went (``dst``, or the next free name when
-    an unrelated file is already at ``dst``). Raises OSError (permissions, disk full); ``src`` is then intact."""
+    an unrelated file is already at ``dst``). Raises OSError (permissions, disk full); ``src`` is then intact.
+    With ``expect`` (the identity of what was read), raises SourceReplacedError when another file is at ``src`` now,
+    also when it is renamed over ``src`` while the move runs; and never removes a file that replaced ``src``."""
     dst.parent.mkdir(parents=True, exist_ok=True)
     with contextlib.suppress(FileNotFoundError):
         _temporary(dst).unlink()  # a copy left by a process killed in the middle of _copy_across
     src_st = os.lstat(src)
+    if expect is not None and identity_of(src_st) != expect:
+        raise SourceReplacedError(f"{src} is not the file that was read")
     if os.path.lexists(dst):
         dst_st = os.lstat(dst)
         regular = stat.S_ISREG(src_st.st_mode) and stat.S_ISREG(dst_st.st_mode)
@@ -80,7 +147,7 @@ def move_file(src: Path, dst: Path) -> Path:
             and src_st.st_mtime_ns == dst_st.st_mtime_ns
             and _same_content(src, dst)
         ):
-            src.unlink()  # an earlier move got as far as the link (or copy): finish it
+            _unlink_if_same(src, src_st)  # an earlier move got as far as the link (or copy): finish it
             return dst
         dst = plan_target(dst.parent, dst.name, lambda _p: False)
     if stat.S_ISDIR(src_st.st_mode):
@@ -95,15 +162,31 @@ def move_file(src: Path, dst: Path) -> Path:
             src.rename(dst)
             return dst
         raise
-    src.unlink()
+    if not _same_file(os.lstat(dst), src_st):  # replaced between the lstat and the link: that is not ours
+        dst.unlink()
+        raise SourceReplacedError(f"{src} was replaced while it was moved")
+    _unlink_if_same(src, src_st)
     return dst
+
+
+def _unlink_if_same(src: Path, src_st: os.stat_result) -> None:
+    """Remove ``src`` unless another file took its name since ``src_st`` (that one is a new arrival)."""
+    try:
+        if _same_file(os.lstat(src), src_st):
+            src.unlink()
+    except FileNotFoundError:
+        pass
 
 
 def _temporary(dst: Path) -> Path:
     """The hidden name a copy across filesystems is written under before it is linked to ``dst``. One name per
     target (targets are unique, and one service runs per data folder), so a retry after a crash finds and
-    removes what the killed attempt left."""
-    return dst.with_name(f".{dst.name}.histod.tmp")
+    removes what the killed attempt left. A target name too long for ``.{name}.histod.tmp`` gets a digest of
+    its name instead."""
+    name = f".{dst.name}.histod.tmp"
+    if name_bytes(name) > NAME_MAX:
+        name = f".{hashlib.sha256(os.fsencode(dst.name)).hexdigest()[:40]}.histod.tmp"
+    return dst.with_name(name)
 
 
 def _copy_across(src: Path, dst: Path, src_st: os.stat_result) -> Path:
@@ -114,9 +197,11 @@ def _copy_across(src: Path, dst: Path, src_st: os.stat_result) -> Path:
         shutil.copy2(src, tmp, follow_symlinks=False)
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
+        if identity(src) != identity_of(src_st) or tmp.stat().st_size != src_st.st_size:
+            raise SourceReplacedError(f"{src} was replaced while it was copied")
         os.link(tmp, dst)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
-    src.unlink()
+    _unlink_if_same(src, src_st)
     return dst

@@ -183,7 +183,7 @@ class Supervisor:
             try:
                 observer, close_write = self._make(polling)
                 self.events = queue.SimpleQueue()
-                observer.schedule(_QueueHandler(self.events), str(self.watch_dir), recursive=False, event_filter=EVENTS)
+                observer.schedule(_QueueHandler(self.events), str(self.watch_dir), recursive=True, event_filter=EVENTS)
                 observer.start()
             except OSError as exc:
                 if observer is not None:

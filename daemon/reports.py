@@ -85,6 +85,10 @@ def _num(value: float | None, fmt: str, unit: str = "") -> str:
     return "-" if value is None else f"{value:{fmt}}{unit}"
 
 
+def _counts(by_reason: dict[str, int]) -> str:
+    return " (" + ", ".join(f"{k} {v}" for k, v in sorted(by_reason.items())) + ")" if by_reason else ""
+
+
 def format_summary(summary: Summary) -> str:
     """The report as text, for a terminal."""
     lines = [
@@ -101,5 +105,13 @@ def format_summary(summary: Summary) -> str:
         f"p95 {_num(summary.latency_p95_ms, '.1f', ' ms')}",
         f"  throughput  {_num(summary.throughput_per_s, '.1f', ' images/s')}",
         "  models      " + (", ".join(m[:12] for m in summary.models) or "-"),
+        "  unmoved     "
+        + f"{summary.moves_waiting} waiting for a move{_counts(summary.moves_waiting_by_reason)}"
+        + (
+            f", {sum(summary.moves_gone_by_reason.values())} gone before the move"
+            f"{_counts(summary.moves_gone_by_reason)}"
+            if summary.moves_gone_by_reason
+            else ""
+        ),
     ]
     return "\n".join(lines)

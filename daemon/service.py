@@ -1,13 +1,15 @@
-"""`histod serve`'s loop: the watcher's paths are batched (up to batch_size, waiting at most batch_timeout_ms)
-and each batch goes through the steps of histod.daemon.steps; :class:`Service` holds the little state that
-spans batches (targets claimed by moves in flight, moves to retry). See histod.daemon.app for start-up.
+"""The service's state across batches: :class:`Service` runs each batch through the steps of histod.daemon.steps
+and holds what spans batches (targets claimed by moves in flight, moves to retry, batches the database refused,
+files to take again). histod.daemon.loop feeds it; histod.daemon.app starts it.
+
+A file replaced after it was read (renamed over, or dropped again while its move waits for a retry) is not
+moved under the result of what was read: that result gets a final ``source replaced`` move, and the new content
+is taken again as a new event.
 """
 
 from __future__ import annotations
 
 import os
-import queue
-import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -19,8 +21,9 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
-from histod.daemon.intake import scan
+from histod.daemon.mover import identity
 from histod.daemon.steps import (
+    REPLACED,
     VANISHED,
     PlannedMove,
     Predictor,
@@ -32,8 +35,10 @@ from histod.daemon.steps import (
     save_moves,
     settle_claimed,
 )
+from histod.daemon.tree import remove_if_empty
 from histod.db.models import Move, utcnow
-from histod.errors import DatabaseError, WatchError
+from histod.db.paths import path_text
+from histod.errors import DatabaseError
 from histod.logs import get_logger
 
 if TYPE_CHECKING:
@@ -54,6 +59,25 @@ class _Retry:
     planned: PlannedMove
     attempts: int
     due: float
+
+
+def by_bytes(arrivals: Sequence[tuple[Path, datetime]], limit: int) -> list[list[tuple[Path, datetime]]]:
+    """``arrivals`` in order, cut into runs whose files' sizes (lstat, now) add up to at most ``limit`` bytes; a
+    file larger than ``limit`` is a run of its own. The bytes of a run are in memory together (read, hashed,
+    decoded), so this bounds what one batch holds."""
+    runs: list[list[tuple[Path, datetime]]] = []
+    total = 0
+    for arrival in arrivals:
+        try:
+            size = os.lstat(arrival[0]).st_size
+        except OSError:
+            size = 0
+        if not runs or total + size > limit:
+            runs.append([])
+            total = 0
+        runs[-1].append(arrival)
+        total += size
+    return runs
 
 
 class Service:
@@ -79,6 +103,9 @@ class Service:
         self.retrying: dict[Path, _Retry] = {}
         self.heartbeat: Callable[[], None] = lambda: None
         """called while a batch waits for a locked database (the service sets it to its watchdog ping)"""
+        self.guard: Callable[[], None] = lambda: None
+        """called before each record and before moving: raises DatabaseError when the database file was deleted
+        or replaced (histod.db.session.FileGuard), so that nothing is moved for rows no one can read"""
         self.claims = claims
         """several services on one database: each file is claimed before it is read (histod.daemon.claims)"""
         self.unsaved: list[tuple[Move, Path | None]] = []
@@ -88,21 +115,32 @@ class Service:
         """files of batches the database refused: still in the watch folder, taken again after a while"""
         self.deferred_attempts = 0
         self.deferred_due = 0.0
+        self.emptied: set[Path] = set()
+        """case folders (below the watch folder) that moves took files out of: removed once empty and quiet"""
+        self.tidy_due = 0.0
+        self.again: dict[Path, datetime] = {}
+        """files whose name now holds other content than what was read: taken again as new events"""
         self.files = 0
 
     def process(self, arrivals: Sequence[tuple[Path, datetime]]) -> int:
         """Run one batch; returns how many files were recorded or moved."""
         first: dict[Path, datetime] = {}
         for path, received in arrivals:
-            if path not in self.retrying:
-                first.setdefault(path, received)
-                self.deferred.pop(path, None)
+            if path in self.retrying and not self._replaced_while_waiting(path):
+                continue  # its move is retried later
+            first.setdefault(path, received)
+            self.deferred.pop(path, None)
+            self.again.pop(path, None)
         arrivals = list(first.items())
         if arrivals and self.claims is not None:
             held = self.claims.take(p for p, _ in arrivals)  # another service's files are dropped here
             arrivals = [a for a in arrivals if a[0] in held]
         if not arrivals:
             return 0
+        return sum(self._steps(chunk) for chunk in by_bytes(arrivals, self.settings.max_batch_bytes))
+
+    def _steps(self, arrivals: Sequence[tuple[Path, datetime]]) -> int:
+        """intake -> classify -> record -> move for files whose bytes fit in memory together."""
         fresh, recover = intake(arrivals, self.factory, max_bytes=self.settings.max_file_bytes, pool=self.pool)
         if self.claims is not None:
             read = {t.path for t in fresh} | {m.source for m in recover}
@@ -110,6 +148,8 @@ class Service:
         planned = list(recover)
         if fresh:
             outcomes = classify(fresh, self.predictor, self.pool, max_pixels=self.settings.max_pixels)
+            del fresh  # the files' bytes: decoded, no longer needed while the batch waits for the database
+            self.guard()
             planned += record(
                 self.factory,
                 outcomes,
@@ -120,6 +160,7 @@ class Service:
                 claimed=self.claimed,
                 on_wait=self.heartbeat,
                 claims=self.claims,
+                watch_dir=self.settings.resolved_watch_dir,
             )
         self._move(planned, attempts=0)
         self.files += len(planned)
@@ -154,6 +195,60 @@ class Service:
                 self.defer(batch[start:], exc)
                 return
         self.deferred_attempts = 0
+
+    def take_again(self) -> None:
+        """Process the files whose name was taken by other content while they waited (see :meth:`_move`)."""
+        batch = list(self.again.items())
+        self.again.clear()
+        for start in range(0, len(batch), self.settings.batch_size):
+            chunk = batch[start : start + self.settings.batch_size]
+            try:
+                self.process(chunk)
+            except DatabaseError as exc:
+                self.defer(chunk, exc)
+
+    def tidy(self) -> None:
+        """Remove the case folders that moves emptied, once they have been empty and unchanged for
+        reconcile_interval_s (an upload between two files of a case keeps its folder); then their parents."""
+        if not self.emptied or self.clock() < self.tidy_due:
+            return
+        self.tidy_due = self.clock() + 1.0
+        root, now = self.settings.resolved_watch_dir, time.time()
+        for folder in sorted(self.emptied, key=lambda p: -len(p.parts)):
+            removed = remove_if_empty(folder, root, quiet_s=self.settings.reconcile_interval_s, now=now)
+            if removed is None:
+                continue
+            self.emptied.discard(folder)
+            if removed:
+                log.debug("watch.folder_removed", folder=path_text(folder))
+                if folder.parent != root:
+                    self.emptied.add(folder.parent)
+
+    def _replaced_while_waiting(self, path: Path) -> bool:
+        """A file arrived under the name of one whose move waits for a retry. The same entry: False (the retry
+        moves it). Another one: the waiting result is closed as replaced, and True (the arrival is new)."""
+        planned = self.retrying[path].planned
+        now = identity(path)
+        if planned.identity is None or now is None or now == planned.identity:
+            return False
+        del self.retrying[path]
+        self.claimed.discard(planned.target)
+        self._save(
+            [
+                (
+                    Move(
+                        result_id=planned.result_id,
+                        at=utcnow(),
+                        ok=False,
+                        path=path_text(planned.target),
+                        error=REPLACED,
+                    ),
+                    None,
+                )
+            ]
+        )
+        log.warning("image.replaced", path=path_text(path), **planned.line, stored=None)
+        return True
 
     def retry_moves(self, *, force: bool = False) -> None:
         if self.unsaved:
@@ -204,113 +299,34 @@ class Service:
     def _retry_later(self, p: PlannedMove, attempts: int, target: str, error: str | None) -> None:
         wait = MOVE_RETRY_S[min(attempts, len(MOVE_RETRY_S) - 1)]
         self.retrying[p.source] = _Retry(p, attempts + 1, self.clock() + wait)
-        log.error("image.move_failed", path=str(p.source), **p.line, target=target, error=error, retry_in_s=wait)
+        log.error("image.move_failed", path=path_text(p.source), **p.line, target=target, error=error, retry_in_s=wait)
 
     def _move(self, planned: Sequence[PlannedMove], *, attempts: int) -> None:
+        if planned:
+            self.guard()
         if self.claims is not None and planned:
             try:  # only the holder moves: a claim taken over meanwhile leaves the file to its new holder
                 mine = self.claims.ensure([p.source for p in planned])
             except DatabaseError as exc:
                 for p in planned:
-                    self._retry_later(p, attempts, str(p.target), f"claim not confirmed: {exc}")
+                    self._retry_later(p, attempts, path_text(p.target), f"claim not confirmed: {exc}")
                 return
             planned = [p for p in planned if p.source in mine]
         moves = [move(p) for p in planned]
         final = [m.ok or m.error == VANISHED for m in moves]
         self._save([(m, p.source if done else None) for p, m, done in zip(planned, moves, final, strict=True)])
         for p, m in zip(planned, moves, strict=True):
-            line = {"path": str(p.source), **p.line}
+            line = {"path": path_text(p.source), **p.line}
             if m.ok:
                 self.claimed.discard(p.target)
+                self.emptied.add(p.source.parent)  # the watch folder itself is never removed (tidy)
                 log.info("image", **line, stored=m.path)
             elif m.error == VANISHED:
                 self.claimed.discard(p.target)
                 log.warning("image.vanished", **line, stored=None)
+            elif m.error == REPLACED:  # the content read is gone; what is there now is a new event
+                self.claimed.discard(p.target)
+                self.again[p.source] = utcnow()
+                log.warning("image.replaced", **line, stored=None)
             else:
                 self._retry_later(p, attempts, m.path, m.error)
-
-
-# --- the loop --------------------------------------------------------------------------------------------
-def collect(
-    inbox: queue.Queue[tuple[Path, datetime]], size: int, timeout_s: float, wait_s: float = 0.5
-) -> list[tuple[Path, datetime]]:
-    """Up to ``size`` arrivals: wait up to ``wait_s`` for the first, then up to ``timeout_s`` for the rest."""
-    try:
-        batch = [inbox.get(timeout=wait_s)]
-    except queue.Empty:
-        return []
-    deadline = time.monotonic() + timeout_s
-    while len(batch) < size:
-        left = deadline - time.monotonic()
-        try:
-            batch.append(inbox.get(timeout=left) if left > 0 else inbox.get_nowait())
-        except queue.Empty:
-            break
-    return batch
-
-
-def run_loop(
-    service: Service,
-    watch: Callable[[threading.Event], Any],
-    stop: threading.Event,
-    *,
-    on_tick: Callable[[], None],
-) -> None:
-    """Feed the watcher's batches through ``service`` until ``stop`` is set; the batch in flight finishes."""
-    inbox: queue.Queue[tuple[Path, datetime]] = queue.Queue()
-    died: list[BaseException] = []
-    feeder_stop = threading.Event()
-
-    def feed() -> None:
-        try:
-            for paths in watch(feeder_stop):
-                now = utcnow()
-                for path in paths:
-                    inbox.put((path, now))
-        except BaseException as exc:
-            died.append(exc)
-
-    thread = threading.Thread(target=feed, name="histod-watch", daemon=True)
-    thread.start()
-    settings = service.settings
-    try:
-        while not stop.is_set():
-            on_tick()
-            if died or not thread.is_alive():
-                error = died[0] if died else None
-                raise WatchError(f"the watcher stopped: {error}") from error
-            # a short wait for the first file keeps ticks (READY, watchdog, reports) prompt
-            batch = collect(inbox, settings.batch_size, settings.batch_timeout_ms / 1000, wait_s=0.1)
-            if batch and not stop.is_set():
-                try:
-                    service.process(batch)
-                except DatabaseError as exc:
-                    service.defer(batch, exc)  # the files stay in the watch folder; raised unless passing
-            elif batch:
-                break  # stopping: what was not started stays in the watch folder for the next start
-            service.retry_deferred()
-            service.retry_moves()
-            service.sweep()
-    finally:
-        feeder_stop.set()
-        thread.join(timeout=5)
-
-
-def run_once(
-    service: Service, watch_dir: Path, accept: Callable[[Path], bool], stop: threading.Event, rounds: int = 5
-) -> int:
-    """Process what is in the watch folder now; files written in the last stable_ms are waited for (a few
-    rounds at most, so a folder that never stops changing still ends). Returns the files handled."""
-    settings = service.settings
-    handled = 0
-    for _ in range(rounds):
-        paths, wait = scan(watch_dir, accept, settle_s=settings.stable_ms / 1000, now=time.time())
-        for start in range(0, len(paths), settings.batch_size):
-            if stop.is_set():
-                return handled
-            now = utcnow()
-            handled += service.process([(p, now) for p in paths[start : start + settings.batch_size]])
-        if wait is None or stop.wait(wait + 0.01):
-            break
-    service.retry_moves(force=True)
-    return handled

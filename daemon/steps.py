@@ -16,7 +16,7 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -27,10 +27,11 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from histod import LABELS
 from histod.daemon.intake import Taken, take
-from histod.daemon.mover import dated_dir, move_file, plan_target
+from histod.daemon.mover import Identity, SourceReplacedError, dated_dir, move_file, plan_tree_target
 from histod.db import chain, queries
 from histod.db import claims as claim_rows
-from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
+from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
+from histod.db.paths import display, path_text, text_path
 from histod.db.session import reading, transaction
 from histod.errors import DatabaseError, ImageError
 from histod.imaging import decode
@@ -41,8 +42,8 @@ if TYPE_CHECKING:
 
 log: Any = get_logger("histod.service")
 
-VANISHED = "source vanished"
-"""the error of a Move whose file disappeared before it could be moved (nothing to retry)"""
+VANISHED = MOVE_VANISHED
+REPLACED = MOVE_REPLACED
 
 RECORD_RETRIES = (0.2, 0.5, 1.0, 2.0, 4.0)
 """seconds to wait before each new attempt when the database refuses a batch (locked past the busy timeout)"""
@@ -81,6 +82,8 @@ class PlannedMove:
     target: Path
     line: dict[str, Any]
     """the file's canonical log line, completed once the move is done"""
+    identity: Identity | None = None
+    """the entry that was read: another one at ``source`` is not moved under this result (it is a new event)"""
 
 
 # --- the steps -------------------------------------------------------------------------------------------
@@ -100,32 +103,49 @@ def intake(
     read = list(pool.map(one, arrivals)) if pool is not None else [one(a) for a in arrivals]
     fresh: list[Taken] = []
     recover: list[PlannedMove] = []
+    gone: list[Move] = []
     with reading(factory) as session:
         for taken in read:
             if taken is None:
                 continue
             path = taken.path
-            row = queries.find_unmoved(session, str(path), taken.sha256)
+            row = queries.find_unmoved(session, path_text(path), taken.sha256)
             if row is None:
                 fresh.append(taken)
+                older = queries.unmoved_at(session, path_text(path))
+                if older is not None:  # an earlier file of this name, recorded, never moved: where is it?
+                    gone.append(_whereabouts(older))
             else:
                 line = {"result_id": row.id, "status": row.status, "label": row.label, "recovered": True}
-                recover.append(PlannedMove(row.id, path, Path(row.stored_path), line))
+                recover.append(PlannedMove(row.id, path, text_path(row.stored_path), line, taken.identity))
+    if gone:
+        save_moves(factory, gone)
     return fresh, recover
+
+
+def _whereabouts(row: Result) -> Move:
+    """The Move of a recorded file whose name now holds other content: at its target (moved, the move not
+    recorded), else replaced before it could be moved."""
+    stored = text_path(row.stored_path)
+    if os.path.lexists(stored):
+        return Move(result_id=row.id, at=utcnow(), ok=True, path=row.stored_path, error=None)
+    log.warning("image.replaced", path=row.original_path, result_id=row.id, stored=None)
+    return Move(result_id=row.id, at=utcnow(), ok=False, path=row.stored_path, error=REPLACED)
 
 
 def classify(
     batch: Sequence[Taken], predictor: Predictor, pool: ThreadPoolExecutor, *, max_pixels: int
 ) -> list[Outcome]:
-    """Decode in the pool, then one predict call for every image that decoded."""
+    """Decode in the pool, then one predict call for every image that decoded. The outcomes no longer hold
+    the files' bytes (only what is recorded), so that the caller can let them go."""
 
     def one(taken: Taken) -> NDArray[np.uint8] | ImageError:
         if taken.error is not None or taken.data is None:
             return taken.error or ImageError("unreadable", f"{taken.path} could not be read")
         try:
-            return decode(taken.data, predictor.image_size, max_pixels=max_pixels, name=str(taken.path))
-        except ImageError as exc:
-            return exc
+            return decode(taken.data, predictor.image_size, max_pixels=max_pixels, name=display(taken.path))
+        except ImageError as exc:  # kept for its reason and message only: its traceback would hold the bytes
+            return ImageError(exc.reason, str(exc.args[0]))
 
     decoded = list(pool.map(one, batch))
     good: dict[int, NDArray[np.uint8]] = {i: d for i, d in enumerate(decoded) if not isinstance(d, ImageError)}
@@ -138,17 +158,25 @@ def classify(
     outcomes = []
     for i, taken in enumerate(batch):
         d = decoded[i]
-        outcomes.append(Outcome(taken, done, probabilities.get(i), d if isinstance(d, ImageError) else None))
+        error = d if isinstance(d, ImageError) else None
+        outcomes.append(Outcome(replace(taken, data=None), done, probabilities.get(i), error))
     return outcomes
 
 
-def to_result(outcome: Outcome, served: Served, host: str, stored: Path) -> Result:
+def shown_parts(path: Path, watch_dir: Path | None) -> list[str]:
+    """``path`` below ``watch_dir`` (its name alone when it is not below it), each part as shown
+    (histod.db.paths.display): the row's name is these joined with ``/``, the target keeps them as folders."""
+    relative = path.relative_to(watch_dir) if watch_dir is not None and watch_dir in path.parents else Path(path.name)
+    return [display(part) for part in relative.parts]
+
+
+def to_result(outcome: Outcome, served: Served, host: str, stored: Path, name: str | None = None) -> Result:
     taken = outcome.taken
     ok = outcome.error is None and outcome.p is not None
     p = outcome.p if ok else None
     return Result(
-        original_path=str(taken.path),
-        name=taken.path.name,
+        original_path=path_text(taken.path),
+        name=name if name is not None else display(taken.path.name),
         sha256=taken.sha256,
         size_bytes=taken.size_bytes,
         received_at=taken.received_at,
@@ -163,9 +191,9 @@ def to_result(outcome: Outcome, served: Served, host: str, stored: Path) -> Resu
         run_id=served.run_id,
         engine=served.engine,
         error_reason=outcome.error.reason if outcome.error is not None else None,
-        error=str(outcome.error.args[0]) if outcome.error is not None else None,
+        error=display(str(outcome.error.args[0])) if outcome.error is not None else None,
         host=host,
-        stored_path=str(stored),
+        stored_path=path_text(stored),
     )
 
 
@@ -181,8 +209,10 @@ def record(
     retries: Sequence[float] = RECORD_RETRIES,
     on_wait: Callable[[], None] | None = None,
     claims: Claims | None = None,
+    watch_dir: Path | None = None,
 ) -> list[PlannedMove]:
-    """One transaction: a row per outcome, each naming its unique target. Retried while the database is
+    """One transaction: a row per outcome, each naming its unique target: ``<root>/YYYY-MM-DD/`` and the
+    file's path below ``watch_dir`` (case folders are kept). Retried while the database is
     locked; raises DatabaseError when it stays unavailable (the files are then still in the watch folder).
 
     The write lock is taken first, so that targets are planned against every committed row, whichever service
@@ -202,17 +232,19 @@ def record(
                 taken_here: set[Path] = set()
 
                 def is_claimed(path: Path, s: Session = session, mine: set[Path] = taken_here) -> bool:
-                    return path in claimed or path in mine or queries.stored_path_taken(s, str(path))
+                    return path in claimed or path in mine or queries.stored_path_taken(s, path_text(path))
 
                 for o in mine:
                     root = processed_dir if o.error is None and o.p is not None else failed_dir
-                    target = plan_target(dated_dir(root, o.taken.received_at), o.taken.path.name, is_claimed)
+                    parts = shown_parts(o.taken.path, watch_dir)
+                    folder = dated_dir(root, o.taken.received_at)
+                    target = plan_tree_target(folder, parts, is_claimed, pending=claimed | taken_here)
                     taken_here.add(target)
-                    planned.append((to_result(o, served, host, target), target))
+                    planned.append((to_result(o, served, host, target, "/".join(parts)), target))
                 rows = queries.record_results(session, [r for r, _ in planned])
                 moves = [
-                    PlannedMove(row.id, Path(row.original_path), target, _line(row))
-                    for row, (_, target) in zip(rows, planned, strict=True)
+                    PlannedMove(row.id, o.taken.path, target, _line(row), o.taken.identity)
+                    for row, o, (_, target) in zip(rows, mine, planned, strict=True)
                 ]
             claimed.update(m.target for m in moves)
             return moves
@@ -242,15 +274,18 @@ def _line(row: Result) -> dict[str, Any]:
 
 def move(planned: PlannedMove) -> Move:
     """Move one file; the outcome is a Move event (never raises for an OS error)."""
+    target = path_text(planned.target)
     try:
-        where = move_file(planned.source, planned.target)
+        where = move_file(planned.source, planned.target, expect=planned.identity)
+    except SourceReplacedError:
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=REPLACED)
     except FileNotFoundError as exc:
         if exc.filename is not None and Path(exc.filename) == planned.source:
-            return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=VANISHED)
-        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=str(exc))
+            return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=VANISHED)
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=display(str(exc)))
     except OSError as exc:
-        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=str(planned.target), error=str(exc))
-    return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=str(where), error=None)
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=display(str(exc)))
+    return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=path_text(where), error=None)
 
 
 def save_moves(
@@ -284,7 +319,8 @@ def save_moves(
 
 def settle_moves(factory: sessionmaker[Session], page: int = 1000, *, shared: bool = False) -> int:
     """At start-up: record the moves that happened but were not recorded (the process stopped between the
-    move and its Move row), so that the moves table says where every file is. Returns how many. With ``shared``
+    move and its Move row), and the files that disappeared from the watch folder before their move, so that the
+    moves table says where every file is. Returns how many. With ``shared``
     (several services on one database), files some service has a claim on are left to that claim."""
     found: list[tuple[Move, str]] = []
     after = 0
@@ -295,9 +331,12 @@ def settle_moves(factory: sessionmaker[Session], page: int = 1000, *, shared: bo
             break
         after = batch[-1].id
         for row in batch:
-            original, stored = Path(row.original_path), Path(row.stored_path)
-            if not os.path.lexists(original) and os.path.lexists(stored):
-                found.append((Move(result_id=row.id, ok=True, path=str(stored), error=None), row.original_path))
+            original, stored = text_path(row.original_path), text_path(row.stored_path)
+            if os.path.lexists(original):
+                continue  # still in the watch folder: intake moves it (or takes other content as a new event)
+            there = os.path.lexists(stored)
+            error = None if there else VANISHED  # neither here nor there: removed while the service was down
+            found.append((Move(result_id=row.id, ok=there, path=row.stored_path, error=error), row.original_path))
     if not found:
         return 0
     if not shared:
@@ -330,8 +369,8 @@ def settle_claimed(factory: sessionmaker[Session], paths: Sequence[Path], claims
         held = claims.hold(session, paths)
         found: list[Move] = []
         for path in sorted(held):
-            row = queries.unmoved_at(session, str(path))
-            if row is not None and not os.path.lexists(path) and os.path.lexists(row.stored_path):
+            row = queries.unmoved_at(session, path_text(path))
+            if row is not None and not os.path.lexists(path) and os.path.lexists(text_path(row.stored_path)):
                 found.append(Move(result_id=row.id, ok=True, path=row.stored_path, error=None))
         queries.record_moves(session, found)
         claims.release(session, sorted(held))

@@ -4,29 +4,37 @@
     for paths in watcher.watch(stop_event):      # list[Path], never empty, no repeats within a batch
         handle(paths)
 
-When is a file complete?
+When is a file complete? Never while some process has it open for writing, when that can be known
+(:mod:`histod.daemon.complete`: checked before any file is yielded, whatever made it ready). Besides:
     * Linux (inotify): on close-after-write (``FileClosedEvent``; IN_CLOSE_WRITE is sent only for a file that
       was opened for writing, so the service reading a file does not trigger it), or when it is renamed or moved
       into the folder (the atomic-rename upload: write ``x.part``, rename to ``x.png``). A regular file seen being
       written waits for its close; only if that never comes (events lost) is it taken once unchanged for
-      ``close_timeout_s``.
+      ``close_timeout_s`` (and then only if it is not known to be still open: a writer that is only slow is
+      waited for, with a ``watch.still_open`` warning).
     * Everywhere else, for the polling observer (NFS/SMB), for entries that are not regular files (symlinks,
       FIFOs, directories), for hard links and for everything found by a reconcile scan: once its ``lstat``
       (size, mtime, inode, type) is unchanged for ``stable_ms``.
 
 Reconcile: at start, after an observer restart, after an inotify queue overflow and every
-``reconcile_interval_s`` the folder is listed and every matching entry is queued (through the stability rule).
+``reconcile_interval_s`` the folder is listed and every matching entry is queued: through the stability rule,
+except a regular file in close-write mode that is open for writing, or whose writers cannot be known and that
+changed less than ``close_timeout_s`` ago: that one waits for its close-after-write (or ``close_timeout_s``
+since it last changed), as a file seen being written does.
 Only the periodic scan re-yields a path that was already yielded and is unchanged and still there, and only
 when it was yielded at least one interval earlier (so that a file the consumer could not move is retried, but
 files still queued in the consumer are not repeated at once); otherwise a path is yielded again only after it
 changed (new inode, size or mtime). The consumer must still tolerate repeats.
 
 Decisions:
-    * Subfolders are NOT watched: the service moves files to ``processed/`` and ``failed/`` beside the watch
-      folder, and a non-recursive watch cannot see them even when they are placed inside it.
-    * Symlinks, FIFOs, sockets and directories whose names pass the filter are yielded once stable, without
+    * The folder is a tree (one folder per case): subfolders are watched and walked, whatever their names (a
+      folder named ``slides.png`` is a folder), except those matching an ignore pattern (``.upload/``: nothing
+      in it is taken) and symlinked ones (never followed). A folder moved in brings complete files, like a
+      renamed file; the files of a new folder are found by a scan of it, then by their events.
+    * Symlinks, FIFOs and sockets whose names pass the filter are yielded once stable, without
       being followed or opened (only ``lstat``), so that the service can record them as failed with a reason
-      (``symlink``, ``not_a_file``) and move them aside. Nothing here ever opens a watched entry.
+      (``symlink``, ``not_a_file``) and move them aside. Only regular files are opened here, read-only, without
+      following a link and without reading, for the lease that tells whether a writer has them open.
     * The watch folder is resolved (``realpath``) once: yielded paths are under the resolved folder.
     * The observer (and its emitter threads) is checked on every loop; when one died, ``watch.observer_died``
       is logged, the observer is restarted and the folder reconciled; more than ``max_restarts`` deaths within
@@ -43,7 +51,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -60,8 +68,11 @@ from watchdog.events import (
     FileSystemEvent,
 )
 
+from histod.daemon.complete import open_for_writing
 from histod.daemon.filters import ImageFilter
 from histod.daemon.observer import OVERFLOW_LOGGER, OverflowHook, Supervisor
+from histod.daemon.tree import walk
+from histod.db.paths import path_text
 from histod.errors import WatchError
 from histod.logs import get_logger
 
@@ -70,7 +81,6 @@ if TYPE_CHECKING:
 
     from histod.settings import Settings
 
-PathFilter = Callable[[Path], bool]
 _Sig = tuple[int, int, int, int]  # (st_mode, st_ino, st_size, st_mtime_ns) from lstat
 
 _MAX_DRAIN = 100_000  # events handled per loop at most, so that stop_event is still looked at in a flood
@@ -82,6 +92,7 @@ class _Pending:
     since: float  # monotonic time at which ``sig`` was first seen
     needs_close: bool  # close-write mode: a regular file seen being written; wait for its close
     rescan: bool  # queued by a reconcile scan: may be yielded again although already yielded
+    warned: bool = False  # watch.still_open was logged
 
 
 def _lstat_sig(path: Path) -> tuple[_Sig, os.stat_result]:
@@ -95,7 +106,7 @@ class Watcher:
     def __init__(
         self,
         watch_dir: Path,
-        filter: PathFilter,  # the watchfiles name, although it shadows a builtin
+        filter: ImageFilter,  # the watchfiles name, although it shadows a builtin
         *,
         polling: bool = False,
         poll_interval_ms: int = 1000,
@@ -238,43 +249,77 @@ class Watcher:
             self._on_event(event)
             handled += 1
 
-    def _child(self, raw: bytes | str) -> Path | None:
+    def _under(self, raw: bytes | str) -> Path | None:
+        """The event's path when it is somewhere under the watch folder (not the folder itself)."""
         if not raw:
             return None
         path = Path(os.fsdecode(raw))
-        return path if path.parent == self.watch_dir else None
+        return path if self.watch_dir in path.parents else None
+
+    def _taken(self, path: Path) -> bool:
+        return self.filter.in_tree(self.watch_dir, path)
+
+    def _walked(self, folder: Path) -> bool:
+        """A folder under the watch folder whose files are taken (no part of its path is ignored)."""
+        return not any(self.filter.ignored(part) for part in folder.relative_to(self.watch_dir).parts)
 
     def _on_event(self, event: FileSystemEvent) -> None:
-        src = self._child(event.src_path)
+        src = self._under(event.src_path)
+        folder = isinstance(event, DirDeletedEvent | DirMovedEvent)
         if isinstance(event, FileDeletedEvent | DirDeletedEvent):
             if src is not None:
-                self._forget(src)
+                self._forget(src, folder=folder)
         elif isinstance(event, FileMovedEvent | DirMovedEvent):
             if src is not None:
-                self._forget(src)
-            dest = self._child(event.dest_path)
-            if dest is not None and self.filter(dest):
+                self._forget(src, folder=folder)
+            dest = self._under(event.dest_path)
+            if dest is None:
+                return
+            if folder:
+                if self._walked(dest):
+                    self._scan_folder(dest, arrived=True)
+            elif self._taken(dest):
                 self._mark_ready(dest)  # a rename is atomic: what arrives by rename is complete
-        elif src is None or not self.filter(src):
+        elif src is None:
+            return
+        elif isinstance(event, DirCreatedEvent):
+            if self._walked(src):
+                self._scan_folder(src, arrived=False)  # what was written before the new folder was watched
+        elif not self._taken(src):
             return
         elif isinstance(event, FileClosedEvent):
             self._mark_ready(src)
-        elif isinstance(event, FileCreatedEvent | FileModifiedEvent):
+        elif isinstance(event, FileCreatedEvent):
+            self._track(src, written=True, rescan=False, created=True)
+        elif isinstance(event, FileModifiedEvent):
             self._track(src, written=True, rescan=False)
-        elif isinstance(event, DirCreatedEvent):
-            self._track(src, written=False, rescan=False)
 
-    def _forget(self, path: Path) -> None:
-        self._pending.pop(path, None)
-        self._ready.pop(path, None)
-        self._yielded.pop(path, None)
+    def _scan_folder(self, folder: Path, *, arrived: bool) -> None:
+        """A folder that appeared (created, or moved in with its files: ``arrived``, complete like a renamed
+        file): queue the files in it."""
+        entries, _ = walk(folder, self.filter.ignored)
+        for path, _st in entries:
+            if self._taken(path):
+                if arrived:
+                    self._mark_ready(path)
+                else:
+                    self._track(path, written=False, rescan=False)
+
+    def _forget(self, path: Path, *, folder: bool = False) -> None:
+        """Forget ``path`` and, for a ``folder``, everything under it."""
+        known: dict[Path, Any]
+        for known in (self._pending, self._ready, self._yielded):
+            known.pop(path, None)
+            for inside in [p for p in known if path in p.parents] if folder else []:
+                del known[inside]
 
     def _mark_ready(self, path: Path, *, rescan: bool = False) -> None:
         self._pending.pop(path, None)
         self._ready[path] = self._ready.get(path, False) or rescan
 
-    def _track(self, path: Path, *, written: bool, rescan: bool) -> None:
-        """Queue ``path`` for the stability rule (or, in close-write mode, to wait for its close)."""
+    def _track(self, path: Path, *, written: bool, rescan: bool, created: bool = False) -> None:
+        """Queue ``path`` for the stability rule (or, in close-write mode, to wait for its close). ``written``: an
+        event says it is being written (``created``: the event is its creation); otherwise a scan found it."""
         try:
             sig, st = _lstat_sig(path)
         except FileNotFoundError:
@@ -282,9 +327,24 @@ class Watcher:
             return
         except OSError:
             sig, st = None, None
+        if st is not None and stat.S_ISDIR(st.st_mode):
+            return  # a folder is walked into, never taken
         # in close-write mode a regular, singly linked file being written will send its close
         regular = st is not None and stat.S_ISREG(st.st_mode) and st.st_nlink == 1
         wait_close = written and self._observers.close_write and regular
+        since = time.monotonic()
+        if self._observers.close_write and regular and st is not None and (created or not written):
+            writing = open_for_writing(path)
+            if created and writing is False:
+                # no writer: it came complete (a hard link, a file in a folder moved in) or is already closed
+                if path in self._ready:
+                    return
+                wait_close = False
+            elif not written:
+                # found by a scan, not by an event: it may have been opened for writing before the watch began
+                wait_close = writing is not False
+                if writing is None:  # cannot be known: its close, or close_timeout_s since it last changed
+                    since -= max(0.0, time.time() - st.st_mtime)
         if written and path in self._ready:
             del self._ready[path]  # written again after its close: wait for the next close
         elif path in self._ready:
@@ -292,7 +352,7 @@ class Watcher:
             return
         pending = self._pending.get(path)
         if pending is None:
-            self._pending[path] = _Pending(sig, time.monotonic(), wait_close, rescan)
+            self._pending[path] = _Pending(sig, since, wait_close, rescan)
         else:
             pending.needs_close = pending.needs_close or wait_close
             pending.rescan = pending.rescan or rescan
@@ -312,7 +372,12 @@ class Watcher:
             quiet = now - pending.since
             if pending.needs_close:
                 if quiet >= max(self.close_timeout_s, self.stable_s):
-                    self._log.warning("watch.close_write_missing", path=str(path), quiet_s=round(quiet, 1))
+                    if open_for_writing(path):  # its writer is still there, only slow: keep waiting
+                        if not pending.warned:
+                            self._log.warning("watch.still_open", path=path_text(path), quiet_s=round(quiet, 1))
+                        pending.since, pending.warned = now, True
+                        continue
+                    self._log.warning("watch.close_write_missing", path=path_text(path), quiet_s=round(quiet, 1))
                     self._mark_ready(path, rescan=pending.rescan)
             elif quiet >= self.stable_s:
                 self._mark_ready(path, rescan=pending.rescan)
@@ -322,9 +387,11 @@ class Watcher:
         now = time.monotonic()
         for path, rescan in self._ready.items():
             try:
-                sig, _ = _lstat_sig(path)
+                sig, st = _lstat_sig(path)
             except OSError:
                 continue  # gone again (or unreachable): its next event or scan brings it back
+            if stat.S_ISDIR(st.st_mode):
+                continue  # a folder now: walked into, never taken
             # already yielded, unchanged and still there: only a periodic scan repeats it, and only once it has
             # waited a whole interval (a file yielded moments ago is most likely still queued in the consumer)
             previous = self._yielded.get(path)
@@ -334,6 +401,9 @@ class Watcher:
                 and (not rescan or now - previous[1] < self.reconcile_interval_s)
             ):
                 continue
+            if stat.S_ISREG(st.st_mode) and open_for_writing(path):  # whatever said it was complete
+                self._pending[path] = _Pending(sig, now, self._observers.close_write, rescan)
+                continue
             self._yielded[path] = (sig, now)
             batch.append(path)
         self._ready.clear()
@@ -341,17 +411,12 @@ class Watcher:
 
     # --- reconcile ------------------------------------------------------------------------------------
     def _reconcile(self, reason: str) -> None:
-        """List the folder; queue every matching entry (through the stability rule)."""
-        present: set[Path] = set()
-        try:
-            with os.scandir(self.watch_dir) as entries:
-                for entry in entries:
-                    path = self.watch_dir / entry.name
-                    if self.filter(path):
-                        present.add(path)
-        except OSError as exc:
-            self._log.warning("watch.reconcile_failed", watch_dir=str(self.watch_dir), error=str(exc))
+        """Walk the tree; queue every matching entry (through the stability rule)."""
+        if not self.watch_dir.is_dir():
+            self._log.warning("watch.reconcile_failed", watch_dir=str(self.watch_dir), error="not a folder")
             return
+        entries, _ = walk(self.watch_dir, self.filter.ignored)
+        present = {path for path, _st in entries if self._taken(path)}
         # only the periodic scan repeats paths already yielded and unchanged (a retry for files the consumer
         # could not move); after a start, restart or overflow, new and changed entries are enough
         rescan = reason == "periodic"

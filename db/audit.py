@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -18,8 +19,30 @@ from histod.db.chain import RESULT_FIELDS
 from histod.db.models import KIND_REVIEW, ModelRecord, Move, Result, utcnow
 from histod.errors import ConfigError
 
-EXPORT_FIELDS = (*RESULT_FIELDS, "prev_hash", "row_hash")
+EXPORT_FIELDS = (*RESULT_FIELDS, "chain_seq", "prev_hash", "row_hash", "row_mac")
 FORMATS = ("csv", "json")
+FORMULA_TRIGGERS = ("=", "+", "-", "@", "\t", "\r")
+"""first characters that make a spreadsheet read a cell as a formula (OWASP, CSV injection)"""
+CSV_ESCAPING = (
+    "a text cell that starts with = + - @ tab CR or ' has one ' put in front of it (a spreadsheet would run "
+    "the first four as a formula); drop one leading ' to get the stored value. Every cell is quoted."
+)
+
+
+def csv_cell(value: Any) -> Any:
+    """``value`` for a CSV cell: text that a spreadsheet would take for a formula gets a leading ``'`` (and so
+    does text that already starts with one, so that dropping one leading ``'`` always restores the value)."""
+    if isinstance(value, str) and value.startswith((*FORMULA_TRIGGERS, "'")):
+        return "'" + value
+    return value
+
+
+def write_csv(fh: Any, fieldnames: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+    """Rows as CSV for a spreadsheet or a parser: every cell quoted (a CR or LF inside a name stays inside its
+    cell, so the file parses back to exactly one record per row) and formula-like text defused (:func:`csv_cell`)."""
+    writer = csv.DictWriter(fh, fieldnames=list(fieldnames), lineterminator="\n", quoting=csv.QUOTE_ALL)
+    writer.writeheader()
+    writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
 
 
 def _cell(value: Any) -> Any:
@@ -47,8 +70,8 @@ def export_format(out: Path, fmt: str | None) -> str:
 def export(
     session: Session, out: Path, *, fmt: str, since: datetime | None = None, until: datetime | None = None
 ) -> Export:
-    """Write the result rows received in [since, until) (all columns the chain hashes, plus prev_hash and
-    row_hash), oldest first, and ``OUT.manifest.json``: row count, first and last chain hash of the rows
+    """Write the result rows received in [since, until) (all columns the chain hashes, plus chain_seq, prev_hash,
+    row_hash and row_mac), oldest first, and ``OUT.manifest.json``: row count, first and last chain hash of the rows
     exported, the export's sha256, when, and the filters."""
     query = select(*[Result.__table__.c[name] for name in EXPORT_FIELDS]).order_by(Result.id)
     if since is not None:
@@ -60,9 +83,7 @@ def export(
     partial = out.with_name(f".{out.name}.part")
     with partial.open("w", newline="", encoding="utf-8") as fh:
         if fmt == "csv":
-            writer = csv.DictWriter(fh, fieldnames=EXPORT_FIELDS, lineterminator="\n")
-            writer.writeheader()
-            writer.writerows(rows)
+            write_csv(fh, EXPORT_FIELDS, rows)
         else:
             json.dump(rows, fh, indent=2)
             fh.write("\n")
@@ -87,7 +108,10 @@ def export(
                     "since": since.isoformat() if since else None,
                     "until": until.isoformat() if until else None,
                 },
-                "chain": "histod-chain-v1: row_hash = sha256(prev_hash + '\\n' + canonical(row))",
+                "chain": "histod-chain-v1: row_hash = sha256(prev_hash + '\\n' + canonical(row)); one chain over "
+                "results, moves, reports and models by chain_seq, so the previous link of a result may be another "
+                "table's row; row_mac = HMAC-SHA256(key, 'histod-mac-v1\\n' + row_hash) where the service had a key",
+                "csv_escaping": CSV_ESCAPING if fmt == "csv" else None,
             },
             indent=2,
         )

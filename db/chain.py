@@ -1,39 +1,60 @@
-"""The hash chain over the results table, and the model rows' own hashes.
+"""The audit chain: every row of results, moves, reports and models is a link of ONE hash chain, and may carry
+a MAC under the audit key. Checked by histod.db.verify.
 
-Every result row stores ``row_hash = sha256(prev_hash + "\\n" + canonical(row))``, where ``prev_hash`` is the
-``row_hash`` of the row before it by id (:data:`GENESIS` for the first row) and ``canonical`` is a fixed,
-explicit serialization of every audit-relevant column (:data:`RESULT_FIELDS`, in that order):
+A row stores ``chain_seq`` (its position, 1, 2, ... across the four tables), ``prev_hash`` (the ``row_hash`` of
+the row before it in the chain, :data:`GENESIS` for the first) and
+``row_hash = sha256(prev_hash + "\\n" + canonical(row))``, where ``canonical`` is a fixed, explicit
+serialization of every audit-relevant column of its table (:data:`FIELDS`, in that order):
 
-- text as is, integers in decimal, NULL as JSON null;
+- text as is, integers in decimal, booleans as JSON true/false, NULL as JSON null;
 - floats as Python's shortest round-trip ``repr`` (``0.7``, ``40.0``), so what SQLite or PostgreSQL give back
   as a double hashes exactly as it was written;
 - timestamps as UTC ``YYYY-MM-DDTHH:MM:SS.ffffffZ`` (naive values read from the database are UTC);
-- the list is JSON with no spaces, ensure_ascii, prefixed by the format tag :data:`FORMAT`.
+- JSON columns as JSON with sorted keys and no spaces;
+- the list is JSON with no spaces, ensure_ascii, prefixed by the table's tag (:data:`TAGS`: ``histod-chain-v1``
+  for results, the format results rows have had since revision 0002, ``histod-chain-v1:moves`` etc. for the
+  others).
 
 The ``id`` is hashed too, so renumbering or reordering rows breaks the chain. Changing anything here changes
 every hash: a new format needs a new tag and a migration, never an edit.
 
-Inserts are serialized (:func:`lock_chain`) so two writers cannot both append after the same row.
+With an audit key (a file only the service user can read, :func:`load_key`), each row also stores
+``row_mac = HMAC-SHA256(key, "histod-mac-v1\\n" + row_hash)``. ``row_hash`` covers every row before it, so the MAC
+of the last row vouches for the whole chain to someone holding the key: recomputing the hashes after a change is
+easy, recomputing a MAC without the key is not.
+
+Appends are serialized (:func:`lock_chain`) so two writers cannot both append after the same row.
 """
 
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
-from collections.abc import Iterator, Mapping
+import os
+import secrets
+import stat
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, select
-from sqlalchemy.orm import Session
+from sqlalchemy import Boolean, Float, Integer, text
+from sqlalchemy.orm import Session, sessionmaker
+from sqlalchemy.types import JSON
 
-from histod.db.models import ModelRecord, Move, Result
+from histod.db.models import Chained, ModelRecord, Move, Report, Result, UTCDateTime
+from histod.errors import ConfigError
 
 FORMAT = "histod-chain-v1"
 GENESIS = "0" * 64
 """prev_hash of the first row"""
-ADVISORY_LOCK_KEY = 0x48_49_53_54_4F_44  # "HISTOD": the PostgreSQL advisory lock of result inserts
+ADVISORY_LOCK_KEY = 0x48_49_53_54_4F_44  # "HISTOD": the PostgreSQL advisory lock of chain appends
+MAC_TAG = "histod-mac-v1"
+KEY_INFO = "histod.audit_key"
+"""where a session factory carries the audit key (``Session.info``), see :func:`use_key`"""
+KEY_BYTES = 32
 
 RESULT_FIELDS = (
     "id",
@@ -74,7 +95,50 @@ MODEL_FIELDS = (
     "registered_at",
     "split_sha256",
 )
-_FLOATS = frozenset({"latency_ms", "p_malignant", "threshold"})
+MOVE_FIELDS = ("id", "result_id", "at", "ok", "path", "error")
+REPORT_FIELDS = (
+    "id",
+    "created_at",
+    "period_start",
+    "period_end",
+    "total",
+    "classified",
+    "failed",
+    "benign",
+    "malignant",
+    "duplicates",
+    "mean_p",
+    "median_p",
+    "latency_p50_ms",
+    "latency_p95_ms",
+    "throughput_per_s",
+    "model_sha256",
+    "host",
+    "summary",
+)
+CHAINED: dict[str, type[Chained]] = {"results": Result, "moves": Move, "reports": Report, "models": ModelRecord}
+"""the audit tables, each row a link of the one chain"""
+FIELDS = {"results": RESULT_FIELDS, "moves": MOVE_FIELDS, "reports": REPORT_FIELDS, "models": MODEL_FIELDS}
+TAGS = {"results": FORMAT, "moves": f"{FORMAT}:moves", "reports": f"{FORMAT}:reports", "models": f"{FORMAT}:models"}
+
+
+def _kind(table: str, name: str) -> str:
+    column_type = CHAINED[table].__table__.c[name].type  # type: ignore[attr-defined]
+    if isinstance(column_type, UTCDateTime):
+        return "time"
+    if isinstance(column_type, Boolean):
+        return "bool"
+    if isinstance(column_type, Float):
+        return "float"
+    if isinstance(column_type, Integer):
+        return "int"
+    if isinstance(column_type, JSON):
+        return "json"
+    return "text"
+
+
+KINDS: dict[str, dict[str, str]] = {t: {n: _kind(t, n) for n in fields} for t, fields in FIELDS.items()}
+"""each hashed column's kind: text, int, float, bool, time, json"""
 
 
 def _timestamp(value: datetime) -> str:
@@ -82,39 +146,105 @@ def _timestamp(value: datetime) -> str:
     return aware.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def _value(name: str, value: Any) -> Any:
+def _value(name: str, value: Any, kind: str) -> Any:
     if value is None:
         return None
-    if isinstance(value, datetime):
+    if kind == "time" and isinstance(value, datetime):
         return _timestamp(value)
-    if name in _FLOATS:
+    if kind == "float" and isinstance(value, int | float) and not isinstance(value, bool):
         return repr(float(value))
-    if name == "metrics":
+    if kind == "json":
         return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=True)
-    if isinstance(value, bool) or not isinstance(value, int | str):
-        raise TypeError(f"cannot hash {name}={value!r} ({type(value).__name__})")
-    return value
+    if kind == "bool" and isinstance(value, bool):
+        return value
+    if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    if kind == "text" and isinstance(value, str):
+        return value
+    raise TypeError(f"cannot hash {name}={value!r} ({type(value).__name__}, expected {kind})")
 
 
-def canonical(row: Mapping[str, Any], fields: tuple[str, ...] = RESULT_FIELDS) -> str:
-    """The serialization that is hashed: the format tag and the values of ``fields``, in order."""
-    values = [FORMAT] + [_value(name, row.get(name)) for name in fields]
+def canonical(row: Mapping[str, Any], table: str = "results") -> str:
+    """The serialization that is hashed: the table's tag and the values of its fields, in order."""
+    kinds = KINDS[table]
+    values = [TAGS[table]] + [_value(name, row.get(name), kinds[name]) for name in FIELDS[table]]
     return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
 
 
+def link_hash(table: str, prev_hash: str, row: Mapping[str, Any]) -> str:
+    """``row_hash`` of a ``table`` row that follows ``prev_hash`` in the chain."""
+    return hashlib.sha256(f"{prev_hash}\n{canonical(row, table)}".encode("ascii")).hexdigest()
+
+
 def result_hash(prev_hash: str, row: Mapping[str, Any]) -> str:
-    return hashlib.sha256(f"{prev_hash}\n{canonical(row)}".encode("ascii")).hexdigest()
+    """A results row's link hash (the form revision 0002 gave every result)."""
+    return link_hash("results", prev_hash, row)
 
 
 def model_hash(row: Mapping[str, Any]) -> str:
-    return hashlib.sha256(canonical(row, MODEL_FIELDS).encode("ascii")).hexdigest()
+    """The content hash revision 0002 gave models rows (before they were links of the chain); migrations only."""
+    values = [FORMAT] + [_value(name, row.get(name), KINDS["models"][name]) for name in MODEL_FIELDS]
+    return hashlib.sha256(json.dumps(values, separators=(",", ":"), ensure_ascii=True).encode("ascii")).hexdigest()
 
 
-def as_mapping(obj: Result | ModelRecord, fields: tuple[str, ...] = RESULT_FIELDS) -> dict[str, Any]:
+def mac(key: bytes, row_hash: str) -> str:
+    return hmac.new(key, f"{MAC_TAG}\n{row_hash}".encode("ascii"), hashlib.sha256).hexdigest()
+
+
+def as_mapping(obj: Any, fields: Sequence[str] = RESULT_FIELDS) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in fields}
 
 
-# --- appending -------------------------------------------------------------------------------------------
+# --- the audit key -----------------------------------------------------------------------------------------
+def load_key(path: Path | None) -> bytes | None:
+    """The audit key in ``path`` (hex, at least 32 bytes: `histod audit keygen` or `openssl rand -hex 32`), or
+    None without a path. Refuses a file that group or others may read or write: ConfigError."""
+    if path is None:
+        return None
+    try:
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
+            raise ConfigError(f"audit key {path} is not a regular file")
+        if st.st_mode & 0o077:
+            raise ConfigError(
+                f"audit key {path} is open to group or others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                f"only the service user may read it (chmod 600 {path})"
+            )
+        text = path.read_text(encoding="ascii").strip()
+    except ConfigError:
+        raise
+    except OSError as exc:
+        raise ConfigError(f"cannot read the audit key {path}: {exc.strerror or exc}") from exc
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"audit key {path} is not hex text") from exc
+    try:
+        key = bytes.fromhex(text)
+    except ValueError as exc:
+        raise ConfigError(f"audit key {path} is not hex text (make one with `histod audit keygen`)") from exc
+    if len(key) < KEY_BYTES:
+        raise ConfigError(f"audit key {path} has {len(key)} bytes; at least {KEY_BYTES} are needed")
+    return key
+
+
+def write_key(path: Path) -> None:
+    """A new random key in ``path`` (mode 0600, never over an existing file)."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except FileExistsError as exc:
+        raise ConfigError(f"{path} exists: a key is never overwritten (rows made with it need it)") from exc
+    except OSError as exc:
+        raise ConfigError(f"cannot create {path}: {exc.strerror or exc}") from exc
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(secrets.token_hex(KEY_BYTES) + "\n")
+
+
+def use_key(factory: sessionmaker[Session], key: bytes | None) -> None:
+    """Every row appended through ``factory``'s sessions from now on carries a MAC under ``key``."""
+    if key is not None:
+        factory.configure(info={**factory.kw.get("info", {}), KEY_INFO: key})
+
+
+# --- appending ---------------------------------------------------------------------------------------------
 def lock_chain(session: Session) -> None:
     """Take the database's write lock for the rest of this transaction, before the chain head is read.
 
@@ -134,137 +264,75 @@ def lock_chain(session: Session) -> None:
         connection.exec_driver_sql("LOCK TABLE results IN EXCLUSIVE MODE")
 
 
-def head(session: Session) -> tuple[int, str]:
-    """The id and row_hash of the last result row ((0, GENESIS) for an empty table)."""
-    row = session.execute(select(Result.id, Result.row_hash).order_by(Result.id.desc()).limit(1)).first()
-    return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
-
-
-# --- verifying -------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
-class Break:
-    """The first place where the chain does not hold."""
+class Tail:
+    """The last row of one audit table: its chain position, hash and id (both grow together)."""
 
-    table: str
+    seq: int
+    row_hash: str
     id: int
-    problem: str
-    expected: str
-    found: str
-
-    def __str__(self) -> str:
-        return f"{self.table} row {self.id}: {self.problem}\n  expected {self.expected}\n  found    {self.found}"
 
 
-@dataclass(frozen=True)
-class Verdict:
-    rows: int
-    models: int
-    first_hash: str | None
-    last_hash: str | None
-    broken: Break | None
-
-    @property
-    def ok(self) -> bool:
-        return self.broken is None
+_TAILS = text(
+    " UNION ALL ".join(
+        f"SELECT '{table}' AS t, chain_seq, row_hash, id FROM "
+        f"(SELECT chain_seq, row_hash, id FROM {table} ORDER BY chain_seq DESC LIMIT 1) AS last_{table}"
+        for table in CHAINED
+    )
+)
+"""one statement, written out once: it runs before every append"""
 
 
-def _result_rows(connection: Connection, page: int) -> Iterator[dict[str, Any]]:
-    columns = [Result.__table__.c[name] for name in (*RESULT_FIELDS, "prev_hash", "row_hash")]
-    after: int | None = None
-    while True:
-        query = select(*columns).order_by(Result.id).limit(page)
-        if after is not None:
-            query = query.where(Result.id > after)
-        rows = [dict(r._mapping) for r in connection.execute(query)]
-        if not rows:
-            return
-        yield from rows
-        after = int(rows[-1]["id"])
+def tails(session: Session) -> dict[str, Tail]:
+    """The last row of each audit table that has rows, in one round trip."""
+    return {str(t): Tail(int(seq), str(digest), int(row_id)) for t, seq, digest, row_id in session.execute(_TAILS)}
 
 
-def verify(session: Session, *, anchors: tuple[str, ...] = (), page: int = 2000) -> Verdict:
-    """Walk the results by id and recompute every hash; stop at the first broken or missing link. Then check
-    that every ``anchors`` hash (a last hash published earlier, e.g. in an export manifest) is still in the
-    chain (rows removed from the end leave an intact but shorter chain), that every move names an existing
-    result, and every models row against its own hash."""
-    connection = session.connection()
-    prev = GENESIS
-    count = 0
-    first: str | None = None
-    seen_anchors: set[str] = set()
-    wanted = set(anchors)
-    broken: Break | None = None
-    for row in _result_rows(connection, page):
-        count += 1
-        if row["prev_hash"] != prev:
-            broken = Break(
-                "results",
-                row["id"],
-                "prev_hash does not link to the row before it (a row is missing or was re-hashed)",
-                prev,
-                str(row["prev_hash"]),
-            )
-            break
-        computed = result_hash(prev, row)
-        if row["row_hash"] != computed:
-            broken = Break(
-                "results",
-                row["id"],
-                "content does not match row_hash (the row was changed)",
-                computed,
-                str(row["row_hash"]),
-            )
-            break
-        if computed in wanted:
-            seen_anchors.add(computed)
-        first = first if first is not None else computed
-        prev = computed
-    last = prev if count else None
-    if broken is None and wanted - seen_anchors:
-        missing = sorted(wanted - seen_anchors)[0]
-        broken = Break(
-            "results",
-            count,
-            "an anchor hash is not in the chain (rows were removed or the chain was rebuilt)",
-            missing,
-            str(last),
-        )
-    if broken is None:
-        orphan = session.execute(
-            select(Move.id, Move.result_id)
-            .where(~select(Result.id).where(Result.id == Move.result_id).exists())
-            .order_by(Move.id)
-            .limit(1)
-        ).first()
-        if orphan is not None:
-            broken = Break(
-                "moves", orphan[0], "names a result that is missing", f"results row {orphan[1]}", "no such row"
-            )
-    if broken is None:
-        unknown = session.execute(
-            select(Result.id, Result.model_id)
-            .where(
-                Result.model_id.is_not(None), ~select(ModelRecord.id).where(ModelRecord.id == Result.model_id).exists()
-            )
-            .order_by(Result.id)
-            .limit(1)
-        ).first()
-        if unknown is not None:
-            broken = Break(
-                "results", unknown[0], "names a model that is missing", f"models row {unknown[1]}", "no such row"
-            )
-    models = 0
-    if broken is None:
-        for record in session.scalars(select(ModelRecord).order_by(ModelRecord.id)):
-            models += 1
-            computed = model_hash(as_mapping(record, MODEL_FIELDS))
-            if record.row_hash != computed:
-                broken = Break(
-                    "models",
-                    record.id,
-                    "content does not match row_hash (the row was changed)",
-                    computed,
-                    str(record.row_hash),
-                )
-                break
-    return Verdict(rows=count, models=models, first_hash=first, last_hash=last, broken=broken)
+def head(session: Session, found: dict[str, Tail] | None = None) -> tuple[int, str]:
+    """The chain_seq and row_hash of the last row of the chain ((0, GENESIS) while it is empty)."""
+    last = max((found if found is not None else tails(session)).values(), key=lambda tail: tail.seq, default=None)
+    return (0, GENESIS) if last is None else (last.seq, last.row_hash)
+
+
+def _with_defaults(table: str) -> list[tuple[str, Any]]:
+    t = CHAINED[table].__table__  # type: ignore[attr-defined]
+    return [
+        (c.key, c.default)
+        for c in t.columns
+        if c.default is not None and (c.default.is_scalar or c.default.is_callable)
+    ]
+
+
+_DEFAULTS = {table: _with_defaults(table) for table in CHAINED}
+
+
+def _defaults(table: str, row: Any) -> None:
+    """Column defaults that SQLAlchemy would apply at flush, applied now: they are hashed."""
+    for key, default in _DEFAULTS[table]:
+        if getattr(row, key) is None:
+            setattr(row, key, default.arg if default.is_scalar else default.arg(None))
+
+
+def append(session: Session, rows: Sequence[Chained], found: dict[str, Tail] | None = None) -> None:
+    """Append ``rows`` (of any audit tables, in this order) to the chain: the write lock first, then each row gets
+    the next id of its table, the next chain_seq, prev_hash, row_hash and (with a key) row_mac. ``found``: the
+    :func:`tails` read under the lock in this transaction, when the caller has them already."""
+    if not rows:
+        return
+    lock_chain(session)
+    found = found if found is not None else tails(session)
+    seq, prev = head(session, found)
+    key: bytes | None = session.info.get(KEY_INFO)
+    ids = {table: tail.id for table, tail in found.items()}
+    for row in rows:
+        table = row.__tablename__  # type: ignore[attr-defined]
+        ids[table] = ids.get(table, 0) + 1
+        row.id = ids[table]  # type: ignore[attr-defined]
+        _defaults(table, row)
+        seq += 1
+        row.chain_seq = seq
+        row.prev_hash = prev
+        row.row_hash = prev = link_hash(table, prev, as_mapping(row, FIELDS[table]))
+        row.row_mac = mac(key, prev) if key is not None else None
+        session.add(row)
+    session.flush()  # ids are assigned above, so the rows go to the database in one round

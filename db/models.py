@@ -3,8 +3,9 @@
 Rows are events and are never updated: a result row is written once, in the transaction that records its
 batch, with everything known about it (including where its file is to be moved). What happens to the file
 afterwards is another event, a :class:`Move` row. Since revision 0002 the database enforces this: triggers
-reject UPDATE and DELETE on all four tables, and every result row carries a hash chain (``prev_hash``,
-``row_hash``; see histod.db.chain). A correction is a new ``review`` row that names the row it amends.
+reject UPDATE and DELETE on all four tables. Since revision 0004 every row of the four audit tables is a link
+of one hash chain (:class:`Chained`: ``chain_seq``, ``prev_hash``, ``row_hash``, ``row_mac``; see
+histod.db.chain). A correction is a new ``review`` row that names the row it amends.
 
 Timestamps are timezone-aware UTC in Python; they are stored as naive UTC (portable across SQLite and
 PostgreSQL) by :class:`UTCDateTime`.
@@ -36,6 +37,13 @@ STATUS_CLASSIFIED = "classified"
 STATUS_FAILED = "failed"
 STATUS_REVIEWED = "reviewed"
 STATUSES = (STATUS_CLASSIFIED, STATUS_FAILED, STATUS_REVIEWED)
+
+MOVE_VANISHED = "source vanished"
+"""the error of a Move whose file disappeared before it could be moved (final: nothing to retry)"""
+MOVE_REPLACED = "source replaced"
+"""the error of a Move whose file was replaced by other content (another inode, size or mtime) after it was read
+(final: the new content is a new event, with its own row)"""
+FINAL_MOVE_ERRORS = (MOVE_VANISHED, MOVE_REPLACED)
 
 KIND_CLASSIFICATION = "classification"
 """a row the service wrote for an image event"""
@@ -81,7 +89,21 @@ class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
 
 
-class ModelRecord(Base):
+class Chained:
+    """The columns that make a row a link of the audit chain (histod.db.chain): results, moves, reports and
+    models rows form ONE chain, in the order they were appended."""
+
+    chain_seq: Mapped[int] = mapped_column(Integer, unique=True)
+    """the row's position in the chain (1, 2, ... across the four tables)"""
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    """row_hash of the row before it in the chain (histod.db.chain.GENESIS for the first)"""
+    row_hash: Mapped[str] = mapped_column(String(64))
+    """sha256 over prev_hash and this row's content (histod.db.chain.link_hash)"""
+    row_mac: Mapped[str | None] = mapped_column(String(64))
+    """HMAC-SHA256 of row_hash under the audit key, when the writer had one (histod.db.chain.mac)"""
+
+
+class ModelRecord(Chained, Base):
     """One model file the service has served (registered once per distinct sha256)."""
 
     __tablename__ = "models"
@@ -97,11 +119,9 @@ class ModelRecord(Base):
     registered_at: Mapped[datetime] = mapped_column(UTCDateTime, default=utcnow)
     split_sha256: Mapped[str | None] = mapped_column(String(64))
     """sha256 of the run's split.csv (which patients trained, which validated); None when the run has none"""
-    row_hash: Mapped[str | None] = mapped_column(String(64))
-    """sha256 of this row's content (histod.db.chain.model_hash), checked by `histod audit verify`"""
 
 
-class Result(Base):
+class Result(Chained, Base):
     """One image event: a file taken from the watch folder and classified (or not, with the reason)."""
 
     __tablename__ = "results"
@@ -122,7 +142,10 @@ class Result(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     original_path: Mapped[str] = mapped_column(Text)
+    """where the file was found (histod.db.paths.path_text: lossless for names that are not UTF-8)"""
     name: Mapped[str] = mapped_column(Text)
+    """its path below the watch folder, as shown (``case17/a.png``; the file name for a file at the top): the
+    stored file keeps it below ``processed/`` or ``failed/YYYY-MM-DD/``"""
     sha256: Mapped[str | None] = mapped_column(String(64))
     """of the bytes classified; None when the file could not be read at all (FIFO, symlink, no permission)"""
     size_bytes: Mapped[int | None] = mapped_column(Integer)
@@ -149,15 +172,13 @@ class Result(Base):
     """for a review: the row it amends (which stays as it was)"""
     reviewer: Mapped[str | None] = mapped_column(String(200))
     note: Mapped[str | None] = mapped_column(Text)
-    prev_hash: Mapped[str] = mapped_column(String(64))
-    """row_hash of the previous row by id (histod.db.chain.GENESIS for the first)"""
     row_hash: Mapped[str] = mapped_column(String(64), unique=True)
-    """sha256 over prev_hash and this row's content (histod.db.chain.result_hash)"""
+    """sha256 over prev_hash and this row's content (histod.db.chain.link_hash)"""
 
     model: Mapped[ModelRecord | None] = relationship(lazy="raise")
 
 
-class Move(Base):
+class Move(Chained, Base):
     """What happened to a result's file after the result was committed: moved, or a failed attempt."""
 
     __tablename__ = "moves"
@@ -171,7 +192,7 @@ class Move(Base):
     error: Mapped[str | None] = mapped_column(Text)
 
 
-class Report(Base):
+class Report(Chained, Base):
     """A periodic summary written by the service (also written as JSON into reports/)."""
 
     __tablename__ = "reports"

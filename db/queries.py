@@ -1,22 +1,25 @@
 """What the service, the CLI and the reports ask of the database. Functions take a Session; the caller owns
 the transaction (see histod.db.session.transaction). Rows are inserted, never updated (the database's triggers
-refuse it); result rows are appended to the hash chain of histod.db.chain."""
+refuse it); every audit row (results, moves, reports, models) is appended to the hash chain of histod.db.chain."""
 
 from __future__ import annotations
 
+import re
 import statistics
+from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, exists, func, select
+from sqlalchemy import Select, and_, exists, func, or_, select
 from sqlalchemy.orm import Session
 
 from histod import LABELS
 from histod.db import chain
 from histod.db.models import (
+    FINAL_MOVE_ERRORS,
     KIND_CLASSIFICATION,
     KIND_REVIEW,
     STATUS_CLASSIFIED,
@@ -58,9 +61,7 @@ def register_model(
     found = session.scalars(select(ModelRecord).where(ModelRecord.sha256 == sha256)).first()
     if found is not None:  # registered by another writer since the first look
         return found
-    last = session.scalar(select(func.max(ModelRecord.id)))
     record = ModelRecord(
-        id=(last or 0) + 1,
         sha256=sha256,
         run_id=run_id,
         run_path=run_path,
@@ -71,9 +72,7 @@ def register_model(
         registered_at=utcnow(),
         split_sha256=split_sha256,
     )
-    record.row_hash = chain.model_hash(chain.as_mapping(record, chain.MODEL_FIELDS))
-    session.add(record)
-    session.flush()
+    chain.append(session, [record])
     return record
 
 
@@ -99,22 +98,19 @@ def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
     sha256: an earlier row in the database or an earlier one in this batch. Returns them with ids set.
 
     Each row is appended to the hash chain: the write lock is taken first (so no other writer can append in
-    between), then every row gets the next id, ``prev_hash`` and ``row_hash``."""
+    between), then every row gets the next id and its link (histod.db.chain.append)."""
     chain.lock_chain(session)
-    last_id, last_hash = chain.head(session)
+    found = chain.tails(session)
     first = first_results(session, (r.sha256 for r in results if r.sha256 is not None))
+    last_id = found["results"].id if "results" in found else 0
     for result in results:
         result.kind = result.kind or KIND_CLASSIFICATION  # the column default applies only at flush
         if result.kind == KIND_CLASSIFICATION and result.sha256 is not None and result.sha256 in first:
             result.duplicate_of = first[result.sha256]
-        last_id += 1
-        result.id = last_id
-        result.prev_hash = last_hash
-        result.row_hash = last_hash = chain.result_hash(last_hash, chain.as_mapping(result))
-        session.add(result)
+        last_id += 1  # the id chain.append gives it: a later row of this batch may be its duplicate
         if result.kind == KIND_CLASSIFICATION and result.sha256 is not None:
-            first.setdefault(result.sha256, result.id)
-    session.flush()  # ids are assigned above, so the whole batch goes to the database in one round
+            first.setdefault(result.sha256, last_id)
+    chain.append(session, results, found)
     return list(results)
 
 
@@ -155,9 +151,14 @@ def amendments(session: Session, result_id: int) -> list[Result]:
     return list(session.scalars(select(Result).where(Result.amends_id == result_id).order_by(Result.id)))
 
 
+def _settled() -> Any:
+    """A result whose file was moved, or is gone for good (a final failed move: vanished, replaced)."""
+    return exists().where(and_(Move.result_id == Result.id, or_(Move.ok.is_(True), Move.error.in_(FINAL_MOVE_ERRORS))))
+
+
 def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Result | None:
-    """The newest result for this path and content whose file has no successful move: the process stopped
-    between committing the row and moving the file. None means the file is a new event."""
+    """The newest result for this path and content whose file has no successful move (nor a final failed one):
+    the process stopped between committing the row and moving the file. None means the file is a new event."""
     same_content = Result.sha256.is_(None) if sha256 is None else Result.sha256 == sha256
     newest = session.scalars(
         select(Result)
@@ -167,16 +168,20 @@ def find_unmoved(session: Session, original_path: str, sha256: str | None) -> Re
     ).first()
     if newest is None:
         return None
-    moved = session.scalar(select(exists().where(and_(Move.result_id == newest.id, Move.ok.is_(True)))))
-    return None if moved else newest
+    settled = session.scalar(
+        select(
+            exists().where(and_(Move.result_id == newest.id, or_(Move.ok.is_(True), Move.error.in_(FINAL_MOVE_ERRORS))))
+        )
+    )
+    return None if settled else newest
 
 
 def unmoved_at(session: Session, original_path: str) -> Result | None:
-    """The newest classification of a file at ``original_path`` whose move is not recorded (any content)."""
-    moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
+    """The newest classification of a file at ``original_path`` whose move is not recorded (any content), unless
+    its file is gone for good (a final failed move)."""
     query = (
         select(Result)
-        .where(Result.original_path == original_path, Result.kind == KIND_CLASSIFICATION, ~moved)
+        .where(Result.original_path == original_path, Result.kind == KIND_CLASSIFICATION, ~_settled())
         .order_by(Result.id.desc())
         .limit(1)
     )
@@ -205,20 +210,57 @@ def stored_path_query(path: str) -> Select[tuple[bool]]:
 
 
 def record_moves(session: Session, moves: Iterable[Move]) -> None:
-    session.add_all(list(moves))
+    chain.append(session, list(moves))
 
 
 def unmoved_results(session: Session, limit: int = 1000, after_id: int = 0) -> list[Result]:
-    """Results with no successful move, by id after ``after_id``: their files are still in the watch folder,
-    or the process stopped after moving a file and before recording the move."""
-    moved = exists().where(and_(Move.result_id == Result.id, Move.ok.is_(True)))
+    """Results with no successful move (nor a final failed one), by id after ``after_id``: their files are still
+    in the watch folder, or the process stopped after moving a file and before recording the move."""
     query = (
         select(Result)
-        .where(~moved, Result.id > after_id, Result.kind == KIND_CLASSIFICATION)
+        .where(~_settled(), Result.id > after_id, Result.kind == KIND_CLASSIFICATION)
         .order_by(Result.id)
         .limit(limit)
     )
     return list(session.scalars(query))
+
+
+NOT_ATTEMPTED = "not attempted yet"
+_OS_ERROR = re.compile(r"^(?:\[Errno \d+\] )?([^:]*)")
+
+
+def move_reason(error: str | None) -> str:
+    """The reason of a failed move without the paths: ``[Errno 28] No space left on device: '/x'`` -> ``No space
+    left on device``."""
+    if not error:
+        return "unknown"
+    match = _OS_ERROR.match(error)
+    return (match.group(1).strip() if match else "") or error[:80]
+
+
+def last_move_errors(session: Session, result_ids: Iterable[int]) -> dict[int, str | None]:
+    """The error of the newest move row of each of ``result_ids`` that has one."""
+    wanted = sorted(set(result_ids))
+    last: dict[int, str | None] = {}
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        for result_id, error in session.execute(
+            select(Move.result_id, Move.error).where(Move.result_id.in_(chunk)).order_by(Move.id)
+        ):
+            last[result_id] = error
+    return last
+
+
+def waiting_moves(session: Session) -> Counter[str]:
+    """Files recorded but not (yet) moved, now: each by the reason of its last failed move (``not attempted yet``
+    while a batch is between its commit and its moves). Files gone before their move (FINAL_MOVE_ERRORS) are not
+    waiting."""
+    ids = list(session.scalars(select(Result.id).where(Result.kind == KIND_CLASSIFICATION, ~_settled())))
+    last = last_move_errors(session, ids)
+    waiting: Counter[str] = Counter()
+    for result_id in ids:
+        waiting[NOT_ATTEMPTED if result_id not in last else move_reason(last[result_id])] += 1
+    return waiting
 
 
 @dataclass(frozen=True)
@@ -267,6 +309,11 @@ class Summary:
     """events over the span from the first receipt to the last classification in the window"""
     models: list[str] = field(default_factory=list)
     """sha256 of every model that classified in the window, most used first"""
+    moves_waiting: int = 0
+    """files recorded but not moved, at the time of the summary (whatever the window): a move to retry"""
+    moves_waiting_by_reason: dict[str, int] = field(default_factory=dict)
+    moves_gone_by_reason: dict[str, int] = field(default_factory=dict)
+    """results of the window whose file disappeared or was replaced before it could be moved, by reason"""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -334,6 +381,16 @@ def summary(session: Session, since: datetime, until: datetime) -> Summary:
         span = max((last - first).total_seconds(), 1e-3)
         out.throughput_per_s = out.total / span
     out.models = sorted(models, key=lambda k: -models[k])
+    waiting = waiting_moves(session)
+    out.moves_waiting = sum(waiting.values())
+    out.moves_waiting_by_reason = dict(sorted(waiting.items()))
+    gone = session.execute(
+        select(Move.error, func.count(func.distinct(Move.result_id)))
+        .join(Result, Result.id == Move.result_id)
+        .where(Move.error.in_(FINAL_MOVE_ERRORS), Result.received_at >= since, Result.received_at < until)
+        .group_by(Move.error)
+    ).all()
+    out.moves_gone_by_reason = {str(error): int(n) for error, n in sorted(gone)}
     return out
 
 
@@ -356,6 +413,5 @@ def add_report(session: Session, summary: Summary, *, host: str, model_sha256: s
         host=host,
         summary=summary.to_json(),
     )
-    session.add(report)
-    session.flush()
+    chain.append(session, [report])
     return report

@@ -215,6 +215,77 @@ def check_schema(engine: Engine) -> None:
     )
 
 
+def close_database(factory: sessionmaker[Session]) -> None:
+    """Close every pooled connection (SQLite then checkpoints its WAL and removes the -wal and -shm files)."""
+    bind = factory.kw.get("bind")
+    if isinstance(bind, Engine):
+        bind.dispose()
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return (st.st_dev, st.st_ino)
+
+
+class FileGuard:
+    """The SQLite file a service opened, and its WAL: :meth:`check` raises DatabaseError when either was deleted
+    or replaced since. The open connections would go on writing into the deleted file, which no one else (and
+    no restart) can read. Before it raises for a deleted WAL, what the WAL holds is checkpointed into the
+    database file through a connection that still has it open. Nothing to check for a server database."""
+
+    def __init__(self, factory: sessionmaker[Session], url: str) -> None:
+        self.factory = factory
+        self.path = sqlite_path(url)
+        self.main = _identity(self.path) if self.path is not None else None
+        self.wal_path = self.path.with_name(self.path.name + "-wal") if self.path is not None else None
+        self.wal = _identity(self.wal_path) if self.wal_path is not None else None
+
+    def intact(self) -> bool:
+        try:
+            self.check()
+        except DatabaseError:
+            return False
+        return True
+
+    def check(self) -> None:
+        if self.path is None or self.wal_path is None or self.main is None:
+            return
+        now = _identity(self.path)
+        if now is None:
+            raise DatabaseError(
+                f"{self.path.name} was deleted while the service ran ({self.path}); stopping before anything else is "
+                "moved (its results are gone unless restored from a backup; a restart begins a new database)"
+            )
+        if now != self.main:
+            raise DatabaseError(
+                f"{self.path.name} was replaced by another file while the service ran ({self.path}); stopping before "
+                "anything else is moved (the results since then went to the file it had opened)"
+            )
+        wal = _identity(self.wal_path)
+        if self.wal is None:
+            self.wal = wal
+        elif wal != self.wal:
+            raise DatabaseError(
+                f"{self.wal_path.name} was deleted or replaced while the service ran ({self.wal_path}); "
+                f"{self._rescue()}; stopping so that the database is opened afresh"
+            )
+
+    def _rescue(self) -> str:
+        """Checkpoint the WAL this process still has open into the database file."""
+        name = self.path.name if self.path is not None else "the database"
+        try:
+            with self.factory() as session:
+                busy = session.connection().exec_driver_sql("PRAGMA wal_checkpoint(TRUNCATE)").scalar()
+        except SQLAlchemyError as exc:
+            return f"the results it held could not be copied into {name}: {exc}"
+        if busy:
+            return f"a reader kept part of the results it held from being copied into {name}"
+        return f"the results it held were copied into {name}"
+
+
 @contextmanager
 def transaction(factory: sessionmaker[Session]) -> Iterator[Session]:
     """One unit of work: commit on success, roll back and raise DatabaseError on a database failure."""

@@ -12,18 +12,19 @@ import click
 
 from histod import __version__, stopping
 from histod.errors import HistodError
-from histod.logs import configure
+from histod.logs import configure, printable
 from histod.settings import load_settings
 
 
 class _Group(click.Group):
-    """Turns every HistodError into `error: <message>` on stderr and the error's exit code: never a traceback."""
+    """Turns every HistodError into `error: <message>` on stderr and the error's exit code: never a traceback.
+    The message is one line, with control characters escaped (it may quote a file name)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except HistodError as exc:
-            click.secho(f"error: {exc}", err=True, fg="red")
+            click.secho(f"error: {printable(str(exc))}", err=True, fg="red")
             sys.exit(exc.exit_code)
 
 

@@ -1,6 +1,6 @@
-"""`histod audit verify|export|review` and `histod explain`: thin commands over histod.db.chain, histod.db.audit
-and histod.trainer.explain. verify, export and explain open the database read-only and never migrate;
-review writes one new row (the database must already be at the current schema)."""
+"""`histod audit verify|export|review|keygen` and `histod explain`: thin commands over histod.db.chain,
+histod.db.verify, histod.db.audit and histod.trainer.explain. verify, export and explain open the database
+read-only and never migrate; review writes one new row (the database must already be at the current schema)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from histod.commands_service import _open, _settings, common, parse_when
 
 @click.group()
 def audit() -> None:
-    """Check, export and amend the audit trail (the results hash chain)."""
+    """Check, export and amend the audit trail (one hash chain over results, moves, reports and models)."""
 
 
 @audit.command()
@@ -29,21 +29,54 @@ def audit() -> None:
     metavar="HASH",
     help="a chain hash published earlier (an export manifest's last_hash) that must still be in the chain",
 )
-def verify(anchors: tuple[str, ...], **flags: Any) -> None:
-    """Recompute the hash chain; report the first broken or missing link and exit 1 when there is one."""
-    from histod.db.chain import verify as walk
+@click.option(
+    "--key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="the audit key: also check every row's MAC (default: the audit_key_file setting)",
+)
+@click.option("--no-key", is_flag=True, help="check the plain hash chain only, even where a key is configured")
+def verify(anchors: tuple[str, ...], key_file: Path | None, no_key: bool, **flags: Any) -> None:
+    """Walk the audit chain (results, moves, reports, models); report the first broken or missing link and exit 1
+    when there is one."""
+    from histod.db.chain import load_key
     from histod.db.session import reading
+    from histod.db.verify import verify as walk
 
-    with reading(_open(_settings(**flags))) as session:
-        verdict = walk(session, anchors=tuple(a.strip().lower() for a in anchors))
+    settings = _settings(**flags)
+    key = None if no_key else load_key(key_file or settings.audit_key_file)
+    with reading(_open(settings)) as session:
+        verdict = walk(session, anchors=tuple(a.strip().lower() for a in anchors), key=key)
+    counts = verdict.counts
     if verdict.ok:
-        click.echo(f"ok: {verdict.rows} results, chain intact; {verdict.models} models rows intact")
+        click.echo(
+            f"ok: {counts['results']} results, chain intact; in the same chain {counts['moves']} moves, "
+            f"{counts['reports']} reports, {counts['models']} models ({verdict.total} rows)"
+        )
         click.echo(f"first hash {verdict.first_hash or '-'}")
         click.echo(f"last hash  {verdict.last_hash or '-'}")
+        if verdict.key_checked and verdict.total:
+            click.echo(
+                f"keyed: intact under the key; the last row's MAC vouches for all {verdict.total} rows "
+                f"({verdict.keyed} carry a MAC)"
+            )
+        elif verdict.keyed:
+            click.echo(f"keyed: {verdict.keyed} of {verdict.total} rows carry a MAC, not checked (no key given)")
         return
     click.echo(f"BROKEN: {verdict.broken}", err=True)
-    click.echo(f"({verdict.rows} results checked, up to and including the break)", err=True)
+    click.echo(f"({verdict.total} rows checked, up to and including the break)", err=True)
     sys.exit(1)
+
+
+@audit.command()
+@click.argument("path", type=click.Path(path_type=Path, dir_okay=False))
+def keygen(path: Path) -> None:
+    """Write a new audit key to PATH (mode 0600; never over an existing file). Point audit_key_file at it and run
+    the service as the key's owner: every row it appends then carries a MAC that `audit verify` checks."""
+    from histod.db.chain import write_key
+
+    write_key(path)
+    click.echo(f"key -> {path} (mode 0600): keep a copy somewhere safe; rows keyed with it need it to verify")
 
 
 @audit.command()
@@ -80,14 +113,17 @@ def export(since: str | None, until: str | None, out: Path, fmt: str | None, **f
 @click.option("--note", default=None)
 def review(result_id: int, label: str, reviewer: str, note: str | None, **flags: Any) -> None:
     """Record a reviewer's call on RESULT_ID as a new row that amends it (the original row is kept)."""
+    from histod.db.chain import load_key, use_key
     from histod.db.queries import add_review
     from histod.db.session import check_schema, open_database, transaction
 
     settings = _settings(**flags)
+    key = load_key(settings.audit_key_file)
     factory = open_database(
         settings.resolved_database_url, migrate=False, must_exist=True, busy_timeout_ms=settings.busy_timeout_ms
     )
     check_schema(factory.kw["bind"])  # a reviewer never migrates either
+    use_key(factory, key)
     with transaction(factory) as session:
         row = add_review(session, result_id, label=label, reviewer=reviewer, note=note, host=socket.gethostname())
         click.echo(f"result {row.id}: review of {result_id} by {row.reviewer}: {row.label} (hash {row.row_hash})")

@@ -3,14 +3,12 @@ histod.db. Everything heavy is imported inside the command, so `histod --help` s
 
 from __future__ import annotations
 
-import csv
 import io
 import json
 import re
-import signal
+import sys
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -19,9 +17,13 @@ import click
 
 from histod import stopping
 from histod.errors import ConfigError
+from histod.logs import printable
 from histod.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+UNMOVED_EXIT = 7
+"""`serve --once`: files were recorded but could not be moved (they stay in the watch folder for a retry)"""
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
 _UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
@@ -59,43 +61,29 @@ def _settings(**flags: Any) -> Settings:
     return load_settings(**flags)
 
 
-@contextmanager
-def _stop_on_signals() -> Iterator[threading.Event]:
-    """SIGTERM/SIGINT set the event (stop taking files, finish the batch in flight); a second one aborts.
-    A SIGTERM caught since the process started (histod.stopping) sets it at once: the service stops during its
-    start-up, after the step in progress."""
-    stop = threading.Event()
-
-    def handler(signum: int, _frame: Any) -> None:
-        if stop.is_set():
-            raise KeyboardInterrupt
-        click.echo(f"histod: {signal.Signals(signum).name}, finishing the batch in flight", err=True)
-        stop.set()
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
-    if stopping.take_early():
-        click.echo("histod: SIGTERM during start-up, stopping", err=True)
-        stop.set()
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
-
 @click.command()
 @common
 @click.option("--engine", type=click.Choice(["litert", "keras"]), default=None, help="default: litert")
 @click.option("--once", is_flag=True, help="process what is in the folder, write a report and exit")
+@click.option(
+    "--allow-parity-failure",
+    is_flag=True,
+    default=None,
+    help="serve a run whose model.tflite failed the export parity check (default: refused)",
+)
 def serve(once: bool, **flags: Any) -> None:
     """Watch a folder; classify, record and move every image dropped into it."""
-    with _stop_on_signals() as stop:  # first: a SIGTERM from here on (or caught earlier) is a clean stop
+    with stopping.stop_on_signals() as stop:  # first: a SIGTERM from here on (or caught earlier) is a clean stop
         from histod.daemon.app import serve as run
 
         settings = _settings(**flags)
         result = run(settings, stop, once=once)
     if once and not result.start_up_only:
         _print_report(settings, result.started, result.stopped, as_json=False)
+        if result.unmoved:
+            files = "1 file waits" if result.unmoved == 1 else f"{result.unmoved} files wait"
+            click.secho(f"error: {files} for a move (see `histod report`)", err=True, fg="red")
+            sys.exit(UNMOVED_EXIT)
 
 
 def _open(settings: Settings) -> Any:
@@ -175,7 +163,8 @@ def results(
     )
     with reading(_open(_settings(**flags))) as session:
         rows = [{c: _value(getattr(r, c)) for c in COLUMNS} for r in list_results(session, filters)]
-    click.echo(format_rows(rows, fmt), nl=fmt != "csv")
+    # color=True: click would strip what looks like a colour code from piped output, and a name may hold one
+    click.echo(format_rows(rows, fmt), nl=fmt != "csv", color=True)
 
 
 def _value(value: Any) -> Any:
@@ -186,10 +175,10 @@ def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
     if fmt == "json":
         return json.dumps(rows, indent=2)
     if fmt == "csv":
+        from histod.db.audit import write_csv
+
         out = io.StringIO()
-        writer = csv.DictWriter(out, fieldnames=COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        writer.writerows(rows)
+        write_csv(out, COLUMNS, rows)
         return out.getvalue()
     shown = (
         "id",
@@ -217,7 +206,7 @@ def _cell(value: Any, column: str) -> str:
         return f"{value:.4f}"
     if column == "received_at":
         return str(value)[:19].replace("T", " ")
-    return str(value).replace("\n", "\\n")
+    return printable(str(value))
 
 
 @click.command()
@@ -226,7 +215,7 @@ def _cell(value: Any, column: str) -> str:
 @click.option("--epochs", type=click.IntRange(min=0), default=4, show_default=True)
 def demo(folder: Path | None, images: int, epochs: int) -> None:
     """Generate synthetic tiles, train a tiny model, serve a folder, drop images in and print the report."""
-    with _stop_on_signals() as stop:
+    with stopping.stop_on_signals() as stop:
         _run_demo(folder, images=images, epochs=epochs, stop=stop)
 
 
@@ -291,6 +280,7 @@ DEMO_TRAINING: dict[str, Any] = {
     "batch_size": 8,
     "augment": False,
     "patience": 3,
+    "ema": 0.0,  # a moving average over so few steps would still be the random start
 }
 """A model that learns the synthetic tiles in seconds: small, random start, every layer trained."""
 

@@ -58,6 +58,50 @@ def _print_metrics(result: dict[str, Any]) -> None:
 @click.argument("data_dir", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="RUN_DIR to write (new or empty)")
 @click.option(
+    "--resume",
+    is_flag=True,
+    help="go on with the interrupted run in --out from its last finished epoch (its config.json; flags given "
+    "must agree with it)",
+)
+@click.option(
+    "--preset",
+    type=click.Choice(sorted(PRESETS)),
+    default=None,
+    help="paper: the method's literal recipe (224 px, pixels / 255, one phase at 1e-5, image-level split, "
+    "threshold 0.5) instead of the measured best defaults; flags given here still win",
+)
+@click.option("--weights", default=None, help=f"imagenet | none | PATH to an .h5 file of base weights {_d('weights')}")
+@click.option("--alpha", type=float, default=None, help=f"MobileNetV2 width multiplier {_d('alpha')}")
+@click.option("--image-size", type=int, default=None, help=f"square input side in pixels {_d('image_size')}")
+@click.option(
+    "--head-epochs", type=int, default=None, help=f"head-only epochs with the base frozen {_d('head_epochs')}"
+)
+@click.option("--epochs", type=int, default=None, help=f"fine-tuning epochs at most {_d('epochs')}")
+@click.option("--batch-size", type=int, default=None, help=_d("batch_size"))
+@click.option(
+    "--fine-tune-layers", type=int, default=None, help=f"base layers unfrozen for fine-tuning {_d('fine_tune_layers')}"
+)
+@click.option(
+    "--head-learning-rate", type=float, default=None, help=f"Adam rate for the head phase {_d('head_learning_rate')}"
+)
+@click.option("--learning-rate", type=float, default=None, help=f"Adam rate for fine-tuning {_d('learning_rate')}")
+@click.option("--dropout", type=float, default=None, help=f"head dropout {_d('dropout')}")
+@click.option("--ema", type=float, default=None, help=f"weights moving average, scored and kept (0 = off) {_d('ema')}")
+@click.option("--patience", type=int, default=None, help=f"EarlyStopping patience {_d('patience')}")
+@click.option("--lr-patience", type=int, default=None, help=f"ReduceLROnPlateau patience {_d('lr_patience')}")
+@click.option("--lr-factor", type=float, default=None, help=f"ReduceLROnPlateau factor {_d('lr_factor')}")
+@click.option(
+    "--class-weights/--no-class-weights", default=None, help=f"inverse-frequency loss weights {_d('class_weights')}"
+)
+@click.option("--augment/--no-augment", default=None, help=f"rotation, zoom, shear, horizontal flips {_d('augment')}")
+@click.option("--dihedral/--no-dihedral", default=None, help=f"also vertical flips, 90° rotations {_d('dihedral')}")
+@click.option("--seed", type=int, default=None, help=_d("seed"))
+@click.option("--val-split", type=float, default=None, help=f"validation share {_d('val_split')}")
+@click.option(
+    "--split-by", type=click.Choice(["patient", "image"]), default=None, help=f"validation split {_d('split_by')}"
+)
+@click.option("--group-pattern", default=None, help="regex with a named group `group` (patient id in file names)")
+@click.option(
     "--val-patients",
     type=click.Path(path_type=Path),
     default=None,
@@ -67,7 +111,7 @@ def _print_metrics(result: dict[str, Any]) -> None:
     "--patient-cap",
     type=click.IntRange(min=0),
     default=None,
-    help=f"at most this many images per patient in each epoch, drawn afresh; 0 = all {_d('patient_cap')}",
+    help=f"at most this many images of one patient in each epoch, drawn afresh (0 = all) {_d('patient_cap')}",
 )
 @click.option(
     "--patient-weighting",
@@ -75,74 +119,10 @@ def _print_metrics(result: dict[str, Any]) -> None:
     default=None,
     help=f"weight each image by 1/sqrt(its patient's image count), with --patient-cap 0 {_d('patient_weighting')}",
 )
-@click.option("--epochs", type=int, default=None, help=f"fine-tuning epochs {_d('epochs')}")
 @click.option(
-    "--head-epochs", type=int, default=None, help=f"head-only epochs with the base frozen {_d('head_epochs')}"
-)
-@click.option("--batch-size", type=int, default=None, help=_d("batch_size"))
-@click.option("--image-size", type=int, default=None, help=f"square input side in pixels {_d('image_size')}")
-@click.option("--alpha", type=float, default=None, help=f"MobileNetV2 width multiplier {_d('alpha')}")
-@click.option("--weights", default=None, help=f"imagenet | none | PATH to an .h5 file of base weights {_d('weights')}")
-@click.option(
-    "--fine-tune-layers", type=int, default=None, help=f"base layers unfrozen for fine-tuning {_d('fine_tune_layers')}"
-)
-@click.option("--learning-rate", type=float, default=None, help=f"Adam rate for fine-tuning {_d('learning_rate')}")
-@click.option(
-    "--head-learning-rate", type=float, default=None, help=f"Adam rate for the head phase {_d('head_learning_rate')}"
-)
-@click.option("--dropout", type=float, default=None, help=f"head dropout {_d('dropout')}")
-@click.option(
-    "--head-bn-momentum", type=float, default=None, help=f"head BatchNorm moving-average rate {_d('head_bn_momentum')}"
-)
-@click.option(
-    "--monitor",
-    type=click.Choice(["val_loss", "val_auc"]),
+    "--calibrate/--no-calibrate",
     default=None,
-    help=f"what EarlyStopping, ReduceLROnPlateau and the best epoch follow {_d('monitor')}",
-)
-@click.option("--ema", type=float, default=None, help=f"weights moving average, scored and kept (0 = off) {_d('ema')}")
-@click.option("--patience", type=int, default=None, help=f"EarlyStopping patience {_d('patience')}")
-@click.option("--lr-patience", type=int, default=None, help=f"ReduceLROnPlateau patience {_d('lr_patience')}")
-@click.option("--lr-factor", type=float, default=None, help=f"ReduceLROnPlateau factor {_d('lr_factor')}")
-@click.option(
-    "--class-weights/--no-class-weights", default=None, help=f"inverse-frequency loss weights {_d('class_weights')}"
-)
-@click.option("--augment/--no-augment", default=None, help=f"augment the training split {_d('augment')}")
-@click.option("--seed", type=int, default=None, help=_d("seed"))
-@click.option("--val-split", type=float, default=None, help=f"validation share, patient-grouped {_d('val_split')}")
-@click.option("--group-pattern", default=None, help="regex with a named group `group` (patient id in file names)")
-@click.option(
-    "--target-sensitivity", type=float, default=None, help="pick the threshold reaching this sensitivity on validation"
-)
-@click.option("--threshold", type=float, default=None, help="a fixed decision threshold instead of choosing one")
-@click.option(
-    "--preset",
-    type=click.Choice(sorted(PRESETS)),
-    default=None,
-    help="start from a named recipe: histology (measured best on IDC tiles) or paper (the method's literal "
-    "recipe); flags given here still win",
-)
-@click.option(
-    "--split-by", type=click.Choice(["patient", "image"]), default=None, help=f"validation split {_d('split_by')}"
-)
-@click.option(
-    "--scaling",
-    type=click.Choice(["mobilenet", "unit"]),
-    default=None,
-    help=f"pixels to [-1, 1] or / 255 {_d('scaling')}",
-)
-@click.option(
-    "--freeze-batchnorm/--no-freeze-batchnorm",
-    default=None,
-    help=f"keep the base's BatchNorm in inference mode while fine-tuning {_d('freeze_batchnorm')}",
-)
-@click.option("--dihedral/--no-dihedral", default=None, help=f"also vertical flips, 90° rotations {_d('dihedral')}")
-@click.option("--color-jitter", type=float, default=None, help=f"colour jitter strength 0..1 {_d('color_jitter')}")
-@click.option("--stain-jitter", type=float, default=None, help=f"H&E stain jitter sigma {_d('stain_jitter')}")
-@click.option("--label-smoothing", type=float, default=None, help=_d("label_smoothing"))
-@click.option("--mixup", type=float, default=None, help=f"MixUp Beta(a, a) of training images and labels {_d('mixup')}")
-@click.option(
-    "--lr-schedule", type=click.Choice(["plateau", "cosine"]), default=None, help=f"fine-tuning {_d('lr_schedule')}"
+    help=f"Platt scaling fitted on the validation split, folded into the model {_d('calibrate')}",
 )
 @click.option(
     "--tta",
@@ -151,38 +131,78 @@ def _print_metrics(result: dict[str, Any]) -> None:
     help=f"average p over this many flips/rotations at prediction, stored with the model {_d('tta')}",
 )
 @click.option(
-    "--calibrate/--no-calibrate",
-    default=None,
-    help=f"Platt scaling fitted on the validation split, folded into the model {_d('calibrate')}",
+    "--target-sensitivity", type=float, default=None, help="pick the threshold reaching this sensitivity on validation"
 )
+@click.option("--threshold", type=float, default=None, help="a fixed decision threshold instead of choosing one")
 @click.option(
     "--cv",
     type=int,
     default=None,
     help="k-fold patient-grouped cross-validation instead: k models, scored on held-out patients (no model kept)",
 )
-def train(data_dir: tuple[Path, ...], out: Path, preset: str | None, cv: int | None, **flags: Any) -> None:
+def train(
+    data_dir: tuple[Path, ...], out: Path, resume: bool, preset: str | None, cv: int | None, **flags: Any
+) -> None:
     """Train a Benign/Malignant classifier on DATA_DIR (benign/ and malignant/ folders) into --out RUN_DIR.
 
-    Several DATA_DIRs, or a folder of them, are pooled; a patient's images stay on one side of the split
-    whichever folder they are in."""
-    from pydantic import ValidationError
+    Several DATA_DIRs, or a folder of them, are pooled: a patient's images stay on one side of the split whichever
+    folder they are in. The defaults are the recipe measured best on held-out patients; see docs/training.md.
+    """
+    from histod.errors import ExportParityError
+    from histod.trainer.api import train as run_training
 
     values = {k: v for k, v in flags.items() if v is not None}
     if "tta" in values:
         values["tta"] = int(values["tta"])
-    try:
-        cfg = TrainConfig(data_dir=data_dir, out=out, **{**presets.preset(preset), **values})
-    except ValidationError as exc:
-        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
-        raise ConfigError(problems) from exc
+    requested = {**presets.preset(preset), **values}
+    if resume and cv is not None:
+        raise ConfigError("--resume continues one trained run; --cv trains none to keep")
+    cfg = _resumed_config(data_dir, out, requested) if resume else _config(data_dir, out, requested)
     if cv is not None:
         _cross_validate(cfg, cv)
         return
-    from histod.runs import load_metrics
-    from histod.trainer.api import train as run_training
+    try:
+        run = run_training(cfg, resume=resume)
+    except ExportParityError:
+        _print_run(cfg.out)
+        raise
+    _print_run(run)
 
-    run = run_training(cfg)
+
+def _config(data_dir: tuple[Path, ...], out: Path, values: dict[str, Any]) -> TrainConfig:
+    from pydantic import ValidationError
+
+    try:
+        return TrainConfig(data_dir=data_dir, out=out, **values)
+    except ValidationError as exc:
+        problems = "; ".join(f"--{'-'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(problems) from exc
+
+
+def _resumed_config(data_dir: tuple[Path, ...], out: Path, values: dict[str, Any]) -> TrainConfig:
+    """The interrupted run's own config.json; what the command line asks for must agree with it."""
+    from histod.runs import CONFIG_FILE
+
+    if not (out / CONFIG_FILE).is_file():
+        raise ConfigError(f"--out {out} holds no run to resume (no {CONFIG_FILE})")
+    saved = TrainConfig.load(out)
+    asked = _config(data_dir, out, values)
+    differ = [
+        f"--{key.replace('_', '-')} {getattr(asked, key)} (the run has {getattr(saved, key)})"
+        for key in values
+        if getattr(asked, key) != getattr(saved, key)
+    ]
+    if [p.resolve() for p in asked.data_dirs] != [p.resolve() for p in saved.data_dirs]:
+        given, had = (" ".join(map(str, c.data_dirs)) for c in (asked, saved))
+        differ.insert(0, f"DATA_DIR {given} (the run has {had})")
+    if differ:
+        raise ConfigError(f"--resume goes on with the run as it was configured; these differ: {'; '.join(differ)}")
+    return saved
+
+
+def _print_run(run: Path) -> None:
+    from histod.runs import load_metrics
+
     m = load_metrics(run)
     counts: Any = m.get("counts", {})
     click.echo(
@@ -238,7 +258,7 @@ def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None
     from histod.trainer.api import evaluate_folder
 
     run_dir = _run_dir(model)
-    result = evaluate_folder(run_dir, data_dir, out=out, scorer=load_engine(run_dir, "litert", threads=threads))
+    result = evaluate_folder(run_dir, data_dir, load_engine(run_dir, "litert", threads=threads), out=out)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -270,7 +290,7 @@ def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_
         raise ConfigError(f"no image files in {', '.join(map(str, paths))}")
     engine = load_engine(run_dir, "litert", threads=threads)
     failed = total = 0
-    for pred in predict_paths(run_dir, list(paths), scorer=engine):
+    for pred in predict_paths(engine, list(paths)):
         total += 1
         if pred.error is not None:
             failed += 1

@@ -1,6 +1,11 @@
 """Read, decode, orient, convert and resize one image: the ONE function the trainer, the exporter's parity
 check, `histod predict` and the service all use, so training and serving cannot disagree.
 
+Only the formats of :data:`FORMATS` (PNG, JPEG, TIFF, BMP) are decoded, judged by the bytes, never by the file
+name: Pillow is asked to try those plugins alone, so another format (EPS, which Pillow would hand to
+Ghostscript; netpbm, GIF, WebP, ...) is never parsed beyond its signature. The trainer discovers files by the
+same formats' suffixes (:data:`EXTENSIONS`, the default ``extensions`` setting of the service).
+
 Every failure is an :class:`~histod.errors.ImageError` with a short stable ``reason`` code:
 
 ==================  ===============================================================
@@ -13,10 +18,13 @@ reason              meaning
 ``empty``           zero bytes
 ``too_large``       more bytes than ``max_bytes``
 ``not_an_image``    no image format recognised (text, HTML, ... under an image name)
+``unsupported_format`` an image format histod does not read (EPS, netpbm, GIF, WebP, ...), whatever
+                    the name
 ``too_many_pixels`` width x height above ``max_pixels`` (decompression-bomb guard)
 ``truncated``       the data ends before the image does
 ``corrupt``         the decoder failed for another reason (also: a known signature whose header
                     cannot be read)
+``non_finite_pixels`` a floating-point image (32-bit float TIFF) with NaN or infinite values
 ==================  ===============================================================
 
 High-bit-depth images are scaled by fixed rules (16-bit by 65535, floats as 0..1), never stretched per image.
@@ -41,6 +49,17 @@ from histod.errors import ImageError
 DEFAULT_MAX_PIXELS = 50_000_000
 """About 7,000 x 7,000: far above a histology tile, far below a decompression bomb."""
 DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+FORMATS: dict[str, tuple[str, ...]] = {
+    "JPEG": (".jpg", ".jpeg"),
+    "PNG": (".png",),
+    "TIFF": (".tif", ".tiff"),
+    "BMP": (".bmp",),
+}
+"""The image formats histod decodes (Pillow's format ids), and the file suffixes that name them."""
+EXTENSIONS: tuple[str, ...] = tuple(ext for suffixes in FORMATS.values() for ext in suffixes)
+_ALLOWED = tuple(FORMATS)
+_ALLOWED_TEXT = ", ".join(("PNG", "JPEG", "TIFF", "BMP"))
 
 # We enforce our own pixel cap (``max_pixels``) from the header, before any pixel is decoded. Pillow's global guard
 # stays as a second line for sizes only known while loading (GIF frames, TIFF tiles): it raises
@@ -115,11 +134,16 @@ def decode(
     if not data:
         raise ImageError("empty", f"{name} is empty (0 bytes)")
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=_ALLOWED)
     except UnidentifiedImageError as exc:
         fmt = _signature(data)
         if fmt is not None:  # an image that starts right but whose header is cut short or damaged
             raise ImageError("corrupt", f"{name} starts like a {fmt} file but its header cannot be read") from exc
+        other = _other_format(data)
+        if other is not None:
+            raise ImageError(
+                "unsupported_format", f"{name} is a {other} image; histod reads {_ALLOWED_TEXT} only"
+            ) from exc
         raise ImageError("not_an_image", f"{name} is not an image in a format we can read") from exc
     except Image.DecompressionBombError as exc:
         raise ImageError("too_many_pixels", f"{name}: {exc}") from exc
@@ -140,7 +164,7 @@ def decode(
             if size is not None and img.format == "JPEG":
                 img.draft("RGB", (size, size))  # let libjpeg decode at a reduced scale: much faster
             img.load()
-            out = _to_rgb(_oriented(img))
+            out = _to_rgb(_oriented(img), name)
         except ImageError:
             raise
         except Image.DecompressionBombError as exc:
@@ -174,17 +198,33 @@ def load(
 _SIGNATURES = (
     (b"\x89PNG\r\n\x1a\n", "PNG"),
     (b"\xff\xd8\xff", "JPEG"),
-    (b"GIF87a", "GIF"),
-    (b"GIF89a", "GIF"),
     (b"II*\x00", "TIFF"),
     (b"MM\x00*", "TIFF"),
+    (b"II+\x00", "TIFF"),  # BigTIFF
+    (b"MM\x00+", "TIFF"),
     (b"BM", "BMP"),
 )
 
 
 def _signature(data: bytes) -> str | None:
-    """The format whose magic bytes ``data`` starts with, if any."""
+    """The decoded format whose magic bytes ``data`` starts with, if any."""
     return next((fmt for magic, fmt in _SIGNATURES if data.startswith(magic)), None)
+
+
+def _other_format(data: bytes) -> str | None:
+    """The name of another image format ``data`` starts like, for the message: only Pillow's signature checks
+    (``accept`` on the first 16 bytes) run, never a plugin's parser."""
+    Image.init()
+    prefix = data[:16]
+    for fmt, (_factory, accept) in Image.OPEN.items():
+        if fmt in FORMATS or accept is None:
+            continue
+        try:
+            if accept(prefix):  # True, or a text saying this Pillow lacks the codec: that format either way
+                return str(fmt)
+        except Exception:  # a signature check that cannot handle these bytes: not this format
+            continue
+    return None
 
 
 def _looks_truncated(exc: BaseException) -> bool:
@@ -208,14 +248,20 @@ def _full_scale(mode: str, peak: float) -> float:
     return 65535.0 if peak <= 65535.0 else peak
 
 
-def _to_rgb(img: Image.Image) -> Image.Image:
+def _to_rgb(img: Image.Image, name: str) -> Image.Image:
     mode = img.mode
     if mode == "RGB":
         return img
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         # Fixed scales, never per-image contrast stretching (training and serving must map a value alike):
         # 16-bit and 32-bit integers as 16-bit (above that, the largest value), floats as 0..1 (or 0..255).
-        values = np.nan_to_num(np.asarray(img, dtype=np.float64))
+        values = np.asarray(img, dtype=np.float64)
+        finite = np.isfinite(values)
+        if not finite.all():  # NaN or inf has no brightness: refused, never guessed as black or white
+            bad = int(values.size - np.count_nonzero(finite))
+            raise ImageError(
+                "non_finite_pixels", f"{name} has {bad} of {values.size} pixel values that are NaN or infinite"
+            )
         peak = float(values.max()) if values.size else 0.0
         top = _full_scale(mode, peak)
         scaled = np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8)

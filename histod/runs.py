@@ -3,6 +3,9 @@
 A RUN_DIR holds ``model.keras``, ``model.tflite``, ``metrics.json``, ``config.json`` and ``model.json``
 (this file's :class:`RunInfo`). Both models take raw RGB float32 in 0..255 of shape (N, S, S, 3) and
 return p(malignant) of shape (N, 1): MobileNetV2's scaling to [-1, 1] is inside the model.
+
+``model.json`` is written last: a folder without it is a run still training, or one that was interrupted
+(``checkpoint.npz`` is then there, and `histod train ... --resume` goes on with it).
 """
 
 from __future__ import annotations
@@ -10,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Literal
 
 from pydantic import BaseModel, ValidationError, field_validator
 
@@ -42,6 +46,9 @@ class RunInfo(BaseModel):
     calibration_shift: float = 0.0
     """Platt scaling already folded into the model's last layer: p = sigmoid(scale * logit + shift) (recorded for
     the audit; 1 and 0 = none)"""
+    parity: Literal["passed", "failed"] = "passed"
+    """whether model.tflite agreed with model.keras on the validation images (metrics.json ``parity`` has the
+    figures); `histod serve` refuses a ``failed`` model.tflite unless told otherwise"""
 
     @field_validator("tta", mode="before")
     @classmethod

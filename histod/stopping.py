@@ -1,12 +1,17 @@
-"""SIGTERM from the first line of the process: a stop request, not a kill, for the commands that stop cleanly.
+"""How histod stops on a signal: SIGTERM and SIGHUP are stop requests, not kills, for the commands that stop
+cleanly (serve, demo), from the first line of the process on.
 
 systemd (or an operator) may stop `histod serve` at any moment of its start-up: while Python imports the
 packages, while the database migrates, while the model loads. The entry point (``histod.__main__.main``) calls
-:func:`catch_early` before anything heavy is imported, so a SIGTERM from then on is remembered instead of ending
-the process by the default action (status -15). The commands in :data:`CLEAN_STOP_COMMANDS` take the remembered
-request over (:func:`take_early`) when they install their own handlers (histod.commands_service) and stop
-cleanly, exit 0; every other command gets SIGTERM's previous action back (:func:`release`, from the CLI group)
-and, when one arrived meanwhile, receives it again, so it ends as it always did.
+:func:`catch_early` before anything heavy is imported, so a SIGTERM or SIGHUP from then on is remembered instead
+of ending the process by the default action. The commands in :data:`CLEAN_STOP_COMMANDS` install
+:func:`stop_on_signals`, which takes a remembered request over and stops cleanly, exit 0; every other command
+gets the signals' previous actions back (:func:`release`, from the CLI group) and, when one arrived meanwhile,
+receives it again, so it ends as it always did.
+
+Once a clean stop is under way, a repeated SIGTERM or SIGHUP changes nothing: ``timeout``, a supervisor that
+signals the whole process group, or an impatient operator may send several, and the stop must still end with
+status 0. A second SIGINT (Ctrl-C again) is the way to force it: it aborts at once.
 
 Only the standard library here: this module is imported before everything else.
 """
@@ -14,11 +19,18 @@ Only the standard library here: this module is imported before everything else.
 from __future__ import annotations
 
 import signal
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from types import FrameType
 from typing import Any
 
 CLEAN_STOP_COMMANDS = frozenset({"serve", "demo"})
-"""the commands whose own SIGTERM handler takes over a request caught early (histod.commands_service)"""
+"""the commands that stop cleanly on a signal (histod.commands_service installs :func:`stop_on_signals`)"""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP)
+"""a clean stop, however often they come (SIGHUP: the terminal or the session went away)"""
 
 
 class _Early:
@@ -26,38 +38,78 @@ class _Early:
 
     def __init__(self) -> None:
         self.installed = False
-        self.caught = False
-        self.previous: Any = signal.SIG_DFL
+        self.caught: signal.Signals | None = None
+        self.previous: dict[signal.Signals, Any] = {}
 
-    def remember(self, _signum: int, _frame: FrameType | None) -> None:
-        self.caught = True
+    def remember(self, signum: int, _frame: FrameType | None) -> None:
+        self.caught = self.caught or signal.Signals(signum)
 
 
 _EARLY = _Early()
 
 
 def catch_early() -> None:
-    """From now on a SIGTERM is remembered, not acted on (call once, first thing in the process)."""
+    """From now on a SIGTERM or SIGHUP is remembered, not acted on (call once, first thing in the process)."""
     if _EARLY.installed:
         return
-    previous = signal.signal(signal.SIGTERM, _EARLY.remember)
-    _EARLY.previous = signal.SIG_DFL if previous is None else previous
+    for sig in STOP_SIGNALS:
+        previous = signal.signal(sig, _EARLY.remember)
+        _EARLY.previous[sig] = signal.SIG_DFL if previous is None else previous
     _EARLY.installed = True
 
 
-def take_early() -> bool:
-    """Whether a SIGTERM arrived before the caller's own handler was installed; it is taken (cleared) here."""
-    caught, _EARLY.caught = _EARLY.caught, False
+def take_early() -> signal.Signals | None:
+    """The stop signal that arrived before the caller's own handler was installed, if any; taken (cleared)."""
+    caught, _EARLY.caught = _EARLY.caught, None
     return caught
 
 
 def release() -> None:
-    """Give SIGTERM its previous action back (a command that does not stop cleanly); one that arrived since
-    :func:`catch_early` is raised again now. Nothing happens when :func:`catch_early` was not called (tests that
-    run the CLI in-process)."""
+    """Give SIGTERM and SIGHUP their previous actions back (a command that does not stop cleanly); one that
+    arrived since :func:`catch_early` is raised again now. Nothing happens when :func:`catch_early` was not called
+    (tests that run the CLI in-process)."""
     if not _EARLY.installed:
         return
     _EARLY.installed = False
-    signal.signal(signal.SIGTERM, _EARLY.previous)
-    if take_early():
-        signal.raise_signal(signal.SIGTERM)
+    for sig, previous in _EARLY.previous.items():
+        signal.signal(sig, previous)
+    caught = take_early()
+    if caught is not None:
+        signal.raise_signal(caught)
+
+
+def _say(message: str) -> None:
+    # one write, line and newline together, so the notice never lands inside another thread's log line
+    sys.stderr.write(f"histod: {message}\n")
+    sys.stderr.flush()
+
+
+@contextmanager
+def stop_on_signals() -> Iterator[threading.Event]:
+    """SIGTERM, SIGHUP and SIGINT set the event (stop taking files, finish the batch in flight). Repeated
+    SIGTERMs and SIGHUPs are noted and change nothing; a second SIGINT aborts (KeyboardInterrupt). A stop signal
+    caught since the process started sets the event at once: the service stops during its start-up, after the
+    step in progress. The previous handlers are back when the block ends."""
+    stop = threading.Event()
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        name = signal.Signals(signum).name
+        if not stop.is_set():
+            abort = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C"
+            _say(f"{name}, finishing the batch in flight ({abort} aborts)")
+            stop.set()
+        elif signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        else:
+            _say(f"{name} again, still stopping cleanly")
+
+    previous = {sig: signal.signal(sig, handler) for sig in (*STOP_SIGNALS, signal.SIGINT)}
+    caught = take_early()
+    if caught is not None:
+        _say(f"{caught.name} during start-up, stopping")
+        stop.set()
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)

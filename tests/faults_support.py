@@ -4,7 +4,7 @@ serve` subprocesses, and the exactly-once accounting every fault test ends with.
 The accounting counts rows in the database and files in the folders; logs are never evidence. Each fault test
 prints one summary line (``FAULTS <fault>: files=... rounds=... lost=0 duplicated=0 ...``) that
 docs/reliability.md copies. Sizes come from environment knobs so that a developer can scale a run up or down;
-the defaults are the issue's numbers.
+the defaults are the sizes docs/reliability.md reports.
 """
 
 from __future__ import annotations
@@ -167,22 +167,21 @@ def account(settings: Settings, expected: Iterable[str]) -> Tally:
             tally.unmoved.append(f"{r.name} (row {r.id})")
     tally.duplicated += [f"stored twice: {p}" for p, n in by_stored.items() if n > 1]
     tally.strays = sorted(p for p in stored_set if by_stored.get(p, 0) == 0)
-    tally.left = sorted(p.name for p in _entries(settings.resolved_watch_dir))
+    watch = settings.resolved_watch_dir
+    tally.left = sorted(str(p.relative_to(watch)) for p in _entries(watch))
     return tally
 
 
 def _entries(folder: Path) -> list[Path]:
-    """Files, links, FIFOs and leaf folders (a folder named like an image is one entry) under ``folder``."""
+    """Everything under ``folder`` that is not a folder (files, links, FIFOs), at any depth; symlinked folders
+    are entries, never walked."""
     if not folder.exists():
         return []
     found: list[Path] = []
     for dirpath, dirnames, filenames in os.walk(folder):
         base = Path(dirpath)
-        depth = len(base.relative_to(folder).parts)
         found += [base / f for f in filenames]
-        if depth >= 1:  # inside a dated folder: a sub-folder is a stored entry (a folder named x.jpg)
-            found += [base / d for d in dirnames]
-            dirnames.clear()
+        found += [base / d for d in dirnames if (base / d).is_symlink()]
     return sorted(found)
 
 

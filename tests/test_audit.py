@@ -1,5 +1,6 @@
 """The audit trail on real SQLite files: append-only triggers, the hash chain and `histod audit verify` against
-tampering, reviews, provenance, the 0001 -> 0002 migration with existing rows, and concurrent writers."""
+tampering, reviews, provenance, the migrations from 0001 with existing rows, and concurrent writers. The chain
+over moves, reports and models, the keyed chain and type tampering: tests/test_audit_chain.py."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from sqlalchemy import text
+from sqlalchemy import select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.cli import cli
@@ -112,10 +113,16 @@ def test_verify_passes_on_a_clean_database_and_names_the_chain_ends(tmp_path: Pa
     assert code == 0, out
     with reading(factory) as s:
         rows = queries.list_results(s)
-    assert rows[0].prev_hash == chain.GENESIS
+        model = s.get(ModelRecord, 1)
+        moves = list(s.scalars(select(Move).order_by(Move.id)))
+    assert model is not None and (model.chain_seq, model.prev_hash) == (1, chain.GENESIS)  # registered first
+    assert rows[0].prev_hash == model.row_hash
     assert [r.prev_hash for r in rows[1:]] == [r.row_hash for r in rows[:-1]]
-    assert f"ok: 5 results, chain intact; 1 models rows intact\nfirst hash {rows[0].row_hash}\n" in out
-    assert f"last hash  {rows[-1].row_hash}" in out
+    assert moves[0].prev_hash == rows[-1].row_hash and [m.chain_seq for m in moves] == [7, 8, 9, 10, 11]
+    assert (
+        "ok: 5 results, chain intact; in the same chain 5 moves, 0 reports, 1 models (11 rows)\n"
+        f"first hash {model.row_hash}\nlast hash  {moves[-1].row_hash}\n"
+    ) in out
     assert _verify(path, "--anchor", rows[2].row_hash)[0] == 0
 
 
@@ -137,8 +144,8 @@ def test_verify_passes_on_a_clean_database_and_names_the_chain_ends(tmp_path: Pa
         ),
         (["UPDATE results SET received_at = '2026-01-02 03:04:06.000000' WHERE id = 2"], "results row 2", "content"),
         (["UPDATE models SET metrics = '{\"roc_auc\": 0.99}'"], "models row 1", "content does not match"),
-        (["DELETE FROM results WHERE id = 5"], "moves row 5", "names a result that is missing"),
-        (["DELETE FROM models"], "results row 1", "names a model that is missing"),
+        (["DELETE FROM results WHERE id = 5"], "moves row 1", "prev_hash"),
+        (["DELETE FROM models"], "results row 1", "prev_hash"),
     ],
 )
 def test_verify_catches_rows_changed_or_removed_behind_the_service(
@@ -154,8 +161,8 @@ def test_verify_catches_rows_changed_or_removed_behind_the_service(
 def test_a_row_removed_from_the_end_is_caught_by_an_earlier_anchor(tmp_path: Path) -> None:
     path, factory = _db(tmp_path)
     with reading(factory) as s:
-        last = queries.list_results(s)[-1].row_hash
-    copy = _tamper(path, tmp_path, "DELETE FROM moves WHERE result_id = 5", "DELETE FROM results WHERE id = 5")
+        last = chain.head(s)[1]
+    copy = _tamper(path, tmp_path, "DELETE FROM moves WHERE id = 5")
     assert _verify(copy)[0] == 0  # a shorter chain is still a chain: that is what anchors are for
     code, out = _verify(copy, "--anchor", last)
     assert code == 1 and "an anchor hash is not in the chain" in out and last in out
@@ -248,7 +255,7 @@ def test_the_models_row_records_provenance(tmp_path: Path) -> None:
     assert model is not None
     assert model.split_sha256 == hashlib.sha256((tmp_path / "split.csv").read_bytes()).hexdigest()
     assert model.metrics["roc_auc"] == 0.87 and model.run_path == str(tmp_path)
-    assert model.row_hash == chain.model_hash(chain.as_mapping(model, chain.MODEL_FIELDS))
+    assert model.row_hash == chain.link_hash("models", model.prev_hash, chain.as_mapping(model, chain.MODEL_FIELDS))
 
 
 def test_migrating_0001_to_0002_hashes_existing_rows_in_id_order(tmp_path: Path) -> None:
@@ -276,16 +283,18 @@ def test_migrating_0001_to_0002_hashes_existing_rows_in_id_order(tmp_path: Path)
             )
             conn.execute(text(f"INSERT INTO moves (result_id, at, ok, path) VALUES ({i}, '2026-01-01', 1, '/p/{i}')"))
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0003"
+    assert current_revision(engine) == head_revision() == "0004"
     factory = open_database(f"sqlite:///{path}")
     with reading(factory) as s:
         rows = queries.list_results(s)
+        head = chain.head(s)
     assert [r.id for r in rows] == [1, 2, 3, 7] and {r.kind for r in rows} == {KIND_CLASSIFICATION}
     assert rows[0].prev_hash == chain.GENESIS and rows[3].prev_hash == rows[2].row_hash
+    assert head[0] == 4 + 1 + 4  # the results, then the models row and the moves sealed after them
     assert _verify(path)[0] == 0
     with transaction(factory) as s:  # the service appends after the backfilled rows
         (new,) = queries.record_results(s, [_result("new.png", model_id=1)])
-    assert (new.id, new.prev_hash) == (8, rows[-1].row_hash)
+    assert (new.id, new.chain_seq, new.prev_hash) == (8, head[0] + 1, head[1])
     assert _verify(path)[0] == 0
     raw = sqlite3.connect(path)
     with pytest.raises(sqlite3.IntegrityError, match="append-only"):
@@ -324,7 +333,7 @@ def test_readers_never_migrate_and_refuse_an_older_schema(tmp_path: Path) -> Non
     for args in (["results"], ["report"], ["audit", "verify"], ["audit", "export", "--out", str(tmp_path / "x.csv")]):
         got = CliRunner().invoke(cli, [*args, "--db", f"sqlite:///{path}"])
         assert got.exit_code == 5, got.output
-        assert "schema is at revision 0001, this histod expects 0003" in got.output
+        assert "schema is at revision 0001, this histod expects 0004" in got.output
     assert current_revision(engine) == "0001"
     got = CliRunner().invoke(cli, ["results", "--db", f"sqlite:///{tmp_path / 'none.db'}"])
     assert got.exit_code == 5 and "no results database" in got.output

@@ -12,10 +12,10 @@ from sqlalchemy import text
 from sqlalchemy.exc import SQLAlchemyError
 
 from histod.db import queries
-from histod.db.chain import verify
 from histod.db.migrations import current_revision, head_revision, upgrade
 from histod.db.models import Result
 from histod.db.session import make_engine, open_database, reading, transaction
+from histod.db.verify import verify
 
 pytestmark = pytest.mark.postgres
 T0 = datetime(2026, 1, 2, tzinfo=UTC)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from datetime import UTC, datetime, timedelta
@@ -308,3 +309,21 @@ def test_the_busy_timeout_setting_reaches_every_connection(tmp_path: Path, monke
             assert s.execute(text("pragma busy_timeout")).scalar_one() == 1234
     with pytest.raises(ConfigError, match="busy_timeout_ms"):
         load_settings(busy_timeout_ms=60_000)
+
+
+def test_stored_paths_are_valid_text_and_give_the_exact_bytes_back() -> None:
+    import random
+
+    from histod.db.paths import display, path_text, text_path
+
+    rng = random.Random(20)
+    raws = [b"/w/caf\xe9.png", b"/w/a\\b.png", b"/w/a\\xe9.png", b"/w/\\\xff\\x.png", b"bytes:/w/x.png", b"/w/ok.png"]
+    raws += [b"/w/" + bytes(rng.randrange(1, 256) for _ in range(12)).replace(b"/", b"_") for _ in range(200)]
+    texts = [path_text(os.fsdecode(raw)) for raw in raws]
+    for raw, stored in zip(raws, texts, strict=True):
+        stored.encode("utf-8")  # storable
+        assert os.fsencode(text_path(stored)) == raw
+    assert len(set(texts)) == len(set(raws))  # one to one
+    assert path_text("/w/ok.png") == "/w/ok.png"
+    assert path_text(os.fsdecode(b"/w/caf\xe9.png")) == "bytes:/w/caf\\xe9.png"
+    assert display(os.fsdecode(b"caf\xe9 \xc3\xa9.png")) == "caf\\xe9 é.png"

@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from histod.daemon.engine import MAX_CHUNK, Engine, KerasEngine, LiteRTEngine, load_engine
+from histod.daemon.engine import Engine, KerasEngine, LiteRTEngine, load_engine
 from histod.errors import ConfigError, ModelError
+from histod.litert import MAX_CHUNK
 from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
 
 pytestmark = pytest.mark.timeout(180)

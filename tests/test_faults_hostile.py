@@ -15,7 +15,7 @@ from PIL import Image
 
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED
 from tests.faults_support import account, report, wait_for
-from tests.test_imaging import RED, bomb_png, corner_marked, encode, noise, png16_rgb, solid
+from tests.test_imaging import EPS, RED, TEXT_PBM, bomb_png, corner_marked, encode, nan_tiff, noise, png16_rgb, solid
 from tests.test_service_support import row_count, rows, running_service, service_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
@@ -51,7 +51,10 @@ def _corpus(watch: Path, outside: Path) -> dict[str, set[str | None]]:
         "cmyk.jpg": (encode(noise(48, seed=6).convert("CMYK"), "JPEG", quality=90), {CLASSIFIED}),
         "exif rotated.jpg": (encode(corner_marked(40, 20), "JPEG", quality=90, exif=exif.tobytes()), {CLASSIFIED}),
         "frames.tif": (encode(frames[0], "TIFF", save_all=True, append_images=frames[1:]), {CLASSIFIED}),
-        "frames.gif": (encode(frames[1], "GIF", save_all=True, append_images=frames[2:]), {CLASSIFIED}),
+        "frames.gif": (encode(frames[1], "GIF", save_all=True, append_images=frames[2:]), {"unsupported_format"}),
+        "text bitmap.png": (TEXT_PBM, {"unsupported_format"}),
+        "postscript.png": (EPS, {"unsupported_format"}),
+        "all nan.tif": (nan_tiff(), {"non_finite_pixels"}),
         "with  spaces .png": (encode(noise(48, seed=7), "PNG"), {CLASSIFIED}),
         "ünïcödé 病理.png": (encode(noise(48, seed=8), "PNG"), {CLASSIFIED}),
         "new\nline.png": (encode(noise(48, seed=9), "PNG"), {CLASSIFIED}),
@@ -66,9 +69,15 @@ def _corpus(watch: Path, outside: Path) -> dict[str, set[str | None]]:
     expected["outside.png"] = {"symlink"}
     os.mkfifo(watch / "fifo.png")
     expected["fifo.png"] = {"not_a_file"}
-    (watch / "x.jpg").mkdir()
-    expected["x.jpg"] = {"not_a_file"}
+    (watch / "x.jpg").mkdir()  # a folder with an image's name is a folder: walked into
+    (watch / "x.jpg" / "inside.png").write_bytes(encode(noise(48, seed=15), "PNG"))
+    expected["x.jpg/inside.png"] = {CLASSIFIED}
     return expected
+
+
+def _files(folder: Path) -> list[Path]:
+    """What is left in the watch folder, folders aside (an emptied case folder stays a while)."""
+    return [p for p in folder.rglob("*") if not p.is_dir() or p.is_symlink()]
 
 
 @pytest.fixture
@@ -88,7 +97,7 @@ def refuse_reading(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def test_hostile_corpus_through_the_running_service(
     tiny_run_dir: Path, tmp_path: Path, refuse_reading: None, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # .gif is not among the default extensions: added here so that a multi-frame GIF goes through the service
+    # .gif is not among the default extensions: added here so that a GIF is taken, and refused by its content
     settings = service_settings(
         tmp_path, tiny_run_dir, stable_ms=200, extensions=[".png", ".jpg", ".jpeg", ".tif", ".tiff", ".gif"]
     )
@@ -102,7 +111,7 @@ def test_hostile_corpus_through_the_running_service(
         wait_for(lambda: row_count(settings) == 1 or errors, 60, what="the service's first file")
         expected = _corpus(watch, outside)
         wait_for(
-            lambda: (row_count(settings) == 1 + len(expected) and not any(watch.iterdir())) or errors,
+            lambda: (row_count(settings) == 1 + len(expected) and not _files(watch)) or errors,
             120,
             what=f"{len(expected)} hostile entries recorded and moved",
         )
@@ -122,14 +131,17 @@ def test_hostile_corpus_through_the_running_service(
         valid = expected[name] == {CLASSIFIED}
         assert row.status == (STATUS_CLASSIFIED if valid else STATUS_FAILED), name
         root = settings.processed_dir if valid else settings.failed_dir
-        assert Path(row.stored_path).parent.parent == root, name
+        assert Path(row.stored_path).relative_to(root).parts[1:] == Path(name).parts, name
         assert valid or row.error, name
     a, b = by_name["same content A.png"], by_name["same content B.png"]
     assert a.sha256 == b.sha256 and b.duplicate_of == a.id and a.duplicate_of is None
     link = Path(by_name["outside.png"].stored_path)
     assert link.is_symlink() and link.readlink() == outside  # the link moved, never followed
     assert outside.read_bytes() == encode(noise(48, seed=12), "PNG")
-    assert Path(by_name["x.jpg"].stored_path).is_dir()
+    assert Path(by_name["x.jpg/inside.png"].stored_path).relative_to(settings.processed_dir).parts[1:] == (
+        "x.jpg",
+        "inside.png",
+    )
     tally = account(settings, ["first.png", *expected, "after.png"])
     report(capsys, "hostile", tally, rounds=1, kinds=len(expected))
     tally.check()

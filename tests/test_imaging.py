@@ -73,6 +73,23 @@ def png16_rgb(pixels: NDArray[np.uint16]) -> bytes:
     return png(width, height, 16, 2, zlib.compress(raw))
 
 
+TEXT_PBM = b"P1\n4 4\n0 1 0 1\n1 0 1 0\n0 1 0 1\n1 0 1 0\n"
+"""a plain-text netpbm bitmap: an image format, but not one histod reads"""
+EPS = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 16 16\n0 0 moveto 16 16 lineto stroke\nshowpage\n%%EOF\n"
+"""Encapsulated PostScript: Pillow would hand it to Ghostscript to draw"""
+
+
+def float_tiff(values: NDArray[np.float32]) -> bytes:
+    """A 32-bit float grayscale TIFF (mode F) holding exactly ``values``."""
+    img = Image.fromarray(values.astype(np.float32))
+    assert img.mode == "F"
+    return encode(img, "TIFF")
+
+
+def nan_tiff(side: int = 8) -> bytes:
+    return float_tiff(np.full((side, side), np.nan, dtype=np.float32))
+
+
 def corner_marked(width: int, height: int) -> Image.Image:
     """White, with a red block in the top-left corner."""
     img = solid(WHITE, (width, height))
@@ -100,7 +117,7 @@ def test_zero_bytes(tmp_path: Path) -> None:
         decode(b"", SIZE)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "GIF", "BMP"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "BMP"])
 @pytest.mark.parametrize("keep", [0.3, 0.6, 0.95])
 def test_truncated(tmp_path: Path, fmt: str, keep: float) -> None:
     data = encode(noise(), fmt)
@@ -129,6 +146,102 @@ def test_not_an_image(tmp_path: Path, name: str, content: bytes) -> None:
     path = tmp_path / name
     path.write_bytes(content)
     assert reason_of(path) == "not_an_image"
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "named"),
+    [
+        ("bitmap.png", TEXT_PBM, "PPM"),
+        ("drawing.png", EPS, "EPS"),
+        ("frames.gif", encode(solid(RED), "GIF"), "GIF"),
+        ("animation.png", encode(solid(RED), "GIF"), "GIF"),
+        ("photo.jpg", encode(solid(RED), "WEBP"), "WEBP"),
+        ("icon.bmp", encode(solid(RED), "ICO"), "ICO"),
+    ],
+    ids=["text-pbm-as-png", "eps-as-png", "gif", "gif-as-png", "webp-as-jpg", "ico-as-bmp"],
+)
+def test_formats_outside_the_allowlist_are_refused_by_content(
+    tmp_path: Path, name: str, content: bytes, named: str
+) -> None:
+    """Only PNG, JPEG, TIFF and BMP are decoded, judged by the bytes: another image format is refused whatever
+    its name, and the message says what it is."""
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ImageError) as info:
+        load(path, SIZE)
+    assert info.value.reason == "unsupported_format"
+    assert named in str(info.value) and "PNG, JPEG, TIFF, BMP" in str(info.value)
+
+
+def test_eps_never_reaches_ghostscript(tmp_path: Path) -> None:
+    """An EPS named .png is refused before any PostScript interpreter runs: a `gs` on PATH that would leave a
+    mark shows whether it was started (in a fresh process, so Pillow has not looked for Ghostscript yet)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    mark = tmp_path / "gs-ran"
+    for tool in ("gs", "gswin32c", "gswin64c"):
+        fake = bin_dir / tool
+        fake.write_text(f"#!/bin/sh\ntouch {mark}\nexit 1\n")
+        fake.chmod(0o755)
+    path = tmp_path / "upload.png"
+    path.write_bytes(EPS)
+    code = (
+        "import sys\n"
+        "from pathlib import Path\n"
+        "from histod.errors import ImageError\n"
+        "from histod.imaging import load\n"
+        "try:\n"
+        "    load(Path(sys.argv[1]), 32)\n"
+        "    print('decoded')\n"
+        "except ImageError as exc:\n"
+        "    print(exc.reason)\n"
+    )
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, env=env, timeout=60)
+    assert out.stdout.strip() == "unsupported_format", out.stdout + out.stderr
+    assert not mark.exists(), "Ghostscript was started on an uploaded file"
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        np.full((8, 8), np.nan),
+        np.array([[0.2, 0.4], [np.nan, 0.6]]),
+        np.array([[0.2, np.inf], [0.4, 0.6]]),
+        np.array([[0.2, -np.inf], [0.4, 0.6]]),
+    ],
+    ids=["all-nan", "one-nan", "inf", "minus-inf"],
+)
+def test_non_finite_float_pixels_are_refused(tmp_path: Path, values: NDArray[np.float64]) -> None:
+    path = tmp_path / "scan.tif"
+    path.write_bytes(float_tiff(values.astype(np.float32)))
+    with pytest.raises(ImageError) as info:
+        load(path, SIZE)
+    assert info.value.reason == "non_finite_pixels"
+    assert "scan.tif" in str(info.value)
+
+
+def test_an_allowed_format_under_another_name_is_judged_by_its_content(tmp_path: Path) -> None:
+    path = tmp_path / "really a png.jpg"
+    path.write_bytes(encode(solid(RED), "PNG"))
+    assert_colour(load(path, SIZE), RED, tolerance=0)
+
+
+def test_training_and_serving_take_the_same_formats() -> None:
+    """The suffixes the trainer discovers (and the service watches by default) are exactly those of the formats
+    decode accepts, and each decodes when Pillow writes it in the format its suffix names."""
+    from histod.imaging import FORMATS
+    from histod.settings import IMAGE_EXTENSIONS, Settings
+    from histod.trainer.data import is_image
+
+    assert set(IMAGE_EXTENSIONS) == {ext for exts in FORMATS.values() for ext in exts}
+    assert Settings().extensions == list(IMAGE_EXTENSIONS)
+    registered = Image.registered_extensions()
+    for ext in IMAGE_EXTENSIONS:
+        assert is_image(Path(f"x{ext}")) and is_image(Path(f"x{ext.upper()}"))
+        assert registered[ext] in FORMATS, ext
+        assert_colour(decode(encode(solid(BLUE, (20, 20)), registered[ext]), SIZE), BLUE, tolerance=8)
+    assert not is_image(Path("x.gif"))
 
 
 def test_decompression_bomb_is_refused_from_the_header(tmp_path: Path) -> None:
@@ -172,14 +285,20 @@ def _patched_gif(width: int, height: int) -> bytes:
 
 @pytest.mark.parametrize(
     "data",
-    [_patched_jpeg(60_000, 60_000), _patched_jpeg(9_000, 9_000), _patched_gif(65_535, 65_535)],
-    ids=["jpeg-60000", "jpeg-9000", "gif-65535"],
+    [_patched_jpeg(60_000, 60_000), _patched_jpeg(9_000, 9_000)],
+    ids=["jpeg-60000", "jpeg-9000"],
 )
 def test_bomb_headers_of_other_formats(data: bytes) -> None:
     """Small files whose headers claim huge images: refused before any pixel is decoded."""
     with pytest.raises(ImageError) as info:
         decode(data, SIZE)
     assert info.value.reason == "too_many_pixels"
+
+
+def test_a_gif_bomb_header_is_never_opened() -> None:
+    with pytest.raises(ImageError) as info:
+        decode(_patched_gif(65_535, 65_535), SIZE)
+    assert info.value.reason == "unsupported_format"
 
 
 def test_pixel_cap_is_configurable() -> None:
@@ -392,16 +511,15 @@ def test_damaged_exif_still_decodes() -> None:
     assert out.shape in ((20, 40, 3), (40, 20, 3))
 
 
-@pytest.mark.parametrize("fmt", ["TIFF", "GIF"])
-def test_multi_frame_uses_the_first_frame(fmt: str) -> None:
+def test_multi_frame_uses_the_first_frame() -> None:
     frames = [solid(RED), solid(BLUE), solid((0, 255, 0))]
-    data = encode(frames[0], fmt, save_all=True, append_images=frames[1:])
+    data = encode(frames[0], "TIFF", save_all=True, append_images=frames[1:])
     with Image.open(io.BytesIO(data)) as img:
         assert getattr(img, "n_frames", 1) == 3
     assert_colour(decode(data, SIZE), RED, tolerance=0)
 
 
-@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "BMP", "GIF"])
+@pytest.mark.parametrize("fmt", ["PNG", "JPEG", "TIFF", "BMP"])
 def test_every_served_format_decodes(fmt: str) -> None:
     out = decode(encode(solid(BLUE, (50, 30)), fmt), SIZE)
     assert out.shape == (SIZE, SIZE, 3)

@@ -51,6 +51,15 @@ def test_plan_target_skips_names_on_disk_and_claimed(tmp_path: Path) -> None:
     assert plan_target(tmp_path, ".hidden", lambda _p: False) == tmp_path / ".hidden"
 
 
+def test_target_names_fit_in_name_max_bytes(tmp_path: Path) -> None:
+    longest = "é" * 125 + ".png"  # 254 bytes
+    claimed = {tmp_path / longest}
+    second = plan_target(tmp_path, longest, claimed.__contains__)
+    assert second.name == "é" * 124 + "-1.png" and len(os.fsencode(second.name)) == 254  # cut at a character
+    taken = plan_target(tmp_path, "x" * 251 + ".png", lambda p: p.name.startswith("x" * 251))
+    assert taken.name == "x" * 249 + "-1.png"
+
+
 def test_move_file_never_overwrites_and_finishes_a_half_done_move(tmp_path: Path) -> None:
     src, dst = tmp_path / "in" / "a.png", tmp_path / "out" / "a.png"
     src.parent.mkdir()
@@ -153,7 +162,7 @@ def test_entries_that_are_not_regular_files_fail_without_being_opened_or_followe
     secret.write_text("not for the service")
     os.mkfifo(watch / "fifo.png")
     (watch / "link.png").symlink_to(secret)
-    (watch / "folder.jpg").mkdir()
+    (watch / "folder.jpg").mkdir()  # a folder with an image's name: walked into, never taken itself
     shutil.copyfile(good, watch / "new\nline é.png")
     _once(settings)
     by_name = {r.name: r for r in rows(settings)}
@@ -162,14 +171,12 @@ def test_entries_that_are_not_regular_files_fail_without_being_opened_or_followe
         "new\nline é.png": None,
         "fifo.png": "not_a_file",
         "link.png": "symlink",
-        "folder.jpg": "not_a_file",
     }
     pair = [by_name["new\nline é.png"], by_name[good.name]]
     assert sorted((r.duplicate_of or 0) for r in pair) == [0, min(r.id for r in pair)]
-    assert list(watch.iterdir()) == []
+    assert list(watch.iterdir()) == [watch / "folder.jpg"]
     moved = Path(by_name["link.png"].stored_path)
     assert moved.is_symlink() and secret.read_text() == "not for the service"  # the link moved, not its target
-    assert Path(by_name["folder.jpg"].stored_path).is_dir()
 
 
 # --- crashes between commit and move, and failed moves -----------------------------------------------------

@@ -65,3 +65,102 @@ def test_invalid_values_are_rejected() -> None:
         load_settings(batch_size=0)
     with pytest.raises(ConfigError, match="engine"):
         load_settings(engine="onnx")
+
+
+# --- mistakes an operator makes: one `error: ...` line and exit status 2, never a traceback or silence ------
+def _histod(tmp_path: Path, env: dict[str, str] | None = None) -> tuple[int, str]:
+    """`histod results` on a database that does not exist: valid settings get as far as the database (exit 5)."""
+    from click.testing import CliRunner
+
+    from histod.cli import cli
+
+    got = CliRunner().invoke(cli, ["results", "--db", f"sqlite:///{tmp_path / 'none.db'}"], env=env)
+    return got.exit_code, got.output
+
+
+def _one_error_line(code: int, out: str) -> str:
+    assert code == 2, out
+    lines = out.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), out
+    return lines[0]
+
+
+def test_valid_settings_reach_the_command(tmp_path: Path) -> None:
+    (tmp_path / "histod.toml").write_text('batch_size = 4\nextensions = [".png"]\n')
+    code, out = _histod(tmp_path, {"HISTOD_THREADS": "4", "HISTOD_EXTENSIONS": '[".png", ".tif"]'})
+    assert code == 5 and "no results database" in out, out
+
+
+@pytest.mark.parametrize(
+    ("env", "words"),
+    [
+        ({"HISTOD_EXTENSIONS": "[.png"}, ["HISTOD_EXTENSIONS", "extensions"]),
+        ({"HISTOD_BATCHSIZE": "4"}, ["HISTOD_BATCHSIZE", "HISTOD_BATCH_SIZE"]),
+        ({"HISTOD_TRHEADS": "4"}, ["HISTOD_TRHEADS", "HISTOD_THREADS"]),
+        ({"HISTOD_CONFIG": "/nonexistent/histod.toml"}, ["/nonexistent/histod.toml", "HISTOD_CONFIG"]),
+        ({"HISTOD_EXTENSIONS": "[]"}, ["extensions"]),
+        ({"HISTOD_THREADS": "1000"}, ["threads", "256"]),
+        ({"HISTOD_DECODE_WORKERS": "0"}, ["decode_workers"]),
+        ({"HISTOD_BATCH_SIZE": "many"}, ["batch_size"]),
+    ],
+    ids=["list-not-json", "misspelled", "transposed", "missing-config", "no-extensions", "threads", "workers", "nan"],
+)
+def test_bad_environment_is_one_error_line(tmp_path: Path, env: dict[str, str], words: list[str]) -> None:
+    line = _one_error_line(*_histod(tmp_path, env))
+    for word in words:
+        assert word in line, line
+
+
+@pytest.mark.parametrize(
+    ("content", "words"),
+    [
+        (b"batch_size = \n", ["histod.toml", "line 1"]),
+        (b'engine = "litert\n', ["histod.toml", "line 1"]),
+        (bytes(range(256)) * 2, ["histod.toml", "UTF-8"]),
+        (b"batchsize = 4\n", ["batchsize", "batch_size"]),
+        (b"[histod]\nbatch_size = 4\n", ["histod"]),
+        (b"extensions = []\n", ["extensions"]),
+        (b"threads = 1000\n", ["threads"]),
+        (b"max_pixels = 0\n", ["max_pixels"]),
+    ],
+    ids=["no-value", "open-string", "binary", "unknown-key", "a-table", "no-extensions", "threads", "max-pixels"],
+)
+def test_bad_toml_is_one_error_line(tmp_path: Path, content: bytes, words: list[str]) -> None:
+    (tmp_path / "histod.toml").write_bytes(content)
+    line = _one_error_line(*_histod(tmp_path))
+    for word in words:
+        assert word in line, line
+
+
+def test_an_unknown_key_without_a_close_name_is_still_refused(tmp_path: Path) -> None:
+    (tmp_path / "histod.toml").write_text("colour = 'blue'\n")
+    line = _one_error_line(*_histod(tmp_path))
+    assert "colour" in line and "did you mean" not in line
+
+
+def test_histod_variables_that_are_not_settings_are_left_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The test and benchmark knobs share the prefix; they are not settings and must not stop the service."""
+    for name in ("HISTOD_FAULTS_SEED", "HISTOD_TEST_POSTGRES_URL", "HISTOD_SHARED", "HISTOD_VENV"):
+        monkeypatch.setenv(name, "1")
+    assert Settings().batch_size == 8
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        (".png,.jpg", [".png", ".jpg"]),
+        ("png, JPG", [".png", ".jpg"]),
+        (".png .tif", [".png", ".tif"]),
+        ('[".png", ".bmp"]', [".png", ".bmp"]),
+    ],
+)
+def test_lists_in_the_environment_may_be_comma_or_space_separated(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: list[str]
+) -> None:
+    monkeypatch.setenv("HISTOD_EXTENSIONS", value)
+    assert Settings().extensions == expected
+
+
+def test_ignore_patterns_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HISTOD_IGNORE_PATTERNS", ".*,*.part")
+    assert Settings().ignore_patterns == [".*", "*.part"]

@@ -39,7 +39,9 @@ def _uneven(tmp_path: Path) -> tuple[TrainConfig, np.ndarray, np.ndarray, list[s
     sizes = {"sparse1": 3, "sparse2": 6, "mid": 12, "slide": 300}
     groups = [g for g, n in sizes.items() for _ in range(n)]
     labels = np.array([i % 3 == 0 for i in range(len(groups))], dtype=np.int64)
-    cfg = TrainConfig(data_dir=tmp_path, out=tmp_path / "run", augment=False, batch_size=8, patient_cap=0)
+    cfg = TrainConfig(
+        data_dir=tmp_path, out=tmp_path / "run", augment=False, dihedral=False, batch_size=8, patient_cap=0
+    )
     return cfg, _indexed(len(groups)), labels, groups
 
 

@@ -1,4 +1,4 @@
-"""The tiny session run directory: the RUN_DIR contract (histod.runs) and every artefact issue 2 lists."""
+"""The tiny session run directory: the RUN_DIR contract (histod.runs) and every artefact a run holds."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def test_tiny_run_dir_is_a_complete_run(tiny_run_dir: Path) -> None:
     assert info.labels == ("Benign", "Malignant")
     assert info.keras_sha256 == sha256_file(tiny_run_dir / "model.keras")
     assert info.tflite_sha256 == sha256_file(tiny_run_dir / "model.tflite")
+    assert info.parity == "passed"
+    assert not (tiny_run_dir / "checkpoint.npz").exists()  # a finished run keeps no checkpoint
 
 
 def test_config_json_round_trips(tiny_run_dir: Path, synthetic_dataset: Path) -> None:
@@ -35,7 +37,7 @@ def test_config_json_round_trips(tiny_run_dir: Path, synthetic_dataset: Path) ->
     assert cfg.data_dir == synthetic_dataset
     assert cfg.out == tiny_run_dir
     assert (cfg.alpha, cfg.weights, cfg.image_size, cfg.seed) == (0.35, "none", 48, 7)
-    assert cfg.fine_tune_layers == 30
+    assert cfg.fine_tune_layers == 155  # the default: the whole base
     assert cfg.val_split == 0.2
 
 
@@ -63,8 +65,11 @@ def test_metrics_json(tiny_run_dir: Path) -> None:
         "model.keras": sha256_file(tiny_run_dir / "model.keras"),
         "model.tflite": sha256_file(tiny_run_dir / "model.tflite"),
     }
-    assert m["parity"]["max_abs_diff"] <= 1e-4
-    assert m["parity"]["images"] == sum(counts["val"].values())
+    assert m["status"] == "complete"
+    parity = m["parity"]
+    assert parity["passed"] is True and parity["images"] == sum(counts["val"].values())
+    assert 0 <= parity["p99_abs_diff"] <= parity["max_abs_diff"] <= parity["tolerance"]
+    assert parity["labels_disagreeing_beyond_tolerance"] == 0 and parity["threshold"] == m["threshold"]
     for package in ("tensorflow", "keras", "ai-edge-litert", "numpy", "scikit-learn", "python"):
         assert m["versions"][package] not in ("", "absent"), package
     assert m["config"]["alpha"] == 0.35
@@ -100,7 +105,7 @@ def test_reports_and_plots(tiny_run_dir: Path) -> None:
         assert name in summary
     assert "trainable params" in summary
     assert "(None, 1)" in summary
-    for name in ("confusion_matrix.png", "training_curves.png"):
+    for name in ("confusion_matrix.png", "training_curves.png", "reliability_diagram.png"):
         with Image.open(tiny_run_dir / name) as img:
             assert img.format == "PNG"
             assert img.width > 200
@@ -129,9 +134,10 @@ def test_unreadable_training_files_are_skipped_and_listed(tmp_path: Path) -> Non
 
 
 def test_evaluate_folder_uses_the_stored_threshold(tiny_run_dir: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
+    from histod.daemon.engine import load_engine
     from histod.trainer.api import evaluate_folder
 
-    result = evaluate_folder(tiny_run_dir, synthetic_dataset, out=tmp_path / "eval")
+    result = evaluate_folder(tiny_run_dir, synthetic_dataset, load_engine(tiny_run_dir), out=tmp_path / "eval")
     assert result["threshold"] == load_run(tiny_run_dir).threshold
     assert result["n"] == 120
     for key in METRIC_KEYS:

@@ -165,9 +165,28 @@ def test_hard_link_without_close_write_is_yielded(folder: Path, tmp_path: Path) 
         assert run.wait_for(lambda: linked in run.yielded)
 
 
+@pytest.fixture
+def no_leases(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file system or a file owner that refuses leases (NFS, SMB, another user's upload without CAP_LEASE): at
+    the OS boundary, F_SETLEASE fails with EACCES, so whether a writer has the file open cannot be known."""
+    import fcntl
+
+    real = fcntl.fcntl
+
+    def refusing(fd: int, cmd: int, arg: int = 0) -> object:
+        if cmd == getattr(fcntl, "F_SETLEASE", 1024):
+            raise PermissionError(13, "Permission denied")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(fcntl, "fcntl", refusing)
+
+
 @linux_only
-def test_missing_close_write_falls_back_to_stability(folder: Path) -> None:
-    """A writer that never closes: after close_timeout_s unchanged, the file is taken anyway (lost events)."""
+def test_missing_close_write_falls_back_to_stability_where_writers_cannot_be_seen(
+    folder: Path, no_leases: None
+) -> None:
+    """A writer that never closes, and no way to know it is there: after close_timeout_s unchanged the file is
+    taken anyway (its close-write event may have been lost)."""
     path = folder / "held-open.png"
     with capture_logs() as logs, Running(make_watcher(folder, close_timeout_s=0.6)) as run, path.open("wb") as fh:
         fh.write(b"e" * 100)
@@ -175,6 +194,55 @@ def test_missing_close_write_falls_back_to_stability(folder: Path) -> None:
         assert run.stays(lambda: path not in run.yielded, duration=0.3)
         assert run.wait_for(lambda: path in run.yielded)
     assert any(entry["event"] == "watch.close_write_missing" for entry in logs)
+
+
+@linux_only
+def test_a_file_its_writer_still_holds_open_is_not_taken_until_it_closes(folder: Path) -> None:
+    path = folder / "held-open.png"
+    with capture_logs() as logs, Running(make_watcher(folder, close_timeout_s=0.3)) as run, path.open("wb") as fh:
+        fh.write(b"e" * 100)
+        fh.flush()
+        assert run.stays(lambda: path not in run.yielded, duration=1.0)  # three close timeouts
+        fh.write(b"end")
+        fh.close()
+        assert run.wait_for(lambda: path in run.yielded)
+        assert run.stays(lambda: run.count(path) == 1)
+        assert run.sizes[path] == [103]
+    assert any(entry["event"] == "watch.still_open" for entry in logs)
+
+
+def test_a_file_open_for_writing_before_the_start_waits_for_its_writer(folder: Path, mode: str) -> None:
+    """The start-up scan uses the live rules: a file some process still writes is not complete, however long
+    its writer pauses."""
+    path = folder / "upload.png"
+    with path.open("wb") as fh:
+        fh.write(b"half")
+        fh.flush()
+        with Running(make_watcher(folder, polling=mode == "polling", close_timeout_s=0.3)) as run:
+            assert run.stays(lambda: path not in run.yielded, duration=1.0)
+            fh.write(b" and the rest")
+            fh.close()
+            assert run.wait_for(lambda: path in run.yielded)
+            assert run.sizes[path] == [17]
+
+
+@linux_only
+def test_where_writers_cannot_be_seen_a_recent_file_at_start_waits_for_its_close(folder: Path, no_leases: None) -> None:
+    """Found by the start-up scan, changed less than close_timeout_s ago: taken at its close-after-write (or
+    once close_timeout_s has passed since it last changed), not after stable_ms; an old file is taken at once."""
+    old, recent = folder / "old.png", folder / "recent.png"
+    old.write_bytes(b"long done")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    with recent.open("wb") as fh:
+        fh.write(b"half")
+        fh.flush()
+        with Running(make_watcher(folder, close_timeout_s=60)) as run:
+            assert run.wait_for(lambda: old in run.yielded)
+            assert run.stays(lambda: recent not in run.yielded, duration=3 * STABLE_MS / 1000)
+            fh.write(b" and the rest")
+            fh.close()
+            assert run.wait_for(lambda: recent in run.yielded)
+            assert run.sizes[recent] == [17]
 
 
 def test_chunked_write_within_stable_window_is_yielded_complete(running: Running, folder: Path) -> None:
@@ -213,12 +281,29 @@ def test_moved_in_from_outside(running: Running, folder: Path, tmp_path: Path) -
 def test_hidden_temporary_and_other_names_are_ignored(running: Running, folder: Path) -> None:
     for name in (".hidden.png", "x.tmp", "x.png.tmp", "~$report.png", "notes.txt", "y.part", "png"):
         (folder / name).write_bytes(b"ignored")
-    (folder / "sub").mkdir()
-    (folder / "sub" / "inner.png").write_bytes(b"not watched: subfolders are not")
+    (folder / ".upload").mkdir()  # a hidden folder: an upload in progress, nothing in it is taken
+    (folder / ".upload" / "inner.png").write_bytes(b"not yet")
     marker = folder / "UPPER.PNG"
     marker.write_bytes(b"taken")
     assert running.wait_for(lambda: marker in running.yielded)
     assert running.stays(lambda: running.yielded == [marker])
+
+
+def test_subfolders_are_watched_and_a_folder_moved_in_brings_complete_files(
+    running: Running, folder: Path, tmp_path: Path
+) -> None:
+    (folder / "case17" / "deeper").mkdir(parents=True)
+    written = folder / "case17" / "deeper" / "a.png"
+    written.write_bytes(b"written in place")
+    staging = tmp_path / "staging" / "case18"
+    (staging / "sub").mkdir(parents=True)
+    (staging / "x.png").write_bytes(b"x")
+    (staging / "sub" / "y.png").write_bytes(b"y")
+    (staging.parent / "case18").rename(folder / "case18")
+    moved_in = {folder / "case18" / "x.png", folder / "case18" / "sub" / "y.png"}
+    # close_timeout_s is 120 s: files that came with their folder are not taken for files being written
+    assert running.wait_for(lambda: {written, *moved_in} <= set(running.yielded))
+    assert running.stays(lambda: sorted(running.yielded) == sorted({written, *moved_in}))
 
 
 def test_deleted_and_recreated_is_yielded_again(running: Running, folder: Path) -> None:
@@ -245,11 +330,14 @@ def test_special_entries_are_yielded_unfollowed(running: Running, folder: Path, 
     link.symlink_to(target)
     dangling = folder / "dangling.png"
     dangling.symlink_to(tmp_path / "nothing-here.png")
-    directory = folder / "x.jpg"
-    directory.mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "elsewhere" / "far.png").write_bytes(b"outside the watch folder")
+    folder_link = folder / "folder.png"
+    folder_link.symlink_to(tmp_path / "elsewhere", target_is_directory=True)  # an entry: never walked into
+    (folder / "x.jpg").mkdir()  # a folder named like an image is a folder: walked into, never yielded
     fifo = folder / "pipe.png"
     os.mkfifo(fifo)  # nothing ever writes: opening it for reading would block forever
-    expected = {link, dangling, directory, fifo}
+    expected = {link, dangling, folder_link, fifo}
     assert running.wait_for(lambda: expected <= set(running.yielded))
     assert running.stays(lambda: sorted(running.yielded) == sorted(expected))
 

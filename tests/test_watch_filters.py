@@ -65,3 +65,13 @@ def test_from_settings(monkeypatch: pytest.MonkeyPatch) -> None:
     assert image_filter.extensions == (".png",)
     assert image_filter(Path("a.PNG")) and not image_filter(Path("a_draft.png")) and not image_filter(Path("a.jpg"))
     assert "ImageFilter(" in repr(image_filter)
+
+
+def test_in_tree_walks_folders_of_any_name_but_not_ignored_ones() -> None:
+    root = Path("/w")
+    accept = ImageFilter([".png"])
+    assert accept.in_tree(root, root / "case17" / "a.png")
+    assert accept.in_tree(root, root / "slides.png" / "deeper" / "a.png")  # a folder named like an image
+    assert not accept.in_tree(root, root / ".upload" / "a.png")  # a hidden folder: an upload in progress
+    assert not accept.in_tree(root, root / "case17" / "notes.txt")
+    assert not accept.in_tree(root, Path("/elsewhere/a.png")) and not accept.in_tree(root, root)

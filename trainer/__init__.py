@@ -5,11 +5,14 @@ Read in this order:
     config.py     TrainConfig: every hyper-parameter (saved as RUN_DIR/config.json)
     data.py       discover -> group_of -> split (stratified, patient-grouped) -> load_images
     model.py      build_model: raw RGB 0..255 -> MobileNetV2 scaling -> MobileNetV2 base -> head
-    fit.py        two phases: head only, then fine-tune the last layers; augmentation in tf.data
-    evaluate.py   metrics and the decision threshold (pure functions)
+    fit.py        two phases: head only, then fine-tune the base; augmentation in tf.data
+    checkpoint.py the fitting state after every epoch (RUN_DIR/checkpoint.npz), for --resume
+    evaluate.py   metrics, the decision threshold, calibration, patient bootstrap (pure functions)
+    score.py      predict views -> Platt -> threshold -> metrics -> bootstrap (train and --cv)
     export.py     model.keras + model.tflite, Keras/LiteRT parity check, model.json
     artefacts.py  metrics.json, reports, plots, split.csv
     api.py        train(cfg) -> RUN_DIR, evaluate_folder(...), predict_paths(...)
+    cv.py         --cv K: k-fold patient-grouped cross-validation
 
 Importing this package is cheap: TensorFlow is imported inside the functions that need it.
 """

@@ -1,6 +1,10 @@
-"""What the CLI (and other code) calls: train(cfg) -> RUN_DIR, evaluate_folder(run_dir, data_dir), predict_paths.
+"""What the CLI (and other code) calls: train(cfg) -> RUN_DIR, evaluate_folder(...), predict_paths(...).
 
-train() reads top to bottom: find data -> build -> decode -> split -> fit -> score -> export -> write artefacts.
+train() reads top to bottom: check -> build -> load and split the images -> fit -> score -> write the run ->
+export model.tflite and check it against model.keras -> model.json. Everything a run is made of is on disk
+before the one check that can still fail after training (the export's parity): a run that fails it is complete
+and marked, not thrown away. After every epoch the fitting state is in RUN_DIR/checkpoint.npz, so an
+interrupted run goes on with `histod train ... --resume` (train(cfg, resume=True)).
 """
 
 from __future__ import annotations
@@ -9,178 +13,255 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
 from histod import LABELS, imaging
-from histod.errors import ConfigError, DatasetError, ImageError, ModelError
+from histod.errors import ConfigError, DatasetError, ExportParityError, ImageError
 from histod.logs import get_logger
-from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
+from histod.runs import CONFIG_FILE, KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
 from histod.trainer import artefacts, data
+from histod.trainer.checkpoint import CHECKPOINT_FILE
 from histod.trainer.config import TrainConfig
-from histod.trainer.evaluate import (
-    bootstrap_ci,
-    calibration_bins,
-    decision_threshold,
-    expected_calibration_error,
-    fit_calibration,
-    metrics,
-    report_text,
-)
+from histod.trainer.evaluate import metrics, report_text
+
+if TYPE_CHECKING:
+    from histod.trainer.export import Parity
+    from histod.trainer.fit import FitResult
+    from histod.trainer.score import Scored
 
 log = get_logger("histod.trainer")
 
 
-def _check_out(out: Path) -> None:
+def _log_skipped(skipped: Sequence[data.Skipped]) -> None:
+    for s in skipped:
+        log.warning("image.skipped", path=str(s.path), reason=s.reason, error=s.message)
+    if skipped:
+        log.warning("images.skipped", count=len(skipped))
+
+
+# --- train: the steps, in order ----------------------------------------------------------------------------------
+
+
+def _check_out(out: Path, resume: bool) -> None:
+    """A new run needs a folder without one; a resumed run needs the folder of an unfinished one."""
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out} exists and is not a folder")
-    if (out / MODEL_INFO).exists() or (out / KERAS_FILE).exists():
+    interrupted = (out / CHECKPOINT_FILE).exists()
+    complete = (out / MODEL_INFO).exists() and not interrupted
+    if resume:
+        if complete:
+            raise ConfigError(f"--out {out} holds a finished run: there is nothing to resume")
+        if not (out / CONFIG_FILE).is_file():
+            raise ConfigError(f"--out {out} holds no run to resume (no {CONFIG_FILE})")
+    elif interrupted:
+        raise ConfigError(
+            f"--out {out} holds an interrupted run: add --resume to go on with it, or choose a new folder"
+        )
+    elif complete or (out / KERAS_FILE).exists():
         raise ConfigError(f"--out {out} already holds a trained run; choose a new folder")
 
 
-def _log_skipped(skipped: Sequence[data.Skipped]) -> None:
-    for s in skipped:
-        log.warning("image_skipped", path=str(s.path), reason=s.reason, error=s.message)
-    if skipped:
-        log.warning("images_skipped", count=len(skipped))
+@dataclass
+class _Images:
+    """The decoded images and their split: what fitting and scoring read."""
+
+    found: list[data.Sample]
+    skipped: list[data.Skipped]
+    split: data.Split
+    x_train: NDArray[np.uint8]
+    y_train: NDArray[np.int64]
+    x_val: NDArray[np.uint8]
+    y_val: NDArray[np.int64]
+
+    @property
+    def train_groups(self) -> list[str]:
+        return [s.group for s in self.split.train]
+
+    @property
+    def val_groups(self) -> NDArray[Any]:
+        return np.array([s.group for s in self.split.val])
 
 
-def train(cfg: TrainConfig) -> Path:
-    """Train, evaluate and export one model; return the run directory (cfg.out)."""
+def _load_images(cfg: TrainConfig, found: list[data.Sample], val_patients: set[str] | None) -> _Images:
+    folders = [str(d) for d in cfg.data_dirs]
+    log.info("dataset.found", data_dir=folders if len(folders) > 1 else folders[0], **data.counts(found))
+    images, labels, kept, skipped = data.load_images(found, cfg.image_size)
+    _log_skipped(skipped)
+    for label, name in enumerate(data.CLASS_DIRS):
+        if not np.any(labels == label):
+            raise DatasetError(f"no readable {name} images in {', '.join(folders)} ({len(skipped)} unreadable files)")
+    split = data.split(kept, cfg.val_split, cfg.seed, cfg.split_by, val_patients)
+    index = {s.path: i for i, s in enumerate(kept)}
+    train_idx = np.array([index[s.path] for s in split.train])
+    val_idx = np.array([index[s.path] for s in split.val])
+    log.info("split.made", train=data.counts(split.train), val=data.counts(split.val), skipped=len(skipped))
+    return _Images(found, list(skipped), split, images[train_idx], labels[train_idx], images[val_idx], labels[val_idx])
+
+
+def _record(cfg: TrainConfig, imgs: _Images, fitted: FitResult, scored: Scored) -> dict[str, Any]:
+    """metrics.json's content, all but what the export adds (parity, run_id, sha256, wall time)."""
+    split = imgs.split
+    return {
+        **scored.metrics,
+        "split": "validation",
+        "split_by": cfg.split_by,
+        "threshold_rule": scored.rule,
+        "ci95": scored.ci95,
+        "tta": cfg.tta,
+        "ece": scored.calibration["ece"],
+        "calibration": scored.calibration,
+        "best_epoch": fitted.best_epoch,
+        "epochs_run": len(fitted.phases),
+        "stopped_early": fitted.stopped_early,
+        "resumed": fitted.resumed,
+        "history": {**fitted.history, "phase": fitted.phases},
+        "counts": {
+            "train": data.counts(split.train),
+            "val": data.counts(split.val),
+            "found": data.counts(imgs.found),
+            "skipped": len(imgs.skipped),
+        },
+        "groups": {"train": len({s.group for s in split.train}), "val": len({s.group for s in split.val})},
+        "skipped": [{"path": str(s.path), "reason": s.reason, "message": s.message} for s in imgs.skipped],
+        "seed": cfg.seed,
+        "versions": artefacts.versions(),
+        "config": cfg.model_dump(mode="json"),
+    }
+
+
+def _write_run(
+    model: Any, cfg: TrainConfig, imgs: _Images, fitted: FitResult, scored: Scored, record: dict[str, Any]
+) -> None:
+    """Everything but model.tflite and model.json: model.keras, metrics.json, reports, plots, split.csv."""
+    from histod.trainer.export import save_keras
+    from histod.trainer.score import timed
+
+    run = cfg.out
+    with timed("export.saved", path=str(run / KERAS_FILE)):
+        save_keras(model, run)
+    with timed("artefacts.written", run_dir=str(run)):
+        artefacts.write_metrics(run, {**record, "status": "exporting"})
+        (run / "classification_report.txt").write_text(report_text(imgs.y_val, scored.p, scored.threshold))
+        (run / "model_summary.txt").write_text(artefacts.model_summary(model))
+        root = data.common_root(data.data_folders(cfg.data_dirs))  # split.csv names images relative to it
+        artefacts.write_split(run / "split.csv", root, {"train": imgs.split.train, "val": imgs.split.val}, imgs.skipped)
+        matrix = scored.metrics["confusion_matrix"]
+        artefacts.plot_confusion(
+            run / "confusion_matrix.png", matrix, LABELS, f"validation (threshold {scored.threshold:.3f})"
+        )
+        artefacts.plot_curves(run / "training_curves.png", fitted.history, fitted.phases, fitted.best_epoch)
+        platt = f" (Platt {scored.scale:.2f}, {scored.calibration['shift']:+.2f})" if cfg.calibrate else ""
+        artefacts.plot_reliability(
+            run / "reliability_diagram.png",
+            scored.calibration["bins"],
+            f"validation: ECE {scored.calibration['ece']:.3f}{platt}",
+        )
+
+
+def _export(model: Any, cfg: TrainConfig, imgs: _Images, scored: Scored) -> Parity:
+    """model.tflite, and how far it agrees with model.keras on the validation images (export.Parity)."""
+    from histod.trainer.export import check_parity, litert_p, save_tflite
+    from histod.trainer.score import timed
+
+    with timed("export.converted", path=str(cfg.out / TFLITE_FILE)):
+        path = save_tflite(model, cfg.out)
+    with timed("export.parity") as out:
+        parity = check_parity(scored.p, litert_p(path, imgs.x_val, cfg.tta), scored.threshold, scored.scale)
+        out.update(parity.record())
+    return parity
+
+
+def _finish(cfg: TrainConfig, record: dict[str, Any], scored: Scored, parity: Parity, started: float) -> None:
+    """model.json, then metrics.json complete; the checkpoint goes: the run is done."""
+    from histod.trainer.export import write_run_info
+
+    info = write_run_info(
+        cfg.out,
+        image_size=cfg.image_size,
+        threshold=scored.threshold,
+        alpha=cfg.alpha,
+        tta_views=cfg.tta,
+        calibration=(scored.scale, float(scored.calibration["shift"])),
+        parity=parity.status,
+    )
+    wall = round(time.monotonic() - started, 1)
+    artefacts.write_metrics(
+        cfg.out,
+        {
+            **record,
+            "status": "complete" if parity.passed else "parity_failed",
+            "parity": parity.record(),
+            "run_id": info.run_id,
+            "sha256": {KERAS_FILE: info.keras_sha256, TFLITE_FILE: info.tflite_sha256},
+            "wall_time_s": wall,
+        },
+    )
+    (cfg.out / CHECKPOINT_FILE).unlink(missing_ok=True)
+    log.info("run.written", run_dir=str(cfg.out), status=parity.status, wall_time_s=wall)
+
+
+def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+    """Train, score and export one model into cfg.out; return it. With ``resume``, go on from the checkpoint an
+    interrupted run left in cfg.out (its config.json is the caller's to load). Raises ExportParityError, after
+    the whole run is written and marked, when model.tflite disagrees with model.keras."""
     started = time.monotonic()
     # Fail fast, before anything slow: a bad folder, too few images or patients, a used RUN_DIR, unusable weights.
-    samples = data.discover_all(cfg.data_dirs, cfg.group_pattern)
+    found = data.discover_all(cfg.data_dirs, cfg.group_pattern)
     pinned = data.read_patients(cfg.val_patients) if cfg.val_patients is not None else None
     # a dry run; the real one leaves out unreadable files
-    data.split(samples, cfg.val_split, cfg.seed, cfg.split_by, pinned)
-    _check_out(cfg.out)
+    data.split(found, cfg.val_split, cfg.seed, cfg.split_by, pinned)
+    _check_out(cfg.out, resume)
     import keras
 
-    from histod.trainer.export import export, fold_calibration, parity_allowance, predict_views, write_run_info
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
+    from histod.trainer.score import score
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.save(cfg.out)
-    log.info("dataset", data_dir=[str(d) for d in cfg.data_dirs], **data.counts(samples))
-
-    images, labels, kept, skipped = data.load_images(samples, cfg.image_size)
-    _log_skipped(skipped)
-    for label, name in enumerate(data.CLASS_DIRS):
-        if not np.any(labels == label):
-            raise DatasetError(f"no readable {name} images ({len(skipped)} unreadable files)")
-    split = data.split(kept, cfg.val_split, cfg.seed, cfg.split_by, pinned)
-    index = {s.path: i for i, s in enumerate(kept)}
-    train_idx = np.array([index[s.path] for s in split.train])
-    val_idx = np.array([index[s.path] for s in split.val])
-    x_train, y_train = images[train_idx], labels[train_idx]
-    x_val, y_val = images[val_idx], labels[val_idx]
-    log.info("split", train=data.counts(split.train), val=data.counts(split.val), skipped=len(skipped))
-
-    result = fit(model, cfg, x_train, y_train, x_val, y_val, [s.group for s in split.train])
-
-    p_views = predict_views(model, x_val, cfg.tta)  # (views, N); one view unless cfg.tta
-    ece_uncalibrated = expected_calibration_error(y_val, p_views.mean(axis=0))
-    scale, shift = 1.0, 0.0
-    if cfg.calibrate:
-        scale, shift = fit_calibration(y_val, p_views)
-        fold_calibration(model, scale, shift)
-        p_views = predict_views(model, x_val, cfg.tta)
-    p_val = p_views.mean(axis=0)
-    threshold = decision_threshold(y_val, p_val, cfg.threshold, cfg.target_sensitivity)
-    scores = metrics(y_val, p_val, threshold)
-    val_groups = np.array([s.group for s in split.val])
-    ci = bootstrap_ci(y_val, p_val, val_groups, threshold)
-    calibration: dict[str, Any] = {
-        "ece": expected_calibration_error(y_val, p_val),
-        "ece_uncalibrated": ece_uncalibrated,
-        "method": "platt" if cfg.calibrate else "none",
-        "scale": scale,
-        "shift": shift,
-        "bins": calibration_bins(y_val, p_val),
-    }
+    imgs = _load_images(cfg, found, pinned)
+    fitted = fit(
+        model,
+        cfg,
+        imgs.x_train,
+        imgs.y_train,
+        imgs.x_val,
+        imgs.y_val,
+        cfg.out / CHECKPOINT_FILE,
+        groups=imgs.train_groups,
+    )
+    scored = score(model, cfg, (imgs.x_val, imgs.y_val), groups=imgs.val_groups, fold=True)
+    m = scored.metrics
     log.info(
-        "validation",
-        **{k: scores[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity")},
-        ece=round(calibration["ece"], 4),
-        calibration=f"{scale:.3f} {shift:+.3f}",
+        "validation.scored",
+        **{k: m[k] for k in ("balanced_accuracy", "roc_auc", "sensitivity", "specificity", "threshold")},
+        ece=round(scored.calibration["ece"], 4),
+        calibration=f"{scored.scale:.3f} {scored.calibration['shift']:+.3f}",
     )
-
-    diff, n_checked = export(model, cfg.out, x_val, calibration_scale=scale)
-    info = write_run_info(
-        cfg.out,
-        image_size=cfg.image_size,
-        threshold=threshold,
-        alpha=cfg.alpha,
-        tta_views=cfg.tta,
-        calibration=(scale, shift),
-    )
-
-    run = cfg.out
-    rule = (
-        "fixed"
-        if cfg.threshold is not None
-        else "max_balanced_accuracy"
-        if cfg.target_sensitivity is None
-        else f"sensitivity>={cfg.target_sensitivity}"
-    )
-    artefacts.write_metrics(
-        run,
-        {
-            **scores,
-            "split": "validation",
-            "split_by": cfg.split_by,
-            "threshold_rule": rule,
-            "ci95": ci,
-            "tta": cfg.tta,
-            "ece": calibration["ece"],
-            "calibration": calibration,
-            "run_id": info.run_id,
-            "best_epoch": result.best_epoch,
-            "epochs_run": len(result.phases),
-            "stopped_early": result.stopped_early,
-            "history": {**result.history, "phase": result.phases},
-            "counts": {
-                "train": data.counts(split.train),
-                "val": data.counts(split.val),
-                "found": data.counts(samples),
-                "skipped": len(skipped),
-            },
-            "groups": {"train": len({s.group for s in split.train}), "val": len({s.group for s in split.val})},
-            "skipped": [{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
-            "seed": cfg.seed,
-            "versions": artefacts.versions(),
-            "sha256": {KERAS_FILE: info.keras_sha256, TFLITE_FILE: info.tflite_sha256},
-            "parity": {"max_abs_diff": diff, "images": n_checked, "tolerance": parity_allowance(scale)},
-            "wall_time_s": round(time.monotonic() - started, 1),
-            "config": cfg.model_dump(mode="json"),
-        },
-    )
-    (run / "classification_report.txt").write_text(report_text(y_val, p_val, threshold))
-    (run / "model_summary.txt").write_text(artefacts.model_summary(model))
-    root = data.common_root(data.data_folders(cfg.data_dirs))
-    artefacts.write_split(run / "split.csv", root, {"train": split.train, "val": split.val}, skipped)
-    artefacts.plot_confusion(
-        run / "confusion_matrix.png", scores["confusion_matrix"], LABELS, f"validation (threshold {threshold:.3f})"
-    )
-    artefacts.plot_curves(run / "training_curves.png", result.history, result.phases, result.best_epoch)
-    title = f"validation: ECE {calibration['ece']:.3f}" + (
-        f" (Platt {scale:.2f}, {shift:+.2f})" if cfg.calibrate else ""
-    )
-    artefacts.plot_reliability(run / "reliability_diagram.png", calibration["bins"], title)
-    log.info("run_written", run_dir=str(run), wall_time_s=round(time.monotonic() - started, 1))
-    return run
+    record = _record(cfg, imgs, fitted, scored)
+    _write_run(model, cfg, imgs, fitted, scored, record)
+    parity = _export(model, cfg, imgs, scored)
+    _finish(cfg, record, scored, parity, started)
+    if not parity.passed:
+        raise ExportParityError(
+            f"the LiteRT export disagrees with the Keras model: {parity.problem()}. The run in {cfg.out} is complete "
+            f"and marked (model.json parity: failed): compare `histod evaluate --model {cfg.out} DATA_DIR` with its "
+            "metrics.json, then serve it with --allow-parity-failure or --engine keras, or train it again"
+        )
+    return cfg.out
 
 
 # --- using a trained run ---------------------------------------------------------------------------------------
 
 
 class Scorer(Protocol):
-    """What scoring needs from a loaded model; histod.daemon.engine.Engine fits, and so does trainer.litert."""
+    """What scoring needs from a loaded model: histod.daemon.engine.Engine (the CLI passes the service's engine,
+    so `histod evaluate` and `histod predict` score exactly as `histod serve` classifies)."""
 
     image_size: int
     threshold: float
@@ -188,39 +269,20 @@ class Scorer(Protocol):
     def predict(self, batch: NDArray[Any]) -> NDArray[np.float32]: ...
 
 
-def load_scorer(run_dir: Path) -> Scorer:
-    """The run's model.tflite through the trainer's own LiteRT helper (the trainer never imports the daemon)."""
-    from histod.trainer.litert import LiteRTModel
+def evaluate_folder(run_dir: Path, data_dir: Path, scorer: Scorer, out: Path | None = None) -> dict[str, Any]:
+    """Score a labelled folder (benign/, malignant/) with the run's model (``scorer``) and its stored threshold.
 
-    info = load_run(run_dir)
-    path = run_dir / TFLITE_FILE
-    if not path.is_file():
-        raise ModelError(f"{run_dir} has no {TFLITE_FILE}")
-    model = LiteRTModel(path)
-    if model.image_size != info.image_size:
-        raise ModelError(f"{path} takes {model.image_size} px input; {MODEL_INFO} says {info.image_size}")
-    model.threshold = info.threshold
-    model.tta = info.tta
-    return model
-
-
-def evaluate_folder(
-    run_dir: Path, data_dir: Path, out: Path | None = None, scorer: Scorer | None = None
-) -> dict[str, Any]:
-    """Score a labelled folder (benign/, malignant/) with the run's model and its stored threshold.
-
-    ``scorer`` defaults to the run's LiteRT model. Files are written only when ``out`` is given:
-    metrics.json, classification_report.txt, confusion_matrix.png and predictions.csv.
+    Files are written only when ``out`` is given: metrics.json, classification_report.txt, confusion_matrix.png
+    and predictions.csv.
     """
     info = load_run(run_dir)
-    model = scorer if scorer is not None else load_scorer(run_dir)
     samples = data.discover(data_dir)
-    images, labels, kept, skipped = data.load_images(samples, model.image_size)
+    images, labels, kept, skipped = data.load_images(samples, scorer.image_size)
     _log_skipped(skipped)
     if len(kept) == 0:
         raise DatasetError(f"no readable images in {data_dir}")
-    p = model.predict(images)
-    result = metrics(labels, p, model.threshold)
+    p = scorer.predict(images)
+    result = metrics(labels, p, scorer.threshold)
     result.update(
         run_id=info.run_id,
         run_dir=str(run_dir),
@@ -230,11 +292,11 @@ def evaluate_folder(
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
         artefacts.write_json(out / "metrics.json", result)
-        (out / "classification_report.txt").write_text(report_text(labels, p, model.threshold))
+        (out / "classification_report.txt").write_text(report_text(labels, p, scorer.threshold))
         artefacts.plot_confusion(
             out / "confusion_matrix.png", result["confusion_matrix"], LABELS, f"{data_dir.name} ({info.run_id})"
         )
-        artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), model.threshold)
+        artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), scorer.threshold)
     return result
 
 
@@ -258,25 +320,22 @@ def expand(paths: Sequence[Path]) -> list[Path]:
     return out
 
 
-def predict_paths(
-    run_dir: Path, paths: Sequence[Path], scorer: Scorer | None = None, batch_size: int = 32
-) -> Iterator[Prediction]:
+def predict_paths(scorer: Scorer, paths: Sequence[Path], batch_size: int = 32) -> Iterator[Prediction]:
     """Classify image files and folders; an unreadable file yields a Prediction with ``error`` set, never raises."""
-    model = scorer if scorer is not None else load_scorer(run_dir)
     files = expand(paths)
     for start in range(0, len(files), batch_size):
         chunk = files[start : start + batch_size]
         decoded: list[tuple[Path, NDArray[np.uint8] | ImageError]] = []
         for path in chunk:
             try:
-                decoded.append((path, imaging.load(path, model.image_size)))
+                decoded.append((path, imaging.load(path, scorer.image_size)))
             except ImageError as exc:
                 decoded.append((path, exc))
         good = [img for _, img in decoded if not isinstance(img, ImageError)]
-        probs = iter(model.predict(np.stack(good)).tolist() if good else [])
+        probs = iter(scorer.predict(np.stack(good)).tolist() if good else [])
         for path, img in decoded:
             if isinstance(img, ImageError):
                 yield Prediction(path, None, None, img)
             else:
                 p = float(next(probs))
-                yield Prediction(path, p, LABELS[int(p >= model.threshold)])
+                yield Prediction(path, p, LABELS[int(p >= scorer.threshold)])

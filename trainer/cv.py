@@ -25,14 +25,7 @@ from histod.errors import ConfigError
 from histod.logs import get_logger
 from histod.trainer import artefacts, data
 from histod.trainer.config import TrainConfig
-from histod.trainer.evaluate import (
-    apply_calibration,
-    bootstrap_ci,
-    decision_threshold,
-    expected_calibration_error,
-    fit_calibration,
-    metrics,
-)
+from histod.trainer.evaluate import bootstrap_ci, decision_threshold, expected_calibration_error, metrics
 
 log = get_logger("histod.trainer")
 
@@ -116,9 +109,9 @@ def run_fold(
     threshold follow the monitoring images; the held-out ones only score."""
     import keras
 
-    from histod.trainer.export import predict_views
     from histod.trainer.fit import fit
     from histod.trainer.model import build_model
+    from histod.trainer.score import score
 
     fit_idx, mon_idx, val_idx = parts
     fold_started = time.monotonic()
@@ -126,32 +119,26 @@ def run_fold(
     keras.utils.set_random_seed(cfg.seed + i)
     model = build_model(cfg)
     groups = [kept[j].group for j in fit_idx]
-    fitted = fit(model, cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx], groups)
-    mon_views = predict_views(model, images[mon_idx], cfg.tta).astype(np.float64)
-    val_views = predict_views(model, images[val_idx], cfg.tta).astype(np.float64)
-    scale, shift = 1.0, 0.0
-    if cfg.calibrate:  # Platt on the monitoring patients, as histod train folds it in on its validation split
-        scale, shift = fit_calibration(labels[mon_idx], mon_views)
-        mon_views = apply_calibration(mon_views, scale, shift)
-        val_views = apply_calibration(val_views, scale, shift)
-    p_mon = mon_views.mean(axis=0)
-    threshold = decision_threshold(labels[mon_idx], p_mon, cfg.threshold, cfg.target_sensitivity)
-    p = val_views.mean(axis=0)
-    m = metrics(labels[val_idx], p, threshold)
+    fitted = fit(model, cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx], groups=groups)
+    # Platt and the threshold on the monitoring patients, as histod train fits them on its validation split
+    scored = score(model, cfg, (images[mon_idx], labels[mon_idx]), (images[val_idx], labels[val_idx]))
+    m = scored.metrics
     row = {
         "fold": i,
         **{key: m[key] for key in (*KEYS, "threshold", "confusion_matrix")},
         "n": len(val_idx),
         "val_patients": len({kept[j].group for j in val_idx}),
-        "calibration": {"scale": scale, "shift": shift},
+        "calibration": {"scale": scored.scale, "shift": scored.calibration["shift"]},
         "epochs": len(fitted.phases),
         "best_epoch": fitted.best_epoch,
         "seconds": round(time.monotonic() - fold_started, 1),
     }
     if cfg.tta > 1:
-        row["single_view"] = _single_view(cfg, labels[mon_idx], mon_views[0], labels[val_idx], val_views[0])
-    log.info("cv_fold", **{key: row[key] for key in ("fold", *KEYS, "n")})
-    return Fold(row, p, p >= threshold)
+        row["single_view"] = _single_view(
+            cfg, labels[mon_idx], scored.tuning_views[0], labels[val_idx], scored.views[0]
+        )
+    log.info("cv.fold", **{key: row[key] for key in ("fold", *KEYS, "n")})
+    return Fold(row, scored.p, scored.p >= scored.threshold)
 
 
 def summarize(

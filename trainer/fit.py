@@ -1,21 +1,26 @@
 """Fitting, in the standard Keras transfer-learning order:
 
 1. head only: the base is frozen and the new head learns at ``head_learning_rate``;
-2. fine-tuning: the last ``fine_tune_layers`` layers of the base are unfrozen and everything trainable learns at
-   the low ``learning_rate`` (the base's BatchNorm stays in inference mode, see trainer.model).
+2. fine-tuning: the last ``fine_tune_layers`` layers of the base (by default all of them) are unfrozen and
+   everything trainable learns at ``learning_rate`` (a pretrained base's BatchNorm stays in inference mode, see
+   trainer.model).
 
 Both phases use Adam, binary cross-entropy, class weights, EarlyStopping (best weights restored) and
-ReduceLROnPlateau on ``monitor``: the validation loss, or the validation ROC AUC (``val_auc``), which ignores the
-shifts of the output's bias that make the loss swing while the whole base learns (measured in bench/README.md,
-"levers": the AUC swings too, and following it did not help).
-Augmentation runs in the tf.data pipeline of the training split only.
+ReduceLROnPlateau on the validation loss. With ``ema`` Adam keeps a moving average of the weights, and that
+average is what validation scores, EarlyStopping keeps and the run ends with. Augmentation runs in the tf.data
+pipeline of the training split only. With a checkpoint path, the whole state is saved after every epoch
+(trainer.checkpoint) and a later call with the same path goes on from there.
+
+Following the validation ROC AUC instead of the loss, and a cosine decay instead of ReduceLROnPlateau, were
+measured on held-out patients and bought nothing (bench/README.md, "levers").
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,14 +28,15 @@ from numpy.typing import NDArray
 
 from histod.errors import ConfigError
 from histod.logs import get_logger
-from histod.trainer import augment, data
+from histod.trainer import augment, checkpoint
 from histod.trainer.config import TrainConfig
+from histod.trainer.data import capped_draw, capped_size, patient_codes, patient_share
 from histod.trainer.model import calibrate_batchnorm, freeze_base, head_features, recalibrate_head_bn, unfreeze_top
 
 log = get_logger("histod.trainer")
 
 HISTORY_KEYS = ("loss", "accuracy", "val_loss", "val_accuracy", "learning_rate")
-AUC_KEYS = ("auc", "val_auc")  # recorded too when cfg.monitor is "val_auc"
+MONITOR = "val_loss"  # what EarlyStopping, ReduceLROnPlateau and the best epoch follow
 EMA_BN_IMAGES = 1024  # training images whose features set the head BatchNorm's statistics for averaged weights
 
 
@@ -40,6 +46,7 @@ class FitResult:
     phases: list[str] = field(default_factory=list)  # per epoch: "head" or "fine_tune"
     best_epoch: int = 0  # 1-based index into history: the epoch whose weights the model holds
     stopped_early: list[bool] = field(default_factory=list)
+    resumed: list[dict[str, Any]] = field(default_factory=list)  # where a resumed run went on: phase, epoch
 
 
 def class_weights(labels: NDArray[np.int64], share: NDArray[np.float64] | None = None) -> dict[int, float]:
@@ -61,21 +68,17 @@ def datasets(
 ) -> tuple[Any, Any]:
     """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented.
 
-    With MixUp and class ``weights`` the training batches carry a sample weight per image, w0 + (w1 - w0) * y for
-    its mixed label y: the mixture of its two images' class weights. (Keras' ``class_weight`` would round a soft
-    label to one class; ``fit`` passes none then.)
-
     Per patient (``groups``: each training image's patient): ``cfg.patient_cap`` draws each epoch afresh, at most
-    that many images per patient; ``cfg.patient_weighting`` gives each batch a sample weight per image, its
-    patient weight times its class weight (``fit`` passes no ``class_weight`` then)."""
+    that many images of each patient; ``cfg.patient_weighting`` gives each image a sample weight, its patient
+    weight times its class weight from ``weights`` (``fit`` then passes Keras no ``class_weight``)."""
     import tensorflow as tf
 
     if cfg.patient_cap:
-        train = _capped(cfg, x_train, y_train, data.patient_codes(_groups(groups, len(x_train))))
+        train = _capped(cfg, x_train, y_train, patient_codes(_groups(groups, len(x_train))))
     else:
         slices: tuple[Any, ...] = (x_train, y_train.astype(np.float32))
         if cfg.patient_weighting != "none":
-            share = data.patient_share(_groups(groups, len(x_train)), weighting=cfg.patient_weighting)
+            share = patient_share(_groups(groups, len(x_train)), weighting=cfg.patient_weighting)
             by_class = weights or {0: 1.0, 1: 1.0}
             slices += ((share * np.where(y_train == 1, by_class[1], by_class[0])).astype(np.float32),)
         train = tf.data.Dataset.from_tensor_slices(slices)
@@ -84,12 +87,6 @@ def datasets(
     aug = augment.pipeline(cfg)
     if aug is not None:
         train = train.map(lambda x, y, *w: (aug(x), y, *w), num_parallel_calls=tf.data.AUTOTUNE)
-    if cfg.mixup > 0:
-        mix = augment.mixup(cfg.mixup, cfg.seed)
-        train = train.map(mix, num_parallel_calls=tf.data.AUTOTUNE)
-        if weights is not None:
-            w0, w1 = float(weights[0]), float(weights[1])
-            train = train.map(lambda x, y: (x, y, w0 + (w1 - w0) * y), num_parallel_calls=tf.data.AUTOTUNE)
     val = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32))).batch(cfg.batch_size)
     val = val.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
@@ -97,12 +94,12 @@ def datasets(
 
 def _groups(groups: Sequence[str] | None, n: int) -> Sequence[str]:
     if groups is None or len(groups) != n:
-        raise ConfigError("per-patient capping or weighting needs each training image's patient")
+        raise ConfigError("a per-patient cap or weighting needs each training image's patient")
     return groups
 
 
 def _capped(cfg: TrainConfig, x: NDArray[np.uint8], y: NDArray[np.int64], codes: NDArray[np.int64]) -> Any:
-    """Batches of one epoch of at most ``cfg.patient_cap`` images per patient, drawn afresh each time Keras
+    """Batches of one epoch of at most ``cfg.patient_cap`` images of each patient, drawn afresh each time Keras
     starts an epoch (one random stream from ``cfg.seed``)."""
     import tensorflow as tf
 
@@ -110,42 +107,16 @@ def _capped(cfg: TrainConfig, x: NDArray[np.uint8], y: NDArray[np.int64], codes:
     labels = y.astype(np.float32)
 
     def epoch() -> Iterator[tuple[NDArray[np.uint8], NDArray[np.float32]]]:
-        order = data.capped_draw(codes, cap, rng)
+        order = capped_draw(codes, cap, rng)
         for start in range(0, len(order), size):
             pick = order[start : start + size]
             yield x[pick], labels[pick]
 
     spec = (tf.TensorSpec((None, *x.shape[1:]), tf.uint8), tf.TensorSpec((None,), tf.float32))
-    batches = math.ceil(data.capped_size(codes, cap) / size)
+    batches = math.ceil(capped_size(codes, cap) / size)
     return tf.data.Dataset.from_generator(epoch, output_signature=spec).apply(
         tf.data.experimental.assert_cardinality(batches)
     )
-
-
-def _epoch_logger(phase: str, total: int) -> Any:
-    import keras
-
-    class EpochLog(keras.callbacks.Callback):  # type: ignore[misc]
-        def on_epoch_end(self, epoch: int, logs: dict[str, float] | None = None) -> None:
-            logs = logs or {}
-            log.info(
-                "epoch",
-                phase=phase,
-                epoch=f"{epoch + 1}/{total}",
-                **{k: float(f"{float(v):.5g}") for k, v in logs.items() if k in HISTORY_KEYS + AUC_KEYS},
-            )
-
-    return EpochLog()
-
-
-def learning_rate(cfg: TrainConfig, phase: str, rate: float, epochs: int, steps_per_epoch: int) -> Any:
-    """A constant rate (ReduceLROnPlateau lowers it), or for fine-tuning with ``lr_schedule="cosine"`` a cosine
-    decay from ``rate`` to 0 over the phase's full length (an early stop cuts it short)."""
-    import keras
-
-    if phase == "fine_tune" and cfg.lr_schedule == "cosine":
-        return keras.optimizers.schedules.CosineDecay(rate, decay_steps=max(1, epochs * steps_per_epoch))
-    return rate
 
 
 def _head_bn_for_ema(images: NDArray[np.float32]) -> Any:
@@ -163,50 +134,75 @@ def _head_bn_for_ema(images: NDArray[np.float32]) -> Any:
     return HeadBatchNorm()
 
 
-def _phase(
-    model: Any,
-    cfg: TrainConfig,
-    name: str,
-    epochs: int,
-    rate: float,
-    train: Any,
-    val: Any,
-    weights: Any,
-    bn_images: NDArray[np.float32] | None,
-) -> tuple[dict[str, list[float]], bool]:
+@dataclass
+class _Phase:
+    name: str
+    epochs: int
+    rate: float
+
+
+@dataclass
+class _Data:
+    train: Any
+    val: Any
+    class_weights: dict[int, float] | None
+    bn_images: NDArray[np.float32] | None  # with ema: the training images that set the head BatchNorm for it
+
+
+Save = Callable[[checkpoint.PhaseState | None], None]
+
+
+def _run_phase(
+    model: Any, cfg: TrainConfig, phase: _Phase, data: _Data, resume: checkpoint.PhaseState | None, save: Save | None
+) -> tuple[list[dict[str, float]], bool]:
+    """One phase's fit(): its epochs' logs and whether EarlyStopping ended it. ``resume`` continues a phase that
+    a checkpoint says was interrupted; ``save(PhaseState)`` (or None) is called after every epoch, before the
+    epoch's log line (``train.epoch``): once that line is out, the epoch is on disk."""
     import keras
 
-    schedule = learning_rate(cfg, name, rate, epochs, int(train.cardinality()))
-    metrics = [keras.metrics.BinaryAccuracy(name="accuracy")]
-    if cfg.monitor == "val_auc":
-        metrics.append(keras.metrics.AUC(name="auc"))
+    if resume is not None and (resume.stopped or resume.epochs_done >= phase.epochs):  # it had ended
+        checkpoint.restore_weights(model, resume.best_weights or resume.model)
+        return resume.logs, resume.stopped
     ema = {"use_ema": True, "ema_momentum": cfg.ema} if cfg.ema > 0 else {}
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=schedule, **ema),
-        loss=keras.losses.BinaryCrossentropy(label_smoothing=cfg.label_smoothing),
-        metrics=metrics,
+        optimizer=keras.optimizers.Adam(learning_rate=phase.rate, **ema),
+        loss=keras.losses.BinaryCrossentropy(),
+        metrics=[keras.metrics.BinaryAccuracy(name="accuracy")],
     )
-    mode = _mode(cfg)
-    stop = keras.callbacks.EarlyStopping(
-        monitor=cfg.monitor, mode=mode, patience=cfg.patience, restore_best_weights=True
+    stop = keras.callbacks.EarlyStopping(monitor=MONITOR, mode="min", patience=cfg.patience, restore_best_weights=True)
+    plateau = keras.callbacks.ReduceLROnPlateau(
+        monitor=MONITOR, mode="min", factor=cfg.lr_factor, patience=cfg.lr_patience
     )
-    callbacks = [stop, _epoch_logger(name, epochs)]
-    if bn_images is not None:  # ema: the averaged weights go into the model at each epoch's end, before
-        # EarlyStopping looks at them
-        callbacks[:0] = [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), _head_bn_for_ema(bn_images)]
-    if isinstance(schedule, float):  # a schedule owns the rate: ReduceLROnPlateau cannot set it
-        plateau = keras.callbacks.ReduceLROnPlateau(
-            monitor=cfg.monitor, mode=mode, factor=cfg.lr_factor, patience=cfg.lr_patience
-        )
-        callbacks.insert(1, plateau)
-    hist = model.fit(
-        train, validation_data=val, epochs=epochs, class_weight=weights, callbacks=callbacks, verbose=0, shuffle=False
-    )
-    return {k: [float(v) for v in vs] for k, vs in hist.history.items()}, bool(stop.stopped_epoch > 0)
 
+    def end_of_epoch(done: int, stopped: bool, logs: list[dict[str, float]], rate: float, *state: Any) -> None:
+        if save is not None:
+            save(checkpoint.PhaseState(phase.name, done, stopped, logs, rate, *state))
+        shown = {k: float(f"{v:.5g}") for k, v in logs[-1].items() if k in HISTORY_KEYS}
+        log.info("train.epoch", phase=phase.name, epoch=f"{done}/{phase.epochs}", saved=save is not None, **shown)
 
-def _mode(cfg: TrainConfig) -> str:
-    return "max" if cfg.monitor == "val_auc" else "min"
+    first, last = checkpoint.callbacks(end_of_epoch, stop, plateau, resume)
+    callbacks = [first]
+    if data.bn_images is not None:  # ema: the averaged weights go into the model for each validation and at each
+        # epoch's end, before EarlyStopping looks at them
+        callbacks += [keras.callbacks.SwapEMAWeights(swap_on_epoch=True), _head_bn_for_ema(data.bn_images)]
+    callbacks += [stop, plateau, last]
+    initial_epoch = 0
+    if resume is not None:
+        checkpoint.restore_weights(model, resume.model)
+        checkpoint.restore_optimizer(model, resume.optimizer)
+        model.optimizer.learning_rate = resume.learning_rate
+        initial_epoch = resume.epochs_done
+    model.fit(
+        data.train,
+        validation_data=data.val,
+        initial_epoch=initial_epoch,
+        epochs=phase.epochs,
+        class_weight=data.class_weights,
+        callbacks=callbacks,
+        verbose=0,
+        shuffle=False,
+    )
+    return last.logs, bool(stop.stopped_epoch > 0)
 
 
 def fit(
@@ -216,56 +212,84 @@ def fit(
     y_train: NDArray[np.int64],
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
+    checkpoint_path: Path | None = None,
+    *,
     groups: Sequence[str] | None = None,
 ) -> FitResult:
     """Run both phases. The model ends up holding the weights of the best epoch over both phases (lowest
-    val_loss, or highest val_auc with ``monitor="val_auc"``): EarlyStopping restores the best epoch of each phase,
-    and the head phase's best is kept when fine-tuning never beats it. ``groups`` (each training image's
-    patient) is needed by ``cfg.patient_cap`` and ``cfg.patient_weighting``."""
+    val_loss): EarlyStopping restores the best epoch of each phase, and the head phase's best is kept when
+    fine-tuning never beats it. With ``checkpoint_path`` the state is saved there after every epoch, and a
+    checkpoint already there is resumed from. ``groups`` (each training image's patient) is what
+    ``cfg.patient_cap`` and ``cfg.patient_weighting`` count by."""
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
-    if cfg.weights == "none":
+    state = (checkpoint.load(checkpoint_path) if checkpoint_path else None) or checkpoint.State()
+    result = FitResult(**state.result) if state.result else FitResult()
+    if cfg.weights == "none" and not state.finished and state.current is None:
         calibrate_batchnorm(model, x_train[: max(cfg.batch_size, 64)])
-    if cfg.mixup > 0 and cfg.patient_weighting != "none":
-        raise ConfigError("MixUp and per-patient weighting cannot be combined")
-    share = None  # each training image's weight in an epoch, when patients are capped or weighted
-    if cfg.patient_cap or cfg.patient_weighting != "none":
-        share = data.patient_share(_groups(groups, len(x_train)), cfg.patient_cap or None, cfg.patient_weighting)
-    weights = class_weights(y_train, share) if cfg.class_weights else None
-    train, val = datasets(cfg, x_train, y_train, x_val, y_val, weights, groups)
-    if cfg.mixup > 0 or cfg.patient_weighting != "none":
-        weights = None  # the training batches carry them, per mixed label or per patient
-    bn_images = None  # with ema (only): the fixed training images whose features set the head BatchNorm for it
+    bn_images = None
     if cfg.ema > 0:
         pick = np.random.default_rng(cfg.seed).permutation(len(x_train))[:EMA_BN_IMAGES]
         bn_images = x_train[pick].astype(np.float32)
-    keys = HISTORY_KEYS + (AUC_KEYS if cfg.monitor == "val_auc" else ())
-    result = FitResult(history={k: [] for k in keys})
-    sign = -1.0 if _mode(cfg) == "max" else 1.0  # minimise sign * monitor
-    best_score, best_weights = math.inf, None
-    phases = [("head", cfg.head_epochs, cfg.head_learning_rate), ("fine_tune", cfg.epochs, cfg.learning_rate)]
-    for name, epochs, rate in phases:
-        if epochs <= 0:
-            continue
-        if name == "head":
+    share = None  # each training image's weight in an epoch, when patients are capped or weighted
+    if cfg.patient_cap or cfg.patient_weighting != "none":
+        share = patient_share(_groups(groups, len(x_train)), cfg.patient_cap or None, cfg.patient_weighting)
+    weights = class_weights(y_train, share) if cfg.class_weights else None
+    train, val = datasets(cfg, x_train, y_train, x_val, y_val, weights, groups)
+    if cfg.patient_weighting != "none":
+        weights = None  # the training batches carry them, per image
+    data = _Data(train, val, weights, bn_images)
+
+    def save(current: checkpoint.PhaseState | None) -> None:
+        state.current = current
+        state.result = asdict(result)
+        if checkpoint_path is not None:
+            checkpoint.save(checkpoint_path, state)
+
+    phases = [
+        _Phase("head", cfg.head_epochs, cfg.head_learning_rate),
+        _Phase("fine_tune", cfg.epochs, cfg.learning_rate),
+    ]
+    todo = [p for p in phases if p.epochs > 0 and p.name not in state.finished]
+    if state.finished or state.current is not None:  # a checkpoint: go on where it left off
+        where = {
+            "phase": todo[0].name if todo else None,
+            "epochs_done": state.current.epochs_done if state.current else 0,
+        }
+        log.info("train.resumed", finished=state.finished, **where)
+        result.resumed.append(where)
+    for phase in todo:
+        resume = state.current if state.current is not None and state.current.name == phase.name else None
+        if resume is None and state.model is not None:
+            checkpoint.restore_weights(model, state.model)  # where the phases before it ended
+        if phase.name == "head":
             freeze_base(model)
         else:
             unfreeze_top(model, cfg.fine_tune_layers, freeze_batchnorm=cfg.freeze_batchnorm and cfg.weights != "none")
         trainable = sum(int(np.prod(w.shape)) for w in model.trainable_weights)
-        log.info("phase", phase=name, epochs=epochs, learning_rate=rate, trainable_params=trainable)
-        hist, stopped = _phase(model, cfg, name, epochs, rate, train, val, weights, bn_images)
-        start = len(result.history["loss"])
-        n = len(hist.get("loss", []))
-        for k in keys:
-            result.history[k].extend(hist.get(k, [math.nan] * n))
-        result.phases.extend([name] * n)
-        result.stopped_early.append(stopped)
-        scores = [sign * v if math.isfinite(v) else math.inf for v in result.history[cfg.monitor][start:]]
-        if scores and (min(scores) < best_score or best_weights is None):
-            best_score, best_weights = min(scores), model.get_weights()  # the phase's best, restored by EarlyStopping
+        log.info(
+            "train.phase", phase=phase.name, epochs=phase.epochs, learning_rate=phase.rate, trainable_params=trainable
+        )
+        logs, stopped = _run_phase(model, cfg, phase, data, resume, save if checkpoint_path else None)
+        _add_phase(result, phase.name, logs, stopped)
+        start = len(result.phases) - len(logs)
+        scores = [v if math.isfinite(v) else math.inf for v in result.history[MONITOR][start:]]
+        best = math.inf if state.best_score is None else state.best_score
+        if scores and (min(scores) < best or state.best_weights is None):
+            state.best_score, state.best_weights = min(scores), model.get_weights()  # the phase's best
             result.best_epoch = start + int(np.argmin(scores)) + 1
-    if best_weights is not None:
-        model.set_weights(best_weights)
-    log.info("best_epoch", epoch=result.best_epoch, **{cfg.monitor: sign * best_score})
+        state.finished.append(phase.name)
+        state.model = model.get_weights()
+        save(None)
+    if state.best_weights is not None:
+        model.set_weights(state.best_weights)
+    log.info("train.best_epoch", epoch=result.best_epoch, **{MONITOR: state.best_score})
     return result
+
+
+def _add_phase(result: FitResult, name: str, logs: list[dict[str, float]], stopped: bool) -> None:
+    for key in HISTORY_KEYS:
+        result.history[key].extend(epoch.get(key, math.nan) for epoch in logs)
+    result.phases.extend([name] * len(logs))
+    result.stopped_early.append(stopped)

@@ -76,7 +76,7 @@ def build_model(cfg: TrainConfig) -> Any:
         # override this, so unfreeze_top also keeps those layers frozen.
         x = base(x, training=False)
     x = keras.layers.GlobalAveragePooling2D(name=POOL_LAYER)(x)
-    x = keras.layers.BatchNormalization(momentum=cfg.head_bn_momentum, name=HEAD_BN_LAYER)(x)
+    x = keras.layers.BatchNormalization(name=HEAD_BN_LAYER)(x)
     x = keras.layers.Dropout(cfg.dropout, name="head_dropout")(x)
     outputs = keras.layers.Dense(1, activation="sigmoid", name=OUTPUT_LAYER)(x)
     return keras.Model(inputs, outputs, name="histod_mobilenetv2")

@@ -61,7 +61,8 @@ def upgrade(engine: Engine, revision: str = "head") -> None:
 def _across_processes(engine: Engine) -> Iterator[None]:
     """PostgreSQL: hold a session-level advisory lock (on a connection of its own) while migrating, so that
     services starting together migrate one after the other; the others then find the schema at head. SQLite
-    needs nothing: Alembic's transaction takes the database's write lock, and one service runs per file."""
+    needs nothing: env.py runs the migrations in one BEGIN IMMEDIATE transaction, under the database's write
+    lock."""
     if engine.dialect.name != "postgresql":
         yield
         return

@@ -36,8 +36,19 @@ def run_migrations_online() -> None:
             connection.exec_driver_sql("PRAGMA foreign_keys = OFF")
             connection.commit()
         try:
-            context.configure(connection=connection, target_metadata=target_metadata, render_as_batch=sqlite)
+            # SQLite: one transaction under the write lock for all revisions. pysqlite begins a transaction only
+            # at the first INSERT/UPDATE/DELETE, so without BEGIN IMMEDIATE each CREATE/ALTER committed on its
+            # own: a failed migration stayed half done, and two processes opening a new file together both
+            # migrated it. Now the second waits (busy timeout), then finds the schema at head.
+            context.configure(
+                connection=connection,
+                target_metadata=target_metadata,
+                render_as_batch=sqlite,
+                transactional_ddl=True if sqlite else None,
+            )
             with context.begin_transaction():
+                if sqlite:
+                    connection.exec_driver_sql("BEGIN IMMEDIATE")
                 context.run_migrations()
                 if sqlite:
                     broken = connection.exec_driver_sql("PRAGMA foreign_key_check").fetchall()

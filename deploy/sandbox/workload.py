@@ -5,9 +5,10 @@ on a real systemd host). Each step prints one JSON line {"step": ..., "ok": ...}
 when every required step worked. Steps, in the order the service meets them:
 
 settings (pydantic-settings reads HISTOD_*), database (SQLAlchemy + Alembic migrations on a SQLite file in
-WAL mode, one insert), litert (ai-edge-litert Interpreter with XNNPACK, 2 threads, a batch from Pillow-decoded
-PNG/JPEG files, decoded in a thread pool), watch (a watchdog inotify observer sees a file appear), notify
-(READY=1 / WATCHDOG=1 / STOPPING=1 to $NOTIFY_SOCKET), and two probes that are reported but not required:
+WAL mode, one insert), litert (histod.litert, the service's runner: ai-edge-litert with XNNPACK, 2 threads, a
+batch of Pillow-decoded PNG/JPEG files, decoded in a thread pool), watch (a watchdog inotify observer sees a file
+appear), notify (READY=1 / WATCHDOG=1 / STOPPING=1 to $NOTIFY_SOCKET), and two probes that are reported but not
+required:
 wx_mmap (can the process map memory writable and executable? MemoryDenyWriteExecute= says no) and
 ctypes_callback (a libffi closure, the usual victim of W^X policies).
 
@@ -81,26 +82,20 @@ def main() -> int:
     @step("litert")
     def litert() -> Any:
         import numpy as np
-        from ai_edge_litert.interpreter import Interpreter
 
         from histod.imaging import load
+        from histod.litert import LiteRTModel
         from histod.synthetic import write_images
 
         folder = Path(os.environ.get("HISTOD_DATA_DIR", ".")) / "sandbox-images"
         files = write_images(folder, 4, size=64, fmt="png") + write_images(folder, 4, size=64, seed=2, fmt="jpg")
-        interp = Interpreter(model_path=str(model), num_threads=2)
-        inp = interp.get_input_details()[0]
-        size = int(inp["shape"][1])
+        runner = LiteRTModel(model, threads=2)
         with ThreadPoolExecutor(2) as pool:
-            batch = np.stack(list(pool.map(lambda p: load(p, size), files))).astype(np.float32)
-        interp.resize_tensor_input(inp["index"], list(batch.shape))
-        interp.allocate_tensors()
-        interp.set_tensor(inp["index"], batch)
-        interp.invoke()
-        out = interp.get_tensor(interp.get_output_details()[0]["index"])
-        assert out.shape == (len(files), 1), out.shape
-        assert np.all((out >= 0) & (out <= 1)), out
-        return {"batch": len(files), "p": [round(float(v), 4) for v in out[:, 0]]}
+            batch = np.stack(list(pool.map(lambda p: load(p, runner.image_size), files)))
+        p = runner.predict(batch)
+        assert p.shape == (len(files),), p.shape
+        assert np.all((p >= 0) & (p <= 1)), p
+        return {"batch": len(files), "p": [round(float(v), 4) for v in p]}
 
     @step("watch")
     def watch() -> Any:
