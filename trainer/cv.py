@@ -184,4 +184,4 @@ def _write_predictions(path: Path, root: Path, kept: list[data.Sample], p: Any, 
         out = csv.writer(fh)
         out.writerow(["path", "group", "true", "fold", "p_malignant", "predicted_malignant"])
         for s, pi, di, fi in zip(kept, p.tolist(), decided.tolist(), fold_of.tolist(), strict=True):
-            out.writerow([s.path.relative_to(root).as_posix(), s.group, s.label, fi, f"{pi:.6f}", int(di)])
+            out.writerow([artefacts.relative(s.path, root), s.group, s.label, fi, f"{pi:.6f}", int(di)])
