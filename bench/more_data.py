@@ -15,9 +15,9 @@ Protocol:
   does): the monitoring patients drive EarlyStopping and fit the Platt scaling and the threshold, and the
   held-out patients only score (``trainer.cv.run_fold``).
 * A variant's name: the data (``dev`` or ``both``), then ``+`` changes: ``cap<K>`` (``--patient-cap K``; without
-  it a variant trains on all its images in every epoch), ``sqrt`` (``--patient-weighting sqrt``), ``frac<F>`` (a
-  random share F of the fitting images; monitoring and held-out images unchanged),
-  ``nocomplete`` (without the idc-extra images of the complete slides on the training side). ``dev`` keeps the
+  it a variant trains on all its images in every epoch), ``frac<F>`` (a random share F of the fitting images;
+  monitoring and held-out images unchanged), ``nocomplete`` (without the idc-extra images of the complete slides
+  on the training side). ``dev`` keeps the
   inner split ``histod train --cv`` draws on idc-dev alone; the held-out side of every variant is all of its
   patients' images (idc-dev + idc-extra), also scored on their idc-dev images alone.
 * 95 % intervals: bootstrap over held-out patients. Minutes: wall and process CPU time (both cores), with the load.
@@ -73,14 +73,12 @@ class Variant:
         for change in changes:
             if change.startswith("cap"):
                 extras["patient_cap"] = int(change[3:])
-            elif change == "sqrt":
-                extras["patient_weighting"] = "sqrt"
             elif change.startswith("frac"):
                 frac = float(change[4:])
             elif change == "nocomplete":
                 nocomplete = True
             else:
-                raise SystemExit(f"{name}: unknown change {change!r} (cap<K>, sqrt, frac<F>, nocomplete)")
+                raise SystemExit(f"{name}: unknown change {change!r} (cap<K>, frac<F>, nocomplete)")
         return cls(name, head, extras, frac, nocomplete)
 
 

@@ -114,12 +114,6 @@ def _print_metrics(result: dict[str, Any]) -> None:
     help=f"at most this many images of one patient in each epoch, drawn afresh (0 = all) {_d('patient_cap')}",
 )
 @click.option(
-    "--patient-weighting",
-    type=click.Choice(["none", "sqrt"]),
-    default=None,
-    help=f"weight each image by 1/sqrt(its patient's image count), with --patient-cap 0 {_d('patient_weighting')}",
-)
-@click.option(
     "--calibrate/--no-calibrate",
     default=None,
     help=f"Platt scaling fitted on the validation split, folded into the model {_d('calibrate')}",

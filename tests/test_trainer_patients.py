@@ -1,5 +1,5 @@
-"""Training on several data folders with uneven patients: the per-patient cap and weights in the training
-pipeline, pinned validation patients and pinned folds, end to end on generated images."""
+"""Training on several data folders with uneven patients: the per-patient cap in the training pipeline, pinned
+validation patients and pinned folds, end to end on generated images."""
 
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ def _uneven(tmp_path: Path) -> tuple[TrainConfig, np.ndarray, np.ndarray, list[s
 def test_a_capped_epoch_draws_at_most_cap_images_per_patient_afresh(tmp_path: Path) -> None:
     cfg, x, y, groups = _uneven(tmp_path)
     cfg = cfg.model_copy(update={"patient_cap": 10})
-    train, _ = datasets(cfg, x, y, x[:4], y[:4], class_weights(y), groups)
+    train, _ = datasets(cfg, x, y, x[:4], y[:4], groups)
     assert int(train.cardinality()) == math.ceil((3 + 6 + 10 + 10) / 8)
     epochs = []
     for _ in range(3):  # Keras starts each epoch with a new iteration
@@ -64,25 +64,6 @@ def test_a_capped_epoch_draws_at_most_cap_images_per_patient_afresh(tmp_path: Pa
         assert np.asarray(yb).tolist() == [float(y[i]) for i in _index_of(xb)]
 
 
-def test_sqrt_weighting_gives_each_image_its_patient_and_class_weight(tmp_path: Path) -> None:
-    cfg, x, y, groups = _uneven(tmp_path)
-    cfg = cfg.model_copy(update={"patient_weighting": "sqrt"})
-    share = data.patient_share(groups, weighting="sqrt")
-    by_class = class_weights(y, share)
-    train, _ = datasets(cfg, x, y, x[:4], y[:4], by_class, groups)
-    got: dict[int, float] = {}
-    for xb, _yb, wb in train:
-        got.update(zip(_index_of(xb), np.asarray(wb).tolist(), strict=True))
-    assert len(got) == len(groups)
-    for i, w in got.items():
-        assert w == pytest.approx(share[i] * by_class[int(y[i])], rel=1e-6)
-    # the weighted classes balance: equal total weight for benign and malignant
-    total = np.array([got[i] for i in range(len(groups))])
-    assert total[y == 0].sum() == pytest.approx(total[y == 1].sum(), rel=1e-6)
-    # a tile of the 300-tile slide weighs 10x less than one of the 3-tile patient (same class)
-    assert share[groups.index("sparse1")] / share[groups.index("slide")] == pytest.approx(10.0)
-
-
 def test_class_weights_of_a_capped_epoch() -> None:
     labels = np.array([0] * 90 + [1] * 10)
     share = np.r_[np.full(80, 0.125), np.ones(20)]  # 80 benign tiles of one capped patient: 10 per epoch
@@ -91,10 +72,9 @@ def test_class_weights_of_a_capped_epoch() -> None:
     assert class_weights(labels) == pytest.approx({0: 100 / 180, 1: 100 / 20})
 
 
-def test_cap_and_weighting_are_one_choice(tmp_path: Path) -> None:
-    with pytest.raises(ValidationError, match="set patient_cap to 0"):
-        TrainConfig(data_dir=tmp_path, out=tmp_path / "o", patient_weighting="sqrt")
-    assert TrainConfig(data_dir=tmp_path, out=tmp_path / "o", patient_cap=0, patient_weighting="sqrt").patient_cap == 0
+def test_one_or_several_data_folders(tmp_path: Path) -> None:
+    with pytest.raises(ValidationError, match="at least one data folder"):
+        TrainConfig(data_dir=(), out=tmp_path / "o")
     assert TrainConfig.model_validate({"data_dir": [tmp_path], "out": tmp_path / "o"}).data_dir == tmp_path
     assert TrainConfig(data_dir=(tmp_path, tmp_path / "b"), out=tmp_path / "o").data_dirs == (tmp_path, tmp_path / "b")
 
@@ -241,7 +221,7 @@ def test_cross_validation_over_two_folders_holds_out_patients(two_folders: tuple
 
 
 @pytest.mark.slow
-def test_cross_validation_on_pinned_folds_with_sqrt_weights(two_folders: tuple[Path, Path], tmp_path: Path) -> None:
+def test_cross_validation_on_pinned_folds_with_a_patient_cap(two_folders: tuple[Path, Path], tmp_path: Path) -> None:
     from histod.trainer.cv import cross_validate
 
     dev, extra = two_folders
@@ -257,8 +237,7 @@ def test_cross_validation_on_pinned_folds_with_sqrt_weights(two_folders: tuple[P
         head_epochs=1,
         epochs=0,
         ema=0.0,
-        patient_cap=0,
-        patient_weighting="sqrt",
+        patient_cap=10,  # patient 7's 30-tile slide takes turns
     )
     summary = cross_validate(cfg, 2, fold_of)
     assert summary["n"] == 12 * 3 + 6 * 2 + 30 and summary["patients"] == 12

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from histod.errors import ConfigError
 from histod.runs import CONFIG_FILE
@@ -62,8 +62,6 @@ class TrainConfig(BaseModel):
     # patients' images (in every data folder) instead of a drawn split
     patient_cap: int = Field(100, ge=0)  # at most this many images of one patient in each training epoch, drawn
     # afresh every epoch (0: all), so that a few densely sampled slides do not outweigh sparse patients
-    patient_weighting: Literal["none", "sqrt"] = "none"  # "sqrt" (with patient_cap 0): each training image's
-    # loss weight is 1 / sqrt(its patient's image count), rescaled to the same mean (on top of the class weights)
 
     # --- augmentation and the served model ----------------------------------------------------------
     dihedral: bool = True  # also vertical flips and 90° rotations of training images: tissue has no "up"
@@ -92,13 +90,6 @@ class TrainConfig(BaseModel):
             if not value:
                 raise ValueError("give at least one data folder")
             return value[0] if len(value) == 1 else tuple(value)
-        return value
-
-    @field_validator("patient_weighting")
-    @classmethod
-    def _one_per_patient_rule(cls, value: str, info: ValidationInfo) -> str:
-        if value != "none" and info.data.get("patient_cap"):
-            raise ValueError("weighting replaces the per-patient cap: set patient_cap to 0 with it")
         return value
 
     @property

@@ -274,7 +274,7 @@ def check_sides(train: Sequence[Sample], val: Sequence[Sample]) -> None:
             )
 
 
-# --- uneven patients: a cap per epoch, or weights ------------------------------------------------------------
+# --- uneven patients: a cap per epoch ------------------------------------------------------------------------
 
 
 def patient_codes(groups: Sequence[str]) -> NDArray[np.int64]:
@@ -282,20 +282,12 @@ def patient_codes(groups: Sequence[str]) -> NDArray[np.int64]:
     return np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1].astype(np.int64)
 
 
-def patient_share(groups: Sequence[str], cap: int | None = None, weighting: str = "none") -> NDArray[np.float64]:
-    """Each training image's weight in an epoch relative to plain training (1.0 each): with a ``cap``, the chance
-    that the epoch draws it, min(1, cap / n) for a patient with n images; with ``weighting="sqrt"``, 1 / sqrt(n)
-    rescaled to a mean of 1."""
+def patient_share(groups: Sequence[str], cap: int) -> NDArray[np.float64]:
+    """Each training image's weight in an epoch of at most ``cap`` images per patient, relative to plain
+    training (1.0 each): the chance that the epoch draws it, min(1, cap / n) for a patient with n images."""
     codes = patient_codes(groups)
     n = np.bincount(codes)[codes].astype(np.float64)
-    if cap is not None:
-        return np.minimum(1.0, cap / n)
-    if weighting == "sqrt":
-        w = 1.0 / np.sqrt(n)
-        return np.asarray(w / w.mean(), dtype=np.float64)
-    if weighting != "none":
-        raise ConfigError(f"patient weighting {weighting!r}: use none or sqrt")
-    return np.ones(len(codes))
+    return np.asarray(np.minimum(1.0, cap / n), dtype=np.float64)
 
 
 def capped_size(codes: NDArray[np.int64], cap: int) -> int:

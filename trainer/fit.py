@@ -63,30 +63,22 @@ def datasets(
     y_train: NDArray[np.int64],
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
-    weights: dict[int, float] | None = None,
     groups: Sequence[str] | None = None,
 ) -> tuple[Any, Any]:
-    """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented.
-
-    Per patient (``groups``: each training image's patient): ``cfg.patient_cap`` draws each epoch afresh, at most
-    that many images of each patient; ``cfg.patient_weighting`` gives each image a sample weight, its patient
-    weight times its class weight from ``weights`` (``fit`` then passes Keras no ``class_weight``)."""
+    """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented. With
+    ``cfg.patient_cap``, each epoch draws afresh at most that many images of each patient (``groups``: each
+    training image's patient)."""
     import tensorflow as tf
 
     if cfg.patient_cap:
         train = _capped(cfg, x_train, y_train, patient_codes(_groups(groups, len(x_train))))
     else:
-        slices: tuple[Any, ...] = (x_train, y_train.astype(np.float32))
-        if cfg.patient_weighting != "none":
-            share = patient_share(_groups(groups, len(x_train)), weighting=cfg.patient_weighting)
-            by_class = weights or {0: 1.0, 1: 1.0}
-            slices += ((share * np.where(y_train == 1, by_class[1], by_class[0])).astype(np.float32),)
-        train = tf.data.Dataset.from_tensor_slices(slices)
+        train = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
         train = train.shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
-    train = train.map(lambda x, y, *w: (tf.cast(x, tf.float32), y, *w), num_parallel_calls=tf.data.AUTOTUNE)
+    train = train.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     aug = augment.pipeline(cfg)
     if aug is not None:
-        train = train.map(lambda x, y, *w: (aug(x), y, *w), num_parallel_calls=tf.data.AUTOTUNE)
+        train = train.map(lambda x, y: (aug(x), y), num_parallel_calls=tf.data.AUTOTUNE)
     val = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32))).batch(cfg.batch_size)
     val = val.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
@@ -94,7 +86,7 @@ def datasets(
 
 def _groups(groups: Sequence[str] | None, n: int) -> Sequence[str]:
     if groups is None or len(groups) != n:
-        raise ConfigError("a per-patient cap or weighting needs each training image's patient")
+        raise ConfigError("a per-patient cap needs each training image's patient")
     return groups
 
 
@@ -220,7 +212,7 @@ def fit(
     val_loss): EarlyStopping restores the best epoch of each phase, and the head phase's best is kept when
     fine-tuning never beats it. With ``checkpoint_path`` the state is saved there after every epoch, and a
     checkpoint already there is resumed from. ``groups`` (each training image's patient) is what
-    ``cfg.patient_cap`` and ``cfg.patient_weighting`` count by."""
+    ``cfg.patient_cap`` counts by."""
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
@@ -232,13 +224,11 @@ def fit(
     if cfg.ema > 0:
         pick = np.random.default_rng(cfg.seed).permutation(len(x_train))[:EMA_BN_IMAGES]
         bn_images = x_train[pick].astype(np.float32)
-    share = None  # each training image's weight in an epoch, when patients are capped or weighted
-    if cfg.patient_cap or cfg.patient_weighting != "none":
-        share = patient_share(_groups(groups, len(x_train)), cfg.patient_cap or None, cfg.patient_weighting)
+    share = None  # each training image's chance to be in an epoch, when patients are capped
+    if cfg.patient_cap:
+        share = patient_share(_groups(groups, len(x_train)), cfg.patient_cap)
     weights = class_weights(y_train, share) if cfg.class_weights else None
-    train, val = datasets(cfg, x_train, y_train, x_val, y_val, weights, groups)
-    if cfg.patient_weighting != "none":
-        weights = None  # the training batches carry them, per image
+    train, val = datasets(cfg, x_train, y_train, x_val, y_val, groups)
     data = _Data(train, val, weights, bn_images)
 
     def save(current: checkpoint.PhaseState | None) -> None:
