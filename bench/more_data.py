@@ -3,7 +3,7 @@ patients), the default recipe (TrainConfig's defaults, alpha 0.35 ImageNet weigh
 
     .venv/bin/python bench/more_data.py run both+cap100 --fold 1     # one training, scored on fold 1's patients
     .venv/bin/python bench/more_data.py cv both+cap100               # pool the 5 folds of a variant
-    .venv/bin/python bench/more_data.py table                        # every result so far, as Markdown
+    .venv/bin/python bench/more_data.py table                        # every result so far, as Markdown tables
     .venv/bin/python bench/more_data.py rescore                      # re-score the saved predictions
 
 Protocol:
@@ -45,7 +45,7 @@ from numpy.typing import NDArray
 if __package__ in (None, ""):  # run as a file: make the `bench` package importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench.common import RESULTS, SHARED, load_average, machine, say, self_peak_rss_mb, table
+from bench.common import RESULTS, SHARED, load_average, machine, say, self_peak_rss_mb
 
 OUT = RESULTS / "more-data"
 DEV, EXTRA = SHARED / "data" / "idc-dev", SHARED / "data" / "idc-extra"
@@ -267,86 +267,6 @@ def pooled(name: str) -> dict[str, Any]:
     return summary
 
 
-def _ci(s: dict[str, Any], key: str) -> str:
-    lo, hi = s["ci95"][key]
-    return f"{s[key]:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-VIEWS = {
-    "held_out_all": "all images",
-    "held_out_dev_images": "idc-dev images",
-    "held_out_sparse_patients": "without the complete slides",
-}
-
-
-def _two(s: dict[str, Any]) -> str:
-    return f"{s['balanced_accuracy']:.3f} / {s['roc_auc']:.3f}"
-
-
-def show() -> None:
-    """Markdown tables of every fold result and every pooled cross-validation."""
-    rows = []
-    for path in sorted(OUT.glob("*-fold*.json")):
-        r = json.loads(path.read_text())
-        a = r["held_out_all"]
-        rows.append(
-            [
-                r["variant"],
-                str(r["fold"]),
-                f"{r['fit']['images']:,}",
-                _ci(a, "balanced_accuracy"),
-                _ci(a, "roc_auc"),
-                f"{a['sensitivity']:.3f} / {a['specificity']:.3f}",
-                _two(r["held_out_dev_images"]),
-                _two(r["held_out_sparse_patients"]),
-                f"{r['row']['epochs']} ({r['row']['best_epoch']})",
-                f"{r['train_wall_s'] / 60:.0f}",
-                f"{r['train_cpu_s'] / 120:.0f}",
-            ]
-        )
-    headers = ["variant", "fold", "fitting images", "balanced acc [95% CI]", "ROC AUC [95% CI]", "sens / spec"]
-    headers += ["idc-dev images", "without complete slides", "epochs (best)", "min wall", "min CPU/2"]
-    print(table(headers, rows))
-    cv_rows = []
-    for path in sorted(OUT.glob("cv5-*.json")):
-        s = json.loads(path.read_text())
-        for view, label in VIEWS.items():
-            v = s[view]
-            cv_rows.append(
-                [
-                    s["variant"],
-                    label,
-                    _two(v["mean"]),
-                    _ci(v["pooled"], "balanced_accuracy"),
-                    _ci(v["pooled"], "roc_auc"),
-                    f"{v['pooled']['sensitivity']:.3f} / {v['pooled']['specificity']:.3f}",
-                    f"{np.mean(s['train_wall_s']) / 60:.0f}",
-                    f"{np.mean(s['train_cpu_s']) / 120:.0f}",
-                ]
-            )
-    if BASELINE.is_file():
-        b = json.loads(BASELINE.read_text())
-        base = {**b["pooled"], "ci95": b["pooled_ci95"]}
-        wall = np.mean([f["seconds"] for f in b["folds"]]) / 60
-        cv_rows.append(["dev (one view)", "idc-dev images", _two(b["mean_single_view"]), "", "", "", f"{wall:.0f}", ""])
-        cv_rows.append(
-            [
-                "dev (8 views)",
-                "idc-dev images",
-                _two(b["mean"]),
-                _ci(base, "balanced_accuracy"),
-                _ci(base, "roc_auc"),
-                f"{base['sensitivity']:.3f} / {base['specificity']:.3f}",
-                "",
-                "",
-            ]
-        )
-    headers = ["variant", "held-out images", "mean of folds", "pooled balanced acc", "pooled ROC AUC"]
-    headers += ["pooled sens / spec", "min wall", "min CPU/2"]
-    print()
-    print(table(headers, cv_rows))
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -370,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "rescore":
         rescore()
     else:
+        from bench.more_data_tables import show
+
         show()
     return 0
 
