@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import table
-from bench.more_data import BASELINE, KEYS, OUT, Variant, read_predictions
+from bench.more_data import BASELINE, KEYS, OUT, Variant, complete_slides, read_predictions
 
 
 def _ci(s: dict[str, Any], key: str) -> str:
@@ -75,6 +75,20 @@ def _same_patients(r: dict[str, Any], ref: dict[int, dict[str, Any]]) -> dict[st
         return None
     groups = set(read_predictions(OUT / f"{r['variant']}-fold{k}.csv.gz")[3].tolist())
     return ref[k] if groups == ref[k]["patients"] else None
+
+
+def _complete_only(r: dict[str, Any]) -> str:
+    """Balanced accuracy / ROC AUC of fold result ``r`` on its complete-slide patients alone (no interval: one to
+    three patients)."""
+    from histod.trainer.evaluate import metrics
+
+    y, p, decided, groups, _ = read_predictions(OUT / f"{r['variant']}-fold{r['fold']}.csv.gz")
+    on = np.isin(groups, sorted(complete_slides()))
+    if not on.any():
+        return ""
+    m = metrics(y[on], decided[on].astype(np.float64), 0.5)
+    m["roc_auc"] = metrics(y[on], p[on], 0.5)["roc_auc"]
+    return f"{len(set(groups[on].tolist()))} / {int(on.sum()):,}: {_two(m)}"
 
 
 def show() -> None:
@@ -142,10 +156,12 @@ def show() -> None:
                 _two(a),
                 f"{sparse['patients']} / {sparse['n']:,}",
                 _two(sparse),
+                _complete_only(r),
             ]
         )
     headers = ["training data", "images per patient per epoch", "fold", "all: patients / images", "all"]
-    print(table([*headers, "without: patients / images", "without the complete slides"], rows))
+    headers += ["without: patients / images", "without the complete slides", "the complete slides alone"]
+    print(table(headers, rows))
 
     by_variant: dict[str, list[dict[str, Any]]] = {}
     for r in results:
