@@ -62,9 +62,7 @@ PAPER: dict[str, Any] = {
     "batch_size": 8,
     "augment": True,
     "dihedral": False,
-    "color_jitter": 0.0,
-    "stain_jitter": 0.0,
-    "mixup": 0.0,
+    "patient_cap": 0,
     "tta": 1,
 }
 
@@ -86,7 +84,9 @@ def paper_model(cfg: Any) -> Any:
     return keras.Model(inputs, outputs, name="paper_mobilenetv2")
 
 
-def train_ours(cfg: Any, x_fit: Any, y_fit: Any, x_mon: Any, y_mon: Any) -> tuple[Any, dict[str, Any]]:
+def train_ours(
+    cfg: Any, x_fit: Any, y_fit: Any, x_mon: Any, y_mon: Any, groups: list[str]
+) -> tuple[Any, dict[str, Any]]:
     """The trainer's recipe; Platt scaling (when the recipe calibrates) and the threshold from the monitoring set."""
     import keras
 
@@ -97,7 +97,7 @@ def train_ours(cfg: Any, x_fit: Any, y_fit: Any, x_mon: Any, y_mon: Any) -> tupl
 
     keras.utils.set_random_seed(cfg.seed)
     model = build_model(cfg)
-    result = fit(model, cfg, x_fit, y_fit, x_mon, y_mon)
+    result = fit(model, cfg, x_fit, y_fit, x_mon, y_mon, groups=groups)
     views = predict_views(model, x_mon, cfg.tta).astype(np.float64)
     scale, shift = fit_calibration(y_mon, views) if cfg.calibrate else (1.0, 0.0)
     p_mon = apply_calibration(views, scale, shift).mean(axis=0)
@@ -239,7 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             if recipe == "ours":
                 cfg = TrainConfig(**common, **ours_schedule)
                 say(f"training ours: {cfg.model_dump(mode='json', exclude={'data_dir', 'out'})}")
-                model, info = train_ours(cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx])
+                groups = [kept[j].group for j in fit_idx]
+                model, info = train_ours(
+                    cfg, images[fit_idx], labels[fit_idx], images[mon_idx], labels[mon_idx], groups
+                )
             elif recipe == "paper":
                 cfg = TrainConfig(**common, **PAPER, epochs=args.paper_epochs)
                 say(f"training paper: {args.paper_epochs} epochs, everything trainable, Adam 1e-5, pixels / 255")

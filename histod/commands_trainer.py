@@ -58,7 +58,7 @@ def _print_metrics(result: dict[str, Any]) -> None:
 
 
 @click.command()
-@click.argument("data_dir", type=click.Path(path_type=Path))
+@click.argument("data_dir", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), required=True, help="RUN_DIR to write (new or empty)")
 @click.option(
     "--resume",
@@ -105,6 +105,18 @@ def _print_metrics(result: dict[str, Any]) -> None:
 )
 @click.option("--group-pattern", default=None, help="regex with a named group `group` (patient id in file names)")
 @click.option(
+    "--val-patients",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="file of patient ids, one a line: validate on exactly these patients instead of a drawn split",
+)
+@click.option(
+    "--patient-cap",
+    type=click.IntRange(min=0),
+    default=None,
+    help=f"at most this many images of one patient in each epoch, drawn afresh (0 = all) {_d('patient_cap')}",
+)
+@click.option(
     "--calibrate/--no-calibrate",
     default=None,
     help=f"Platt scaling fitted on the validation split, folded into the model {_d('calibrate')}",
@@ -137,10 +149,13 @@ def _print_metrics(result: dict[str, Any]) -> None:
     default=None,
     help="microns per pixel of the training images (picks a slide's level)",
 )
-def train(data_dir: Path, out: Path, resume: bool, preset: str | None, cv: int | None, **flags: Any) -> None:
+def train(
+    data_dir: tuple[Path, ...], out: Path, resume: bool, preset: str | None, cv: int | None, **flags: Any
+) -> None:
     """Train a Benign/Malignant classifier on DATA_DIR (benign/ and malignant/ folders) into --out RUN_DIR.
 
-    The defaults are the recipe measured best on held-out patients; see docs/training.md.
+    Several DATA_DIRs, or a folder of them, are pooled: a patient's images stay on one side of the split whichever
+    folder they are in. The defaults are the recipe measured best on held-out patients; see docs/training.md.
     """
     from histod.errors import ExportParityError
     from histod.trainer.api import train as run_training
@@ -163,7 +178,7 @@ def train(data_dir: Path, out: Path, resume: bool, preset: str | None, cv: int |
     _print_run(run)
 
 
-def _config(data_dir: Path, out: Path, values: dict[str, Any]) -> TrainConfig:
+def _config(data_dir: tuple[Path, ...], out: Path, values: dict[str, Any]) -> TrainConfig:
     from pydantic import ValidationError
 
     try:
@@ -173,7 +188,7 @@ def _config(data_dir: Path, out: Path, values: dict[str, Any]) -> TrainConfig:
         raise ConfigError(problems) from exc
 
 
-def _resumed_config(data_dir: Path, out: Path, values: dict[str, Any]) -> TrainConfig:
+def _resumed_config(data_dir: tuple[Path, ...], out: Path, values: dict[str, Any]) -> TrainConfig:
     """The interrupted run's own config.json; what the command line asks for must agree with it."""
     from histod.runs import CONFIG_FILE
 
@@ -186,8 +201,9 @@ def _resumed_config(data_dir: Path, out: Path, values: dict[str, Any]) -> TrainC
         for key in values
         if getattr(asked, key) != getattr(saved, key)
     ]
-    if Path(data_dir).resolve() != Path(saved.data_dir).resolve():
-        differ.insert(0, f"DATA_DIR {data_dir} (the run has {saved.data_dir})")
+    if [p.resolve() for p in asked.data_dirs] != [p.resolve() for p in saved.data_dirs]:
+        given, had = (" ".join(map(str, c.data_dirs)) for c in (asked, saved))
+        differ.insert(0, f"DATA_DIR {given} (the run has {had})")
     if differ:
         raise ConfigError(f"--resume goes on with the run as it was configured; these differ: {'; '.join(differ)}")
     return saved

@@ -186,3 +186,149 @@ def test_load_images_decodes_and_lists_unreadable_files(tmp_path: Path) -> None:
     assert reasons == {"broken.png": "not_an_image", "empty.jpg": "empty"}
     assert all(s.message for s in skipped)
     assert images.std() > 0
+
+
+# --- several data folders ----------------------------------------------------------------------------------------
+
+
+def _idc(root: Path, patient: int, x: int, label: int) -> Path:
+    """An IDC-named tile of ``patient`` at column ``x`` in ``root``'s class folder for ``label``."""
+    return _png(root / data.CLASS_DIRS[label] / f"{patient}_idx5_x{50 * x}_y0_class{label}.png", 60 + 40 * label)
+
+
+def _folder(root: Path, patients: range, tiles: int, first_x: int = 0) -> Path:
+    """``tiles`` tiles of each patient (the first two one of each class), columns from ``first_x`` on."""
+    for p in patients:
+        for k in range(tiles):
+            _idc(root, p, first_x + k, int(k == 1 or (k > 1 and (p + k) % 3 == 0)))
+    return root
+
+
+def _two_folders(tmp_path: Path) -> tuple[Path, Path]:
+    """Folder a: patients 1-12; folder b: more tiles (other columns) of patients 7-12 and new patients 13-18."""
+    a = _folder(tmp_path / "data" / "a", range(1, 13), 3)
+    b = _folder(tmp_path / "data" / "b", range(7, 19), 4, first_x=10)
+    return a, b
+
+
+def _side_of(result: data.Split) -> dict[str, set[str]]:
+    sides: dict[str, set[str]] = {}
+    for name, side in (("train", result.train), ("val", result.val)):
+        for s in side:
+            sides.setdefault(s.group, set()).add(name)
+    return sides
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_two_folders_keep_each_patient_on_one_side(tmp_path: Path, seed: int) -> None:
+    a, b = _two_folders(tmp_path)
+    samples = data.discover_all([a, b])
+    assert len(samples) == 12 * 3 + 12 * 4
+    assert len({s.group for s in samples}) == 18
+    result = data.split(samples, 0.25, seed)
+    assert {s.path for s in result.train} | {s.path for s in result.val} == {s.path for s in samples}
+    sides = _side_of(result)
+    assert all(len(side) == 1 for side in sides.values())
+    # patients 7-12 have tiles in both folders: one group each, so all their tiles are on one side
+    assert {s.path.parents[1].name for s in samples if s.group == "7"} == {"a", "b"}
+    for train_idx, val_idx in data.folds(samples, 3, seed):
+        assert {samples[j].group for j in train_idx}.isdisjoint({samples[j].group for j in val_idx})
+
+
+def test_a_folder_of_data_folders(tmp_path: Path) -> None:
+    a, b = _two_folders(tmp_path)
+    (tmp_path / "data" / "notes").mkdir()
+    (tmp_path / "data" / "notes" / "readme.txt").write_text("not a data folder")
+    assert data.data_folders([tmp_path / "data"]) == [a, b]
+    assert data.discover_all([tmp_path / "data"]) == data.discover_all([a, b])
+
+
+@pytest.mark.parametrize("given", [["data", "data/a"], ["data/a", "data/a"], ["data/b", "data/b/benign/.."]])
+def test_overlapping_data_folders_are_refused(tmp_path: Path, given: list[str]) -> None:
+    _two_folders(tmp_path)
+    with pytest.raises(DatasetError, match="overlap: give each folder once"):
+        data.discover_all([tmp_path / g for g in given])
+
+
+def test_a_folder_with_neither_class_folders_nor_data_folders(tmp_path: Path) -> None:
+    _png(tmp_path / "data" / "images" / "a.png")
+    with pytest.raises(DatasetError, match=r"benign/ and malignant/.*missing: benign/, malignant/"):
+        data.discover_all([tmp_path / "data"])
+
+
+def test_files_without_an_id_in_two_folders_stay_apart(tmp_path: Path) -> None:
+    for folder in ("a", "b"):
+        for i in range(3):
+            _png(tmp_path / folder / "benign" / f"b{i}.png")
+            _png(tmp_path / folder / "malignant" / f"m{i}.png")
+    samples = data.discover_all([tmp_path / "a", tmp_path / "b"])
+    assert len({s.group for s in samples}) == 12
+    assert "file:b/malignant/m2.png" in {s.group for s in samples}
+
+
+# --- pinned validation patients and folds ------------------------------------------------------------------------
+
+
+def test_val_patients_from_a_file_pin_the_validation_side(tmp_path: Path) -> None:
+    a, b = _two_folders(tmp_path)
+    listed = tmp_path / "val.txt"
+    listed.write_text("# held out\n8\n\n14  # only in folder b\n3\n")
+    assert data.read_patients(listed) == {"8", "14", "3"}
+    samples = data.discover_all([a, b])
+    result = data.split(samples, 0.2, 0, val_patients=data.read_patients(listed))
+    assert {s.group for s in result.val} == {"8", "14", "3"}
+    assert len(result.val) == 3 + (3 + 4) + 4  # patient 8's tiles come from both folders
+    assert {s.group for s in result.train}.isdisjoint({"8", "14", "3"})
+
+
+def test_val_patients_that_are_wrong(tmp_path: Path) -> None:
+    a, b = _two_folders(tmp_path)
+    samples = data.discover_all([a, b])
+    with pytest.raises(DatasetError, match="1 validation patients have no images in the data: 99"):
+        data.split(samples, 0.2, 0, val_patients={"8", "99"})
+    with pytest.raises(ConfigError, match="split by patient"):
+        data.split(samples, 0.2, 0, by="image", val_patients={"8"})
+    (tmp_path / "empty.txt").write_text("# nobody\n")
+    with pytest.raises(ConfigError, match="lists no patient ids"):
+        data.read_patients(tmp_path / "empty.txt")
+    with pytest.raises(ConfigError, match="--val-patients"):
+        data.read_patients(tmp_path / "missing.txt")
+
+
+def test_folds_pinned_by_patient_survive_more_images(tmp_path: Path) -> None:
+    a = _folder(tmp_path / "a", range(1, 16), 3)
+    more = _folder(tmp_path / "more", range(1, 16, 2), 12, first_x=20)  # many more tiles of some patients
+    first = data.discover_all([a])
+    fold_of = data.fold_of_patients(first, data.folds(first, 3, 0))
+    assert sorted(set(fold_of.values())) == [1, 2, 3] and len(fold_of) == 15
+    both = data.discover_all([a, more])
+    for k, (train_idx, val_idx) in enumerate(data.pinned_folds(both, fold_of), start=1):
+        assert {both[j].group for j in val_idx} == {p for p, f in fold_of.items() if f == k}
+        assert len(train_idx) + len(val_idx) == len(both)
+    with pytest.raises(DatasetError, match="1 patients have no fold"):
+        data.pinned_folds(both, {p: f for p, f in fold_of.items() if p != "3"})
+
+
+# --- uneven patients ---------------------------------------------------------------------------------------------
+
+
+def test_capped_draw_takes_at_most_cap_images_of_each_patient_afresh() -> None:
+    sizes = [1, 5, 10, 40, 200]
+    codes = np.repeat(np.arange(len(sizes)), sizes)
+    assert data.capped_size(codes, 10) == 1 + 5 + 10 + 10 + 10
+    rng = np.random.default_rng(0)
+    draws = [data.capped_draw(codes, 10, rng) for _ in range(30)]
+    for draw in draws:
+        assert len(draw) == len(set(draw.tolist())) == 36
+        assert np.bincount(codes[draw], minlength=5).tolist() == [1, 5, 10, 10, 10]
+    assert not np.array_equal(draws[0], draws[1])
+    seen = set(np.concatenate(draws).tolist())
+    assert len(seen & set(np.flatnonzero(codes == 4).tolist())) > 150  # the big patient's images take turns
+
+
+def test_patient_share() -> None:
+    groups = ["a"] * 1 + ["b"] * 4 + ["c"] * 100
+    capped = data.patient_share(groups, cap=10)
+    assert capped[0] == 1.0 and capped[1] == 1.0 and capped[-1] == pytest.approx(0.1)
+    assert capped.sum() == pytest.approx(1 + 4 + 10)  # the images one epoch holds
+    assert data.patient_share(groups, cap=100).tolist() == [1.0] * 105

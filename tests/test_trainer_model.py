@@ -131,7 +131,7 @@ def test_augmentation_touches_the_training_split_only(tmp_path: Path) -> None:
     x = np.stack([tile(i % 2 == 1, 32, rng) for i in range(8)])
     y = np.array([i % 2 for i in range(8)], dtype=np.int64)
     cfg = _cfg(tmp_path, batch_size=8, seed=3)
-    train, val = datasets(cfg, x, y, x, y)
+    train, val = datasets(cfg, x, y, x, y, groups=[str(i) for i in range(8)])
     (xv, yv), (xt, yt) = next(iter(val)), next(iter(train))
     np.testing.assert_array_equal(np.asarray(xv), x.astype(np.float32))
     np.testing.assert_array_equal(np.asarray(yv), y)

@@ -250,10 +250,10 @@ def test_ema_keeps_the_averaged_weights_that_validation_scored(synthetic_dataset
     from histod.trainer.score import keras_predict
 
     cfg = tiny_config(synthetic_dataset, tmp_path / "run", ema=0.9, head_epochs=3, epochs=1)
-    images, labels, _, _ = data.load_images(data.discover(synthetic_dataset), cfg.image_size)
+    images, labels, kept, _ = data.load_images(data.discover(synthetic_dataset), cfg.image_size)
     x_train, y_train, x_val, y_val = images[::2], labels[::2], images[1::2], labels[1::2]
     model = build_model(cfg)
-    result = fit(model, cfg, x_train, y_train, x_val, y_val)
+    result = fit(model, cfg, x_train, y_train, x_val, y_val, groups=[s.group for s in kept[::2]])
     q = np.clip(keras_predict(model, x_val).astype(np.float64), 1e-7, 1 - 1e-7)
     loss = float(-np.mean(y_val * np.log(q) + (1 - y_val) * np.log(1 - q)))
     assert loss == pytest.approx(result.history["val_loss"][result.best_epoch - 1], abs=2e-4)

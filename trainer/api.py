@@ -77,18 +77,23 @@ class _Images:
     y_val: NDArray[np.int64]
 
     @property
+    def train_groups(self) -> list[str]:
+        return [s.group for s in self.split.train]
+
+    @property
     def val_groups(self) -> NDArray[Any]:
         return np.array([s.group for s in self.split.val])
 
 
-def _load_images(cfg: TrainConfig, found: list[data.Sample]) -> _Images:
-    log.info("dataset.found", data_dir=str(cfg.data_dir), **data.counts(found))
+def _load_images(cfg: TrainConfig, found: list[data.Sample], val_patients: set[str] | None) -> _Images:
+    folders = [str(d) for d in cfg.data_dirs]
+    log.info("dataset.found", data_dir=folders if len(folders) > 1 else folders[0], **data.counts(found))
     images, labels, kept, skipped = data.load_images(found, cfg.image_size)
     _log_skipped(skipped)
     for label, name in enumerate(data.CLASS_DIRS):
         if not np.any(labels == label):
-            raise DatasetError(f"no readable {name} images in {cfg.data_dir} ({len(skipped)} unreadable files)")
-    split = data.split(kept, cfg.val_split, cfg.seed, cfg.split_by)
+            raise DatasetError(f"no readable {name} images in {', '.join(folders)} ({len(skipped)} unreadable files)")
+    split = data.split(kept, cfg.val_split, cfg.seed, cfg.split_by, val_patients)
     index = {s.path: i for i, s in enumerate(kept)}
     train_idx = np.array([index[s.path] for s in split.train])
     val_idx = np.array([index[s.path] for s in split.val])
@@ -141,9 +146,8 @@ def _write_run(
         artefacts.write_metrics(run, {**record, "status": "exporting"})
         (run / "classification_report.txt").write_text(report_text(imgs.y_val, scored.p, scored.threshold))
         (run / "model_summary.txt").write_text(artefacts.model_summary(model))
-        artefacts.write_split(
-            run / "split.csv", cfg.data_dir, {"train": imgs.split.train, "val": imgs.split.val}, imgs.skipped
-        )
+        root = data.common_root(data.data_folders(cfg.data_dirs))  # split.csv names images relative to it
+        artefacts.write_split(run / "split.csv", root, {"train": imgs.split.train, "val": imgs.split.val}, imgs.skipped)
         matrix = scored.metrics["confusion_matrix"]
         artefacts.plot_confusion(
             run / "confusion_matrix.png", matrix, LABELS, f"validation (threshold {scored.threshold:.3f})"
@@ -210,8 +214,10 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     the whole run is written and marked, when model.tflite disagrees with model.keras."""
     started = time.monotonic()
     # Fail fast, before anything slow: a bad folder, too few images or patients, a used RUN_DIR, unusable weights.
-    found = data.discover(cfg.data_dir, cfg.group_pattern)
-    data.split(found, cfg.val_split, cfg.seed, cfg.split_by)  # a dry run; the real one leaves out unreadable files
+    found = data.discover_all(cfg.data_dirs, cfg.group_pattern)
+    pinned = data.read_patients(cfg.val_patients) if cfg.val_patients is not None else None
+    # a dry run; the real one leaves out unreadable files
+    data.split(found, cfg.val_split, cfg.seed, cfg.split_by, pinned)
     _check_out(cfg.out, resume)
     import keras
 
@@ -223,8 +229,17 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
     model = build_model(cfg)
     cfg.out.mkdir(parents=True, exist_ok=True)
     cfg.save(cfg.out)
-    imgs = _load_images(cfg, found)
-    fitted = fit(model, cfg, imgs.x_train, imgs.y_train, imgs.x_val, imgs.y_val, cfg.out / CHECKPOINT_FILE)
+    imgs = _load_images(cfg, found, pinned)
+    fitted = fit(
+        model,
+        cfg,
+        imgs.x_train,
+        imgs.y_train,
+        imgs.x_val,
+        imgs.y_val,
+        cfg.out / CHECKPOINT_FILE,
+        groups=imgs.train_groups,
+    )
     scored = score(model, cfg, (imgs.x_val, imgs.y_val), groups=imgs.val_groups, fold=True)
     m = scored.metrics
     log.info(

@@ -58,11 +58,11 @@ def write_split(path: Path, data_dir: Path, splits: dict[str, Sequence[Sample]],
         writer.writerow(["path", "label", "group", "split", "reason"])
         for name, side in splits.items():
             for s in side:
-                writer.writerow([_rel(s.path, data_dir), CLASS_DIRS[s.label], s.group, name, ""])
+                writer.writerow([relative(s.path, data_dir), CLASS_DIRS[s.label], s.group, name, ""])
         for sk in skipped:
             sample = labels.get(sk.path)
             label = CLASS_DIRS[sample.label] if sample else sk.path.parent.name.lower()
-            writer.writerow([_rel(sk.path, data_dir), label, sample.group if sample else "", "skipped", sk.reason])
+            writer.writerow([relative(sk.path, data_dir), label, sample.group if sample else "", "skipped", sk.reason])
     return path
 
 
@@ -75,13 +75,14 @@ def write_predictions(
         writer.writerow(["path", "label", "p_malignant", "predicted"])
         for s, prob in zip(samples, p, strict=True):
             predicted = CLASS_DIRS[int(float(prob) >= threshold)]
-            writer.writerow([_rel(s.path, data_dir), CLASS_DIRS[s.label], f"{float(prob):.6f}", predicted])
+            writer.writerow([relative(s.path, data_dir), CLASS_DIRS[s.label], f"{float(prob):.6f}", predicted])
     return path
 
 
-def _rel(path: Path, root: Path) -> str:
+def relative(path: Path, root: Path) -> str:
+    """``path`` below ``root`` (either may be relative to the working directory), else ``path`` as it is."""
     try:
-        return str(path.relative_to(root))
+        return path.absolute().relative_to(root.absolute()).as_posix()
     except ValueError:
         return str(path)
 

@@ -1,8 +1,9 @@
 """Every hyper-parameter of a training run, in one place. The defaults are the recipe measured best on
 patient-grouped splits of IDC tiles (docs/training.md, "What helps and what does not"): MobileNetV2 alpha 0.35
 at 128 px, 3 head epochs, then the whole base fine-tuned at Adam 1e-4 for up to 30 epochs with flips and 90°
-rotations, a moving average of the weights (EMA 0.999) scored and kept, and Platt scaling folded into the model.
-``--preset paper`` (histod.trainer.presets) gives the paper's literal recipe instead.
+rotations, at most 100 images of one patient in each epoch, a moving average of the weights (EMA 0.999) scored
+and kept, and Platt scaling folded into the model. ``--preset paper`` (histod.trainer.presets) gives the paper's
+literal recipe instead.
 
 The whole object is written to RUN_DIR/config.json, so a run can always be reproduced from its directory.
 """
@@ -23,7 +24,9 @@ class TrainConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     # --- where ---------------------------------------------------------------------------------------
-    data_dir: Path  # holds benign/ and malignant/ (any letter case)
+    # a folder holding benign/ and malignant/ (any letter case), a folder of such folders, or several of either:
+    # their images are pooled, and one patient's images stay on one side of a split whichever folder they are in
+    data_dir: Path | tuple[Path, ...]
     out: Path  # the RUN_DIR to write (created; may exist but must then be empty of model files)
 
     # --- schedule ------------------------------------------------------------------------------------
@@ -56,6 +59,10 @@ class TrainConfig(BaseModel):
     group_pattern: str | None = None  # regex with a named group `group` (patient/slide id); None: built-ins
     augment: bool = True  # rotation 20°, zoom 0.2, shear, horizontal flip on the training split only
     split_by: Literal["patient", "image"] = "patient"  # "image" leaks a patient's tiles across the split (paper)
+    val_patients: Path | None = None  # a file of patient ids, one a line: the validation side is exactly these
+    # patients' images (in every data folder) instead of a drawn split
+    patient_cap: int = Field(100, ge=0)  # at most this many images of one patient in each training epoch, drawn
+    # afresh every epoch (0: all), so that a few densely sampled slides do not outweigh sparse patients
 
     # --- augmentation and the served model ----------------------------------------------------------
     dihedral: bool = True  # also vertical flips and 90° rotations of training images: tissue has no "up"
@@ -80,6 +87,20 @@ class TrainConfig(BaseModel):
         if path.suffix.lower() != ".h5":
             raise ValueError(f"weights must be 'imagenet', 'none' or an .h5 file, not {value!r}")
         return value
+
+    @field_validator("data_dir", mode="before")
+    @classmethod
+    def _one_or_several(cls, value: object) -> object:
+        if isinstance(value, list | tuple):
+            if not value:
+                raise ValueError("give at least one data folder")
+            return value[0] if len(value) == 1 else tuple(value)
+        return value
+
+    @property
+    def data_dirs(self) -> tuple[Path, ...]:
+        """The data folders as given (a folder of folders is expanded by trainer.data.data_folders)."""
+        return self.data_dir if isinstance(self.data_dir, tuple) else (self.data_dir,)
 
     @property
     def weights_path(self) -> Path | None:

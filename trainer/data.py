@@ -1,13 +1,15 @@
 """Find the labelled images, group them by patient, split them, decode them. Small pure functions.
 
-DATA_DIR holds ``benign/`` and ``malignant/`` (any letter case). A patient (or slide) id parsed from each file
-name keeps all of one patient's images on the same side of the split; files without an id are their own group.
+DATA_DIR holds ``benign/`` and ``malignant/`` (any letter case); several DATA_DIRs, or a folder of them, are
+pooled. A patient (or slide) id parsed from each file name keeps all of one patient's images on the same side of
+the split, whichever folder they are in; files without an id are their own group.
 """
 
 from __future__ import annotations
 
+import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +96,47 @@ def group_of(name: str, pattern: re.Pattern[str] | str | None = None) -> str | N
     return None
 
 
-def discover(data_dir: Path, group_pattern: str | None = None) -> list[Sample]:
-    """Every image under the class folders (recursively), with its label and group, in a stable order."""
+def has_class_dirs(folder: Path) -> bool:
+    """Whether ``folder`` holds a ``benign`` or ``malignant`` folder (any letter case): a labelled data folder."""
+    return any(c.is_dir() and c.name.lower() in CLASS_DIRS for c in folder.iterdir())
+
+
+def data_folders(paths: Iterable[Path]) -> list[Path]:
+    """The labelled folders in ``paths``, in order: a path holds ``benign/`` and ``malignant/`` itself, or is a
+    folder of such folders (one level down). No folder may be given twice or lie inside another one."""
+    found: list[Path] = []
+    for path in paths:
+        if not path.is_dir():
+            raise DatasetError(f"{path} is not a folder")
+        if has_class_dirs(path):
+            found.append(path)
+            continue
+        inner = [c for c in sorted(path.iterdir()) if c.is_dir() and has_class_dirs(c)]
+        if not inner:
+            class_dirs(path)  # raises: names the missing class folders
+        found += inner
+    if not found:
+        raise DatasetError("no data folder given")
+    resolved = [p.resolve() for p in found]
+    for i, a in enumerate(resolved):
+        for j, b in enumerate(resolved[:i]):
+            if a == b or a in b.parents or b in a.parents:
+                raise DatasetError(f"data folders {found[j]} and {found[i]} overlap: give each folder once")
+    return found
+
+
+def common_root(folders: Sequence[Path]) -> Path:
+    """The folder the written file lists (split.csv, cv_predictions.csv) name images relative to: the data folder
+    itself, or the deepest folder holding all of them."""
+    if len(folders) == 1:
+        return folders[0]
+    return Path(os.path.commonpath([f.absolute() for f in folders]))
+
+
+def discover(data_dir: Path, group_pattern: str | None = None, *, root: Path | None = None) -> list[Sample]:
+    """Every image under the class folders (recursively), with its label and group, in a stable order.
+
+    A file without a patient id is its own group, named by its path relative to ``root`` (default ``data_dir``)."""
     pattern = compile_pattern(group_pattern)
     samples: list[Sample] = []
     for label, folder in sorted(class_dirs(data_dir).items()):
@@ -105,16 +146,63 @@ def discover(data_dir: Path, group_pattern: str | None = None) -> list[Sample]:
         for path in files:
             group = group_of(path.name, pattern)
             # a file without an id is its own group; the prefix keeps it apart from real ids
-            samples.append(Sample(path, label, group if group is not None else f"file:{path.relative_to(data_dir)}"))
+            own = path.relative_to(data_dir) if root is None else path.absolute().relative_to(root)
+            samples.append(Sample(path, label, group if group is not None else f"file:{own}"))
     return samples
 
 
-def split(samples: Sequence[Sample], val_split: float, seed: int, by: str = "patient") -> Split:
+def discover_all(data_dirs: Sequence[Path], group_pattern: str | None = None) -> list[Sample]:
+    """``discover`` over every data folder of ``data_dirs`` (see ``data_folders``), pooled in folder order.
+
+    One patient's images share a group whichever folder they are in, so every split keeps them together."""
+    folders = data_folders(data_dirs)
+    if len(folders) == 1:
+        return discover(folders[0], group_pattern)
+    root = common_root(folders)
+    return [s for folder in folders for s in discover(folder, group_pattern, root=root)]
+
+
+def read_patients(path: Path) -> set[str]:
+    """Patient ids from a text file, one a line (blank lines and ``#`` comments ignored)."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"--val-patients {path}: {exc.strerror or exc}") from exc
+    ids = {line.split("#", 1)[0].strip() for line in lines} - {""}
+    if not ids:
+        raise ConfigError(f"--val-patients {path} lists no patient ids")
+    return ids
+
+
+def split_patients(samples: Sequence[Sample], val_patients: Iterable[str]) -> Split:
+    """The validation side is exactly the images of ``val_patients``; every other image trains."""
+    wanted = set(val_patients)
+    unknown = wanted - {s.group for s in samples}
+    if unknown:
+        shown = ", ".join(sorted(unknown)[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise DatasetError(f"{len(unknown)} validation patients have no images in the data: {shown}")
+    result = Split(train=[s for s in samples if s.group not in wanted], val=[s for s in samples if s.group in wanted])
+    check_sides(result.train, result.val)
+    return result
+
+
+def split(
+    samples: Sequence[Sample],
+    val_split: float,
+    seed: int,
+    by: str = "patient",
+    val_patients: Collection[str] | None = None,
+) -> Split:
     """Stratified by label AND grouped by patient: no group is ever on both sides.
 
     ``by="image"`` treats every file as its own group: the paper's image-level split, which puts tiles of one
     patient on both sides and so overstates accuracy (kept only to reproduce it, see ``--preset paper``).
+    ``val_patients`` pins the validation side instead of drawing it (``split_patients``).
     """
+    if val_patients is not None:
+        if by != "patient":
+            raise ConfigError("--val-patients needs the split by patient")
+        return split_patients(samples, val_patients)
     train_idx, val_idx = folds(samples, max(2, round(1 / val_split)), seed, by)[0]
     train = [samples[i] for i in train_idx]
     val = [samples[i] for i in val_idx]
@@ -125,7 +213,10 @@ def split(samples: Sequence[Sample], val_split: float, seed: int, by: str = "pat
 def folds(
     samples: Sequence[Sample], n_splits: int, seed: int, by: str = "patient"
 ) -> list[tuple[NDArray[np.int64], NDArray[np.int64]]]:
-    """``n_splits`` patient-grouped, label-stratified folds: (train indices, validation indices) for each."""
+    """``n_splits`` patient-grouped, label-stratified folds: (train indices, validation indices) for each.
+
+    The draw depends on every image's label and group, so adding images to the same patients moves patients
+    between folds; ``pinned_folds`` keeps a fold assignment of patients."""
     from sklearn.model_selection import StratifiedGroupKFold
 
     if by not in ("patient", "image"):
@@ -151,6 +242,27 @@ def folds(
     ]
 
 
+def fold_of_patients(
+    samples: Sequence[Sample], k_folds: Sequence[tuple[NDArray[np.int64], NDArray[np.int64]]]
+) -> dict[str, int]:
+    """Patient id -> its validation fold (1-based) in ``k_folds`` (from ``folds(samples, ...)``)."""
+    return {samples[j].group: i for i, (_, val_idx) in enumerate(k_folds, start=1) for j in val_idx.tolist()}
+
+
+def pinned_folds(
+    samples: Sequence[Sample], fold_of: Mapping[str, int]
+) -> list[tuple[NDArray[np.int64], NDArray[np.int64]]]:
+    """Folds that hold out the patients ``fold_of`` assigns to each fold (1..K), whichever images they have."""
+    missing = {s.group for s in samples} - set(fold_of)
+    if missing:
+        raise DatasetError(f"{len(missing)} patients have no fold, e.g. {sorted(missing)[0]}")
+    fold = np.array([fold_of[s.group] for s in samples])
+    return [
+        (np.flatnonzero(fold != k).astype(np.int64), np.flatnonzero(fold == k).astype(np.int64))
+        for k in sorted(set(fold_of.values()))
+    ]
+
+
 def check_sides(train: Sequence[Sample], val: Sequence[Sample]) -> None:
     """Both sides of a split must hold both classes."""
     for side, name in ((train, "training"), (val, "validation")):
@@ -160,6 +272,37 @@ def check_sides(train: Sequence[Sample], val: Sequence[Sample]) -> None:
                 f"the {name} split has no {CLASS_DIRS[int(side_counts.argmin())]} images: the classes are spread "
                 "over too few patients for this split (add data or change --val-split)"
             )
+
+
+# --- uneven patients: a cap per epoch ------------------------------------------------------------------------
+
+
+def patient_codes(groups: Sequence[str]) -> NDArray[np.int64]:
+    """Each image's patient as a small integer (0..patients-1)."""
+    return np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)[1].astype(np.int64)
+
+
+def patient_share(groups: Sequence[str], cap: int) -> NDArray[np.float64]:
+    """Each training image's weight in an epoch of at most ``cap`` images per patient, relative to plain
+    training (1.0 each): the chance that the epoch draws it, min(1, cap / n) for a patient with n images."""
+    codes = patient_codes(groups)
+    n = np.bincount(codes)[codes].astype(np.float64)
+    return np.asarray(np.minimum(1.0, cap / n), dtype=np.float64)
+
+
+def capped_size(codes: NDArray[np.int64], cap: int) -> int:
+    """How many images an epoch with at most ``cap`` images per patient holds."""
+    return int(np.minimum(np.bincount(codes), cap).sum())
+
+
+def capped_draw(codes: NDArray[np.int64], cap: int, rng: np.random.Generator) -> NDArray[np.int64]:
+    """One epoch's image indices: at most ``cap`` of each patient's images, drawn at random, in random order."""
+    order = rng.permutation(len(codes))
+    by_patient = order[np.argsort(codes[order], kind="stable")]  # grouped by patient, random within each
+    starts = np.flatnonzero(np.r_[True, np.diff(codes[by_patient]) != 0])
+    sizes = np.diff(np.r_[starts, len(codes)])
+    rank = np.arange(len(codes)) - np.repeat(starts, sizes)  # position within its patient
+    return rng.permutation(by_patient[rank < cap]).astype(np.int64)
 
 
 @dataclass(frozen=True)

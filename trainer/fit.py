@@ -18,7 +18,7 @@ measured on held-out patients and bought nothing (docs/training.md, "What helps 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,9 +26,11 @@ from typing import Any
 import numpy as np
 from numpy.typing import NDArray
 
+from histod.errors import ConfigError
 from histod.logs import get_logger
 from histod.trainer import augment, checkpoint
 from histod.trainer.config import TrainConfig
+from histod.trainer.data import capped_draw, capped_size, patient_codes, patient_share
 from histod.trainer.model import calibrate_batchnorm, freeze_base, head_features, recalibrate_head_bn, unfreeze_top
 
 log = get_logger("histod.trainer")
@@ -47,10 +49,11 @@ class FitResult:
     resumed: list[dict[str, Any]] = field(default_factory=list)  # where a resumed run went on: phase, epoch
 
 
-def class_weights(labels: NDArray[np.int64]) -> dict[int, float]:
-    """Inverse-frequency weights, n / (2 * n_c): a balanced data set gets 1.0 for both classes."""
-    counts = np.bincount(labels, minlength=2)
-    n = float(labels.size)
+def class_weights(labels: NDArray[np.int64], share: NDArray[np.float64] | None = None) -> dict[int, float]:
+    """Inverse-frequency weights, n / (2 * n_c): a balanced data set gets 1.0 for both classes. With ``share``
+    (each image's weight in an epoch, trainer.data.patient_share) the counts are the epoch's weighted ones."""
+    counts = np.bincount(labels, weights=share, minlength=2)
+    n = float(counts.sum())
     return {c: (n / (2.0 * counts[c]) if counts[c] else 1.0) for c in range(2)}
 
 
@@ -60,12 +63,18 @@ def datasets(
     y_train: NDArray[np.int64],
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
+    groups: Sequence[str] | None = None,
 ) -> tuple[Any, Any]:
-    """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented."""
+    """tf.data pipelines yielding float32 0..255 batches; the training one shuffled and augmented. With
+    ``cfg.patient_cap``, each epoch draws afresh at most that many images of each patient (``groups``: each
+    training image's patient)."""
     import tensorflow as tf
 
-    train = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
-    train = train.shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
+    if cfg.patient_cap:
+        train = _capped(cfg, x_train, y_train, patient_codes(_groups(groups, len(x_train))))
+    else:
+        train = tf.data.Dataset.from_tensor_slices((x_train, y_train.astype(np.float32)))
+        train = train.shuffle(len(x_train), seed=cfg.seed, reshuffle_each_iteration=True).batch(cfg.batch_size)
     train = train.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     aug = augment.pipeline(cfg)
     if aug is not None:
@@ -73,6 +82,33 @@ def datasets(
     val = tf.data.Dataset.from_tensor_slices((x_val, y_val.astype(np.float32))).batch(cfg.batch_size)
     val = val.map(lambda x, y: (tf.cast(x, tf.float32), y), num_parallel_calls=tf.data.AUTOTUNE)
     return train.prefetch(tf.data.AUTOTUNE), val.prefetch(tf.data.AUTOTUNE)
+
+
+def _groups(groups: Sequence[str] | None, n: int) -> Sequence[str]:
+    if groups is None or len(groups) != n:
+        raise ConfigError("a per-patient cap needs each training image's patient")
+    return groups
+
+
+def _capped(cfg: TrainConfig, x: NDArray[np.uint8], y: NDArray[np.int64], codes: NDArray[np.int64]) -> Any:
+    """Batches of one epoch of at most ``cfg.patient_cap`` images of each patient, drawn afresh each time Keras
+    starts an epoch (one random stream from ``cfg.seed``)."""
+    import tensorflow as tf
+
+    cap, size, rng = cfg.patient_cap, cfg.batch_size, np.random.default_rng(cfg.seed)
+    labels = y.astype(np.float32)
+
+    def epoch() -> Iterator[tuple[NDArray[np.uint8], NDArray[np.float32]]]:
+        order = capped_draw(codes, cap, rng)
+        for start in range(0, len(order), size):
+            pick = order[start : start + size]
+            yield x[pick], labels[pick]
+
+    spec = (tf.TensorSpec((None, *x.shape[1:]), tf.uint8), tf.TensorSpec((None,), tf.float32))
+    batches = math.ceil(capped_size(codes, cap) / size)
+    return tf.data.Dataset.from_generator(epoch, output_signature=spec).apply(
+        tf.data.experimental.assert_cardinality(batches)
+    )
 
 
 def _head_bn_for_ema(images: NDArray[np.float32]) -> Any:
@@ -169,11 +205,14 @@ def fit(
     x_val: NDArray[np.uint8],
     y_val: NDArray[np.int64],
     checkpoint_path: Path | None = None,
+    *,
+    groups: Sequence[str] | None = None,
 ) -> FitResult:
     """Run both phases. The model ends up holding the weights of the best epoch over both phases (lowest
     val_loss): EarlyStopping restores the best epoch of each phase, and the head phase's best is kept when
     fine-tuning never beats it. With ``checkpoint_path`` the state is saved there after every epoch, and a
-    checkpoint already there is resumed from."""
+    checkpoint already there is resumed from. ``groups`` (each training image's patient) is what
+    ``cfg.patient_cap`` counts by."""
     import keras
 
     keras.utils.set_random_seed(cfg.seed)
@@ -185,8 +224,12 @@ def fit(
     if cfg.ema > 0:
         pick = np.random.default_rng(cfg.seed).permutation(len(x_train))[:EMA_BN_IMAGES]
         bn_images = x_train[pick].astype(np.float32)
-    train, val = datasets(cfg, x_train, y_train, x_val, y_val)
-    data = _Data(train, val, class_weights(y_train) if cfg.class_weights else None, bn_images)
+    share = None  # each training image's chance to be in an epoch, when patients are capped
+    if cfg.patient_cap:
+        share = patient_share(_groups(groups, len(x_train)), cfg.patient_cap)
+    weights = class_weights(y_train, share) if cfg.class_weights else None
+    train, val = datasets(cfg, x_train, y_train, x_val, y_val, groups)
+    data = _Data(train, val, weights, bn_images)
 
     def save(current: checkpoint.PhaseState | None) -> None:
         state.current = current
