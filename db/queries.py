@@ -188,6 +188,41 @@ def unmoved_at(session: Session, original_path: str) -> Result | None:
     return session.scalars(query).first()
 
 
+def unsettled_at(session: Session, original_paths: Iterable[str]) -> dict[str, list[Result]]:
+    """For each of ``original_paths`` that has any, its classifications whose file is neither moved nor gone for
+    good (:func:`find_unmoved`'s and :func:`unmoved_at`'s rows for a whole batch), newest first. One query per
+    500 paths; nearly always nothing (a process stopped between a commit and its moves)."""
+    wanted = sorted(set(original_paths))
+    found: dict[str, list[Result]] = {}
+    for start in range(0, len(wanted), 500):
+        query = (
+            select(Result)
+            .where(
+                Result.original_path.in_(wanted[start : start + 500]),
+                Result.kind == KIND_CLASSIFICATION,
+                ~_settled(),
+            )
+            .order_by(Result.id.desc())
+        )
+        for row in session.scalars(query):
+            found.setdefault(row.original_path, []).append(row)
+    return found
+
+
+def stored_paths_taken(session: Session, paths: Iterable[str]) -> set[str]:
+    """Which of ``paths`` are some classification's stored path (:func:`stored_path_taken` for a whole batch)."""
+    wanted = sorted(set(paths))
+    found: set[str] = set()
+    for start in range(0, len(wanted), 500):
+        chunk = wanted[start : start + 500]
+        found.update(
+            session.scalars(
+                select(Result.stored_path).where(Result.stored_path.in_(chunk), Result.kind == KIND_CLASSIFICATION)
+            )
+        )
+    return found
+
+
 def moved_results(session: Session, result_ids: Iterable[int]) -> set[int]:
     """Which of ``result_ids`` have a successful move recorded."""
     wanted = sorted(set(result_ids))

@@ -145,7 +145,9 @@ def explain(result_id: int, out: Path | None, target: str, min_size: int, **flag
     """A Grad-CAM heat map of the image behind RESULT_ID, overlaid on it, as PNG (loads TensorFlow)."""
     from histod.db.audit import subject
     from histod.db.session import reading
+    from histod.trainer import require_training
 
+    require_training("histod explain")
     with reading(_open(_settings(**flags))) as session:
         found = subject(session, result_id)
     result, model = found.result, found.model

@@ -128,8 +128,10 @@ def train(data_dir: Path, out: Path, resume: bool, preset: str | None, cv: int |
     The defaults are the recipe measured best on held-out patients; see docs/training.md.
     """
     from histod.errors import ExportParityError
+    from histod.trainer import require_training
     from histod.trainer.api import train as run_training
 
+    require_training("histod train")
     values = {k: v for k, v in flags.items() if v is not None}
     if "tta" in values:
         values["tta"] = int(values["tta"])
@@ -232,11 +234,11 @@ def _cross_validate(cfg: TrainConfig, k: int) -> None:
 @click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
 def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None, threads: int) -> None:
     """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold."""
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
     from histod.trainer.api import evaluate_folder
 
     run_dir = _run_dir(model)
-    result = evaluate_folder(run_dir, data_dir, load_engine(run_dir, "litert", threads=threads), out=out)
+    result = evaluate_folder(run_dir, data_dir, load_classifier(run_dir, "litert", threads=threads), out=out)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -260,15 +262,15 @@ def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None
 @click.pass_context
 def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_json: bool, threads: int) -> None:
     """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image."""
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
     from histod.trainer.api import expand, predict_paths
 
     run_dir = _run_dir(model)
     if not expand(list(paths)):
         raise ConfigError(f"no image files in {', '.join(map(str, paths))}")
-    engine = load_engine(run_dir, "litert", threads=threads)
+    classifier = load_classifier(run_dir, "litert", threads=threads)
     failed = total = 0
-    for pred in predict_paths(engine, list(paths)):
+    for pred in predict_paths(classifier, list(paths)):
         total += 1
         if pred.error is not None:
             failed += 1

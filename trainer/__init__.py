@@ -14,5 +14,21 @@ Read in this order:
     api.py        train(cfg) -> RUN_DIR, evaluate_folder(...), predict_paths(...)
     cv.py         --cv K: k-fold patient-grouped cross-validation
 
-Importing this package is cheap: TensorFlow is imported inside the functions that need it.
+Importing this package is cheap: TensorFlow is imported inside the functions that need it. A serving install
+(`pip install histod`) has no TensorFlow; training needs `pip install 'histod[train]'` (:func:`require_training`).
 """
+
+from __future__ import annotations
+
+import importlib.util
+
+TRAIN_EXTRA = "pip install 'histod[train]'"
+
+
+def require_training(what: str) -> None:
+    """Raise ConfigError unless TensorFlow and Keras are installed: ``what`` (a command) needs them."""
+    missing = [name for name in ("tensorflow", "keras") if importlib.util.find_spec(name) is None]
+    if missing:
+        from histod.errors import ConfigError
+
+        raise ConfigError(f"{what} needs {' and '.join(missing)}, which this installation lacks: {TRAIN_EXTRA}")

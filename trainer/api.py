@@ -245,8 +245,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
 
 class Scorer(Protocol):
-    """What scoring needs from a loaded model: histod.daemon.engine.Engine (the CLI passes the service's engine,
-    so `histod evaluate` and `histod predict` score exactly as `histod serve` classifies)."""
+    """What scoring needs from a loaded model: histod.daemon.classifier.Classifier (the CLI passes the service's
+    classifier, so `histod evaluate` and `histod predict` score exactly as `histod serve` classifies)."""
 
     image_size: int
     threshold: float
