@@ -27,7 +27,15 @@ from histod.daemon.reports import write_report
 from histod.db import chain, queries
 from histod.db.models import utcnow
 from histod.db.paths import path_text
-from histod.db.session import FileGuard, close_database, open_database, shared_database, transaction
+from histod.db.session import (
+    Checkpointer,
+    FileGuard,
+    close_database,
+    open_database,
+    shared_database,
+    sqlite_path,
+    transaction,
+)
 from histod.errors import ConfigError, DatabaseError, ModelError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
@@ -204,11 +212,16 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
 def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: bool, started: datetime) -> ServeResult:
     assert settings.model is not None
     key = chain.load_key(settings.audit_key_file)  # refused before anything is written: the key must be private
-    factory = open_database(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
+    url = settings.resolved_database_url
+    path = sqlite_path(url)
+    factory = open_database(url, busy_timeout_ms=settings.busy_timeout_ms, autocheckpoint=path is None)
     chain.use_key(factory, key)
+    checkpointer = Checkpointer(path, busy_timeout_ms=settings.busy_timeout_ms).start() if path is not None else None
     try:
         return _run(settings, factory, watch_dir, stop, once=once, started=started)
     finally:
+        if checkpointer is not None:
+            checkpointer.stop()
         close_database(factory)
 
 
@@ -271,7 +284,9 @@ def _run(
                 if claims is not None:
                     _release(claims)
     stopped = utcnow()
-    log.info("service.stopped", files=pipeline.files, seconds=round((stopped - started).total_seconds(), 2))
+    stages = {k: {"files": c.files, "seconds": round(c.seconds, 4)} for k, c in pipeline.stats.snapshot().items()}
+    seconds = round((stopped - started).total_seconds(), 2)
+    log.info("service.stopped", files=pipeline.files, seconds=seconds, stages=stages)
     return ServeResult(pipeline.files, started, stopped, unmoved=len(pipeline.retrying))
 
 

@@ -66,6 +66,10 @@ class Classifier(ABC):
         p = tta.average(out, self.run.tta)
         return np.asarray(np.clip(p, 0.0, 1.0), dtype=np.float32)
 
+    def warm_up(self) -> None:
+        """One prediction on a blank image, so that the first file does not wait for the runtime's set-up."""
+        self.predict(np.zeros((1, self.image_size, self.image_size, 3), dtype=np.uint8))
+
     def _check(self, batch: NDArray[Any]) -> NDArray[np.float32]:
         shape = getattr(batch, "shape", None)
         s = self.image_size

@@ -140,6 +140,9 @@ class Pipeline:
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="histod-infer")
 
     def __enter__(self) -> Pipeline:
+        warm_up = getattr(self.predictor, "warm_up", None)
+        if warm_up is not None:
+            self._infer.submit(warm_up)  # while the watcher starts: the first file finds the model ready
         return self
 
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
@@ -266,27 +269,33 @@ class Pipeline:
 
     # --- 4. record: the main thread, one transaction per batch ------------------------------------------------
     def _finish_ready(self) -> bool:
-        finished = False
+        """Record and move every batch whose inference is done, in one transaction: a service that is behind
+        records several batches at once."""
+        ready: list[Batch] = []
         while self.flight and self.flight[0].inferred.done():
-            self._finish(self.flight.popleft())
-            finished = True
-        return finished
+            ready.append(self.flight.popleft())
+        if ready:
+            self._finish(ready)
+        return bool(ready)
 
-    def _finish(self, batch: Batch) -> None:
-        items = batch.inferred.result()
+    def _finish(self, batches: list[Batch]) -> None:
+        items = [item for batch in batches for item in batch.inferred.result()]
+        arrivals = [arrival for batch in batches for arrival in batch.arrivals]
         if self.claims is not None:
             read = {item.path for item in items}
-            self.claims.release_quietly([a.path for a in batch.arrivals if a.path not in read])  # gone before read
+            self.claims.release_quietly([a.path for a in arrivals if a.path not in read])  # gone before it was read
         try:
             planned = self._record(items) if items else []
         except DatabaseError as exc:
-            self._done(batch)
-            self.defer(batch.arrivals, exc)
+            self._done(arrivals)
+            self.defer(arrivals, exc)
             return
         self.deferred_attempts = 0
         self._move(planned, attempts=0)
         self.files += len(planned)
-        self._done(batch)
+        self._done(arrivals)
+        if not (self.flight and self.flight[0].inferred.done()):
+            self._save([])  # no transaction is due soon to take the moves rows along
 
     def _record(self, items: list[Item]) -> list[PlannedMove]:
         self.guard()
@@ -298,20 +307,23 @@ class Pipeline:
             host=self.settings.host,
             to=self.to,
             reserved=self.reserved,
+            moves=self.unsaved,
             on_wait=self.heartbeat,
             claims=self.claims,
         )
+        self.unsaved = []
         self.stats.add("record", len(items), time.perf_counter() - start)
         return planned
 
-    def _done(self, batch: Batch) -> None:
-        for arrival in batch.arrivals:
+    def _done(self, arrivals: list[Arrival]) -> None:
+        for arrival in arrivals:
             self.working.discard(arrival.path)
             if arrival.path in self.held:
                 self.inbox.put(Arrival(arrival.path, self.held.pop(arrival.path)))
 
     # --- 5. move, save the moves, log: the main thread ----------------------------------------------------------
     def _move(self, planned: Sequence[PlannedMove], *, attempts: int) -> None:
+        """Move each file and log its line; the moves rows wait in ``unsaved`` for the next transaction."""
         if not planned:
             return
         start = time.perf_counter()
@@ -324,10 +336,10 @@ class Pipeline:
                     self._retry_later(p, attempts, path_text(p.target), f"claim not confirmed: {exc}")
                 return
             planned = [p for p in planned if p.source in mine]
-        moves = [move(p) for p in planned]
-        final = [m.ok or m.error == MOVE_VANISHED for m in moves]
-        self._save([(m, p.source if done else None) for p, m, done in zip(planned, moves, final, strict=True)])
-        for p, m in zip(planned, moves, strict=True):
+        for p in planned:
+            m = move(p)
+            final = m.ok or m.error == MOVE_VANISHED  # the claim goes with the row: nothing more to do here
+            self.unsaved.append((m, p.source if final else None))
             line = {"path": path_text(p.source), **p.line}
             if m.ok:
                 self.reserved.discard(p.target)
@@ -345,17 +357,16 @@ class Pipeline:
         self.stats.add("move", len(planned), time.perf_counter() - start)
 
     def _save(self, moves: Sequence[tuple[Move, Path | None]]) -> None:
-        """Record ``moves`` with any refused earlier; kept (as fresh rows) for the next try when refused again.
-        Each comes with the file whose claim the same transaction releases (None: none, or keep it)."""
+        """Save the moves rows not yet saved, and ``moves``, in a transaction of their own; kept for the next try
+        when the database refuses them. Each comes with the file whose claim the same transaction releases
+        (None: none, or keep it)."""
         pending = [*self.unsaved, *moves]
-        rows = [m for m, _ in pending]
-        if record.save_moves(self.factory, rows, claims=self.claims, sources=[s for _, s in pending]):
-            self.unsaved = []
-        else:
-            self.unsaved = [
-                (Move(result_id=m.result_id, at=m.at or utcnow(), ok=m.ok, path=m.path, error=m.error), s)
-                for m, s in pending
-            ]
+        if not pending:
+            return
+        ok = record.save_moves(
+            self.factory, [m for m, _ in pending], claims=self.claims, sources=[s for _, s in pending]
+        )
+        self.unsaved = [] if ok else pending
 
     def _retry_later(self, p: PlannedMove, attempts: int, target: str, error: str | None) -> None:
         wait = MOVE_RETRY_S[min(attempts, len(MOVE_RETRY_S) - 1)]
@@ -399,7 +410,9 @@ class Pipeline:
             self.again.clear()
 
     def retry_moves(self, *, force: bool = False) -> None:
-        if self.unsaved:
+        """Save the moves rows the database refused (unless a batch in flight will take them along), then try
+        again the moves that failed, once due (``force``: all of them now)."""
+        if self.unsaved and (force or not self.flight):
             self._save([])
         now = self.clock()
         due = [r for r in self.retrying.values() if force or r.due <= now]
@@ -407,6 +420,8 @@ class Pipeline:
             del self.retrying[r.planned.source]
         for r in due:
             self._move([r.planned], attempts=r.attempts)
+        if due:
+            self._save([])
 
     def _replaced_while_waiting(self, path: Path) -> bool:
         """A file arrived under the name of one whose move waits for a retry. The same entry: False (the retry

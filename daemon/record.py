@@ -25,7 +25,15 @@ from histod.daemon.intake import Item
 from histod.daemon.mover import PlannedMove, dated_dir, plan_tree_target
 from histod.db import chain, queries
 from histod.db import claims as claim_rows
-from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, STATUS_CLASSIFIED, STATUS_FAILED, Move, Result, utcnow
+from histod.db.models import (
+    KIND_CLASSIFICATION,
+    MOVE_REPLACED,
+    MOVE_VANISHED,
+    STATUS_CLASSIFIED,
+    STATUS_FAILED,
+    Move,
+    utcnow,
+)
 from histod.db.paths import display, path_text, text_path
 from histod.db.session import reading, transaction
 from histod.errors import DatabaseError
@@ -68,14 +76,17 @@ def record_batch(
     host: str,
     to: Destination,
     reserved: set[Path],
+    moves: Sequence[tuple[Move, Path | None]] = (),
     retries: Sequence[float] = RECORD_RETRIES,
     on_wait: Callable[[], None] | None = None,
     claims: Claims | None = None,
 ) -> list[PlannedMove]:
     """ONE transaction for the batch: what is already recorded (one query), the targets (one query; names in
     ``reserved`` are taken), a row per new file, and a final move for an earlier row of a path whose file is gone.
+    ``moves``: rows of moves made since the last transaction, saved in this one too (see :func:`save_moves`).
     Returns the moves to make (their targets are added to ``reserved``). Retried while the database is locked;
-    raises DatabaseError when it stays unavailable (the files are then still in the watch folder).
+    raises DatabaseError when it stays unavailable (the files are then still in the watch folder, and ``moves``
+    still unsaved).
 
     The write lock is taken first, so that targets are planned against every committed row, whichever service
     wrote it. With ``claims`` (several services on one database) the same transaction renews and locks this
@@ -83,6 +94,7 @@ def record_batch(
     for attempt in range(len(retries) + 1):
         try:
             with transaction(factory) as session:
+                _save(session, moves, claims)
                 recovered, planned = _record(session, items, served, host, to, reserved, claims)
             reserved.update(m.target for m in planned)
             return recovered + planned
@@ -118,27 +130,27 @@ def _record(
     fresh: list[Item] = []
     closing: list[Move] = []
     for item in mine:
-        rows = earlier.get(path_text(item.path), [])
-        same = next((r for r in rows if r.sha256 == item.sha256), None)
+        older = earlier.get(path_text(item.path), [])
+        same = next((r for r in older if r.sha256 == item.sha256), None)
         if same is not None:  # recorded, never moved (the process stopped in between): only move it
             line = {"result_id": same.id, "status": same.status, "label": same.label, "recovered": True}
             recovered.append(PlannedMove(same.id, item.path, text_path(same.stored_path), line, item.identity))
             continue
-        if rows:  # an earlier file of this name, recorded, never moved: where is it?
-            closing.append(_whereabouts(rows[0]))
+        if older:  # an earlier file of this name, recorded, never moved: where is it?
+            closing.append(_whereabouts(older[0]))
         fresh.append(item)
     placed = _targets(session, fresh, to, reserved)
-    results = [to_result(item, served, host, target, name) for item, (target, name) in zip(fresh, placed, strict=True)]
-    rows_in = queries.record_results(session, results)
+    rows = [to_result(item, served, host, target, name) for item, (target, name) in zip(fresh, placed, strict=True)]
+    queries.insert_results(session, rows)
     queries.record_moves(session, closing)
     moves = [
-        PlannedMove(row.id, item.path, target, line_of(row), item.identity)
-        for row, item, (target, _) in zip(rows_in, fresh, placed, strict=True)
+        PlannedMove(row["id"], item.path, target, line_of(row), item.identity)
+        for row, item, (target, _) in zip(rows, fresh, placed, strict=True)
     ]
     return recovered, moves
 
 
-def _whereabouts(row: Result) -> Move:
+def _whereabouts(row: queries.Unsettled) -> Move:
     """The Move of a recorded file whose name now holds other content: at its target (moved, the move not
     recorded), else replaced before it could be moved."""
     stored = text_path(row.stored_path)
@@ -183,43 +195,46 @@ def shown_parts(path: Path, watch_dir: Path | None) -> list[str]:
     return [display(part) for part in relative.parts]
 
 
-def to_result(item: Item, served: Served, host: str, stored: Path, name: str | None = None) -> Result:
+def to_result(item: Item, served: Served, host: str, stored: Path, name: str | None = None) -> dict[str, Any]:
+    """The results row of a classified (or failed) file, as column values (histod.db.queries.insert_results)."""
     ok = item.error is None and item.p is not None
     p = item.p if ok else None
     classified_at = item.classified_at or utcnow()
-    return Result(
-        original_path=path_text(item.path),
-        name=name if name is not None else display(item.path.name),
-        sha256=item.sha256,
-        size_bytes=item.size_bytes,
-        received_at=item.received_at,
-        classified_at=classified_at,
-        latency_ms=(classified_at - item.received_at).total_seconds() * 1000,
-        status=STATUS_CLASSIFIED if ok else STATUS_FAILED,
-        label=(LABELS[1] if p >= served.threshold else LABELS[0]) if p is not None else None,
-        p_malignant=p,
-        threshold=served.threshold,
-        model_id=served.model_id,
-        model_sha256=served.sha256,
-        run_id=served.run_id,
-        engine=served.engine,
-        error_reason=item.error.reason if item.error is not None else None,
-        error=display(str(item.error.args[0])) if item.error is not None else None,
-        host=host,
-        stored_path=path_text(stored),
-    )
-
-
-def line_of(row: Result) -> dict[str, Any]:
-    """The recorded part of a file's canonical log line."""
     return {
-        "result_id": row.id,
-        "status": row.status,
-        "label": row.label,
-        "p": None if row.p_malignant is None else round(row.p_malignant, 4),
-        "ms": round(row.latency_ms, 1),
-        "reason": row.error_reason,
-        "duplicate_of": row.duplicate_of,
+        "kind": KIND_CLASSIFICATION,
+        "original_path": path_text(item.path),
+        "name": name if name is not None else display(item.path.name),
+        "sha256": item.sha256,
+        "size_bytes": item.size_bytes,
+        "received_at": item.received_at,
+        "classified_at": classified_at,
+        "latency_ms": (classified_at - item.received_at).total_seconds() * 1000,
+        "status": STATUS_CLASSIFIED if ok else STATUS_FAILED,
+        "label": (LABELS[1] if p >= served.threshold else LABELS[0]) if p is not None else None,
+        "p_malignant": p,
+        "threshold": served.threshold,
+        "model_id": served.model_id,
+        "model_sha256": served.sha256,
+        "run_id": served.run_id,
+        "engine": served.engine,
+        "error_reason": item.error.reason if item.error is not None else None,
+        "error": display(str(item.error.args[0])) if item.error is not None else None,
+        "host": host,
+        "stored_path": path_text(stored),
+    }
+
+
+def line_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The recorded part of a file's canonical log line."""
+    p = row["p_malignant"]
+    return {
+        "result_id": row["id"],
+        "status": row["status"],
+        "label": row["label"],
+        "p": None if p is None else round(p, 4),
+        "ms": round(row["latency_ms"], 1),
+        "reason": row["error_reason"],
+        "duplicate_of": row["duplicate_of"],
     }
 
 
@@ -240,17 +255,23 @@ def save_moves(
         return True
     try:
         with transaction(factory) as session:
-            keep = list(moves)
-            if claims is not None:
-                released = claims.release(session, [s for s in sources if s is not None])
-                keep = [m for m, s in zip(moves, sources, strict=True) if s is None or s in released]
-                if len(keep) < len(moves):
-                    log.warning("moves.dropped", count=len(moves) - len(keep), reason="claim lost")
-            queries.record_moves(session, keep)
+            _save(session, list(zip(moves, sources or [None] * len(moves), strict=True)), claims)
     except DatabaseError as exc:
         log.warning("moves.refused", count=len(moves), error=str(exc))
         return False
     return True
+
+
+def _save(session: Session, moves: Sequence[tuple[Move, Path | None]], claims: Claims | None) -> None:
+    if not moves:
+        return
+    keep = [m for m, _ in moves]
+    if claims is not None:
+        released = claims.release(session, [s for _, s in moves if s is not None])
+        keep = [m for m, s in moves if s is None or s in released]
+        if len(keep) < len(moves):
+            log.warning("moves.dropped", count=len(moves) - len(keep), reason="claim lost")
+    queries.record_moves(session, keep)
 
 
 def settle_moves(factory: sessionmaker[Session], page: int = 1000, *, shared: bool = False) -> int:

@@ -241,6 +241,7 @@ def test_a_move_row_refused_by_a_locked_database_is_saved_with_the_next_ones(tmp
     writer.execute("BEGIN IMMEDIATE")
     service._move([planned], attempts=0)
     assert planned.target.is_file() and not image.exists()  # the move itself happened
+    service._save([])  # refused by the lock
     assert len(service.unsaved) == 1
     writer.execute("ROLLBACK")
     writer.close()
