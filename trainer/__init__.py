@@ -23,11 +23,13 @@ from __future__ import annotations
 import importlib.util
 
 TRAIN_EXTRA = "pip install 'histod[train]'"
+TRAINING_MODULES = ("tensorflow", "keras", "sklearn", "scipy")
+"""what the train extra adds (import names): a serving install has none of them"""
 
 
 def require_training(what: str) -> None:
-    """Raise ConfigError unless TensorFlow and Keras are installed: ``what`` (a command) needs them."""
-    missing = [name for name in ("tensorflow", "keras") if importlib.util.find_spec(name) is None]
+    """Raise ConfigError unless what the train extra installs is there: ``what`` (a command) needs it."""
+    missing = [name for name in TRAINING_MODULES if importlib.util.find_spec(name) is None]
     if missing:
         from histod.errors import ConfigError
 
