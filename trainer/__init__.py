@@ -33,4 +33,5 @@ def require_training(what: str) -> None:
     if missing:
         from histod.errors import ConfigError
 
-        raise ConfigError(f"{what} needs {' and '.join(missing)}, which this installation lacks: {TRAIN_EXTRA}")
+        names = ", ".join(missing[:-1]) + (" and " if len(missing) > 1 else "") + missing[-1]
+        raise ConfigError(f"{what} needs {names}, which this installation lacks: {TRAIN_EXTRA}")
