@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -352,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", type=Path, default=None, help="run the service under cProfile, writing its stats here"
     )
     parser.add_argument("--name", default="serve", help="results file name (default serve)")
+    parser.add_argument(
+        "--histod",
+        default=None,
+        help="the command that runs histod for the service, e.g. 'env PYTHONPATH=DIR python -m histod' to measure "
+        "another installed copy (default: the histod beside this Python)",
+    )
     args = parser.parse_args(argv)
 
     from histod.runs import load_run
@@ -395,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     log_path = work / "serve.log"
-    command = [*histod_command(), "serve"]
+    command = [*(shlex.split(args.histod) if args.histod else histod_command()), "serve"]
     if args.profile is not None:  # the main thread (intake -> classify -> record -> move) is what cProfile sees
         command = [sys.executable, "-m", "cProfile", "-o", str(args.profile.resolve()), "-m", "histod", "serve"]
     say(f"starting: {' '.join(command)} (data {data_dir}, overrides {overrides or 'none'})")
