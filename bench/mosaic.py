@@ -122,13 +122,13 @@ def png_bytes(image: NDArray[np.uint8]) -> bytes:
     return buffer.getvalue()
 
 
-def tile(mosaic: Mosaic, engine: Any, scale: Any, offset: int = 0) -> Any:
+def tile(mosaic: Mosaic, classifier: Any, scale: Any, offset: int = 0) -> Any:
     """The mosaic (shifted by ``offset`` px) through histod.slides as a PNG file's bytes, like a dropped field."""
     from histod import readers, slides
 
     image = mosaic.image[offset:, offset:]
     reader = readers.ImageReader(png_bytes(image), mosaic.patient)
-    return slides.classify(reader, engine.predict, scale)
+    return slides.classify(reader, classifier.predict, scale)
 
 
 def tile_truth(mosaic: Mosaic, x: int, y: int, offset: int) -> tuple[int | None, float]:
@@ -160,23 +160,23 @@ def figures(y: NDArray[Any], p: NDArray[Any], groups: NDArray[Any], cut: float) 
 # --- table ------------------------------------------------------------------------------------------------------
 
 
-def patch_level(engine: Any, patches: list[Patch]) -> NDArray[np.float32]:
+def patch_level(classifier: Any, patches: list[Patch]) -> NDArray[np.float32]:
     from histod import imaging
 
     p = []
     for start in range(0, len(patches), 256):
         chunk = patches[start : start + 256]
-        p.append(engine.predict(np.stack([imaging.load(q.path, engine.image_size) for q in chunk])))
+        p.append(classifier.predict(np.stack([imaging.load(q.path, classifier.image_size) for q in chunk])))
     return np.concatenate(p)
 
 
-def mosaic_tiles(mosaics: list[Mosaic], engine: Any, scale: Any, offset: int) -> dict[str, Any]:
+def mosaic_tiles(mosaics: list[Mosaic], classifier: Any, scale: Any, offset: int) -> dict[str, Any]:
     """Every tissue tile of every mosaic with its truth; glass tiles taken as tissue; patches lost."""
     rows: list[tuple[str, int, int, float, float, int | None, float]] = []
     lost: list[tuple[str, int]] = []
     results = {}
     for m in mosaics:
-        result = tile(m, engine, scale, offset)
+        result = tile(m, classifier, scale, offset)
         results[m.patient] = result
         found = set()
         for x, y, p, t in zip(result.x, result.y, result.p, result.tissue, strict=True):
@@ -250,10 +250,10 @@ def rule_table(
 
 def run_table(args: argparse.Namespace) -> None:
     from histod import tiling
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
     from histod.runs import load_run
 
-    engine = load_engine(args.run, "litert", threads=2)
+    classifier = load_classifier(args.run, "litert", threads=2)
     info = load_run(args.run)
     scale = tiling.Scale.of(info)
     say(f"model {info.run_id}: image_size {info.image_size}, tile_px {info.tile_px}, threshold {info.threshold:.3f}")
@@ -264,7 +264,7 @@ def run_table(args: argparse.Namespace) -> None:
 
     say(f"patch level: {sum(len(patients[v]) for v in val)} patches of {len(val)} validation patients")
     patches = [q for v in val for q in sorted(patients[v], key=lambda q: (q.y, q.x))]
-    p_patch = patch_level(engine, patches)
+    p_patch = patch_level(classifier, patches)
     y_patch = np.array([q.label for q in patches])
     g_patch = np.array([q.patient for q in patches])
     dev = np.array([q.source == "dev" for q in patches])
@@ -274,7 +274,7 @@ def run_table(args: argparse.Namespace) -> None:
     levels = {}
     for offset in (0, GRID // 2):
         say(f"tiling the validation mosaics, offset {offset}")
-        levels[offset] = mosaic_tiles(mosaics, engine, scale, offset)
+        levels[offset] = mosaic_tiles(mosaics, classifier, scale, offset)
     rows0 = levels[0]["rows"]
     matched = [r for r in rows0 if r[5] is not None]
     tile_p = {(r[0], r[1], r[2]): r[3] for r in rows0}
@@ -332,7 +332,7 @@ def run_table(args: argparse.Namespace) -> None:
         if len(extra) < MIN_FIELD_PATCHES:
             continue
         m = build(patient, extra, seed=i + 1)
-        result = mosaic_tiles([m], engine, scale, 0)
+        result = mosaic_tiles([m], classifier, scale, 0)
         train_fields += fields(m, result["rows"])
     val_fields = [f for m in mosaics for f in fields(m, [r for r in rows0 if r[0] == m.patient])]
     rules = rule_table(train_fields, val_fields, t)
@@ -475,7 +475,7 @@ def run_show(args: argparse.Namespace) -> None:
     from PIL import Image
 
     from histod import heatmap, readers, slides, tiling
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
     from histod.runs import load_run
 
     args.work.mkdir(parents=True, exist_ok=True)
@@ -494,10 +494,10 @@ def run_show(args: argparse.Namespace) -> None:
     done = subprocess.run([*command, str(mosaic_png), str(field_png)], capture_output=True, text=True)
     print(f"$ histod predict --model RUN --heatmap {args.work / 'maps'} {mosaic_png.name} {field_png.name}")
     print(done.stdout, end="")
-    engine = load_engine(args.run, "litert", threads=2)
+    classifier = load_classifier(args.run, "litert", threads=2)
     result = slides.classify(
         readers.ImageReader(mosaic_png.read_bytes(), mosaic_png.name),
-        engine.predict,
+        classifier.predict,
         tiling.Scale.of(load_run(args.run)),
     )
     assert isinstance(result, tiling.TiledResult)
@@ -506,7 +506,7 @@ def run_show(args: argparse.Namespace) -> None:
         f"patient {args.patient} ({len(m.cells)} patches, {truth:.0%} IDC): {result.label}, "
         f"{result.aggregate.malignant_share:.0%} of the tissue above the threshold"
     )
-    heatmap.write(args.docs, result, engine.threshold, title=title, dpi=60)
+    heatmap.write(args.docs, result, classifier.threshold, title=title, dpi=60)
     with Image.open(args.docs) as png:
         png.convert("RGB").quantize(colors=96).save(args.docs, optimize=True)
     say(f"written {args.docs} ({args.docs.stat().st_size // 1024} KiB)")

@@ -28,7 +28,10 @@ Start to ready: the benchmark binds an AF_UNIX datagram socket, passes it as ``N
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import resource
+import shlex
 import shutil
 import signal
 import socket
@@ -89,12 +92,12 @@ def raw_throughput(run_dir: Path, drops: list[Drop], batch: int, threads: int, w
             (folder / d.name).write_bytes(d.data)
             paths.append(folder / d.name)
         with ThreadPoolExecutor(workers) as pool:
-            t = time.perf_counter()
+            t, cpu = time.perf_counter(), _cpu_self()
             for i in range(0, len(paths), batch):
                 group = paths[i : i + batch]
                 decoded = list(pool.map(lambda p: decode(p.read_bytes(), size), group))
                 model.predict(np.stack(decoded))
-            pipe_s = time.perf_counter() - t
+            pipe_s, pipe_cpu = time.perf_counter() - t, _cpu_self() - cpu
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     return {
@@ -103,7 +106,23 @@ def raw_throughput(run_dir: Path, drops: list[Drop], batch: int, threads: int, w
         "decode_workers": workers,
         "litert_images_per_s": round(sum(len(c) for c in chunks) / infer_s, 1),
         "pipeline_files_per_s": round(len(paths) / pipe_s, 1),
+        "pipeline_cpu_ms_per_file": round(pipe_cpu / len(paths) * 1000, 3),
     }
+
+
+def _cpu_self() -> float:
+    """CPU seconds (user + system) of this process, all its threads."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+def cpu_of(pid: int) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` so far, all its threads (/proc/PID/stat)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 # --- the service -----------------------------------------------------------------------------------------------
@@ -249,13 +268,11 @@ def _r(value: float | None) -> float | None:
     return None if value is None else round(value, 1)
 
 
-STARTUP_EVENTS = ("engine.loaded", "service.started", "watch.started", "service.ready")
+STARTUP_EVENTS = ("model.loaded", "service.started", "watch.started", "service.ready")
 
 
 def startup_breakdown(log_path: Path, started_wall: float) -> dict[str, float]:
     """Seconds from Popen to the service's first start-up log events (its own JSON lines)."""
-    import json
-
     out: dict[str, float] = {}
     with log_path.open() as fh:
         for line in fh:
@@ -271,6 +288,37 @@ def startup_breakdown(log_path: Path, started_wall: float) -> dict[str, float]:
             if len(out) == len(STARTUP_EVENTS):
                 break
     return out
+
+
+def time_restart(command: list[str], env: dict[str, str], work: Path) -> dict[str, Any]:
+    """Start the service again on the data folder the phases filled (its database at the newest schema) and
+    time READY=1; then stop it."""
+    notes = Notifications(work / "notify-restart.sock")
+    env = {**env, "NOTIFY_SOCKET": str(notes.path)}
+    with (work / "serve-restart.log").open("w") as log:
+        started = time.monotonic()
+        proc = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=work)
+        try:
+            ready = notes.ready.wait(60)
+            ready_s = next(t for t, m in notes.messages if "READY=1" in m.split("\n")) - started if ready else None
+            cpu_s = cpu_of(proc.pid) if ready else None
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(30)
+            notes.close()
+    return {"ready_s": None if ready_s is None else round(ready_s, 3), "cpu_s": cpu_s}
+
+
+def stage_totals(log_path: Path) -> dict[str, dict[str, float]]:
+    """The service's per-stage counters (files, seconds) from its ``service.stopped`` log line."""
+    with log_path.open() as fh:
+        for line in fh:
+            if line.startswith("{") and '"service.stopped"' in line:
+                try:
+                    return dict(json.loads(line).get("stages") or {})
+                except ValueError:
+                    return {}
+    return {}
 
 
 def service_settings(overrides: dict[str, str]) -> dict[str, Any]:
@@ -305,6 +353,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", type=Path, default=None, help="run the service under cProfile, writing its stats here"
     )
     parser.add_argument("--name", default="serve", help="results file name (default serve)")
+    parser.add_argument(
+        "--histod",
+        default=None,
+        help="the command that runs histod for the service, e.g. 'env PYTHONPATH=DIR python -m histod' to measure "
+        "another installed copy (default: the histod beside this Python)",
+    )
     args = parser.parse_args(argv)
 
     from histod.runs import load_run
@@ -348,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
     log_path = work / "serve.log"
-    command = [*histod_command(), "serve"]
+    command = [*(shlex.split(args.histod) if args.histod else histod_command()), "serve"]
     if args.profile is not None:  # the main thread (intake -> classify -> record -> move) is what cProfile sees
         command = [sys.executable, "-m", "cProfile", "-o", str(args.profile.resolve()), "-m", "histod", "serve"]
     say(f"starting: {' '.join(command)} (data {data_dir}, overrides {overrides or 'none'})")
@@ -362,8 +416,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"histod serve did not send READY=1 within 60 s; log {log_path}:\n{log_path.read_text()[-3000:]}"
             )
         ready_s = next(t for t, m in notes.messages if "READY=1" in m.split("\n")) - started
+        cpu_at_ready = cpu_of(proc.pid)
         rss_at_ready = proc_status_mb(proc.pid, "VmRSS")
-        say(f"READY=1 after {ready_s:.2f} s, RSS {rss_at_ready:.0f} MiB")
+        say(f"READY=1 after {ready_s:.2f} s ({cpu_at_ready} s CPU), RSS {rss_at_ready:.0f} MiB")
         mon = Monitor(data_dir / "histod.db", proc.pid, args.poll_ms / 1000)
         mon.start()
         watch = data_dir / "prediction"
@@ -378,11 +433,19 @@ def main(argv: list[str] | None = None) -> int:
                 if not drops:
                     continue
                 say(f"phase {label}: {len(drops)} files")
+                cpu_before = cpu_of(proc.pid)
                 closed = drop_files(watch, drops, rate)
                 if not mon.wait_for([d.name for d in drops], args.timeout):
                     say(f"WARNING: phase {label}: not every file was recorded within {args.timeout} s")
+                cpu_after = cpu_of(proc.pid)
                 stats = phase_stats(label, drops, closed, mon)
                 stats["raw"] = raw.get(key)
+                if cpu_before is not None and cpu_after is not None:
+                    per_file = (cpu_after - cpu_before) / len(drops) * 1000
+                    stats["service_cpu_ms_per_file"] = round(per_file, 3)
+                    if key in raw:  # what the service spends beyond the raw read + decode + infer of the same files
+                        beyond = per_file - raw[key]["pipeline_cpu_ms_per_file"]
+                        stats["cpu_ms_per_file_beyond_pipeline"] = round(beyond, 3)
                 if key in raw:
                     stats["service_over_raw_litert"] = _ratio(stats["files_per_s"], raw[key]["litert_images_per_s"])
                     stats["service_over_raw_pipeline"] = _ratio(stats["files_per_s"], raw[key]["pipeline_files_per_s"])
@@ -411,6 +474,9 @@ def main(argv: list[str] | None = None) -> int:
             notes.close()
 
     startup = startup_breakdown(log_path, started_wall)
+    stages = stage_totals(log_path)
+    restart = time_restart(command, env, work)
+    say(f"restart on the database just filled: READY=1 after {restart['ready_s']} s ({restart['cpu_s']} s CPU)")
     mem = {
         "rss_at_ready_mb": _r(rss_at_ready),
         "peak_rss_polled_mb": _r(mon.peak_hwm_mb),
@@ -444,6 +510,8 @@ def main(argv: list[str] | None = None) -> int:
                 p["latency_ms"]["p99"],
                 p["watch_ms_p50"],
                 p["process_ms_p50"],
+                p.get("service_cpu_ms_per_file"),
+                p.get("cpu_ms_per_file_beyond_pipeline"),
             ]
         )
     print(
@@ -462,6 +530,8 @@ def main(argv: list[str] | None = None) -> int:
                 "p99 ms",
                 "watch p50 ms",
                 "process p50 ms",
+                "CPU ms/file",
+                "beyond raw",
             ],
             rows,
             digits=2,
@@ -469,20 +539,48 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         table(
-            ["start to READY s", "RSS at ready MiB", "peak RSS MiB", "SIGTERM to exit s", "exit code"],
-            [[ready_s, mem["rss_at_ready_mb"], peak, stop_s, code if code is not None else "killed"]],
+            [
+                "start to READY s",
+                "CPU s to READY",
+                "restart: READY s",
+                "restart: CPU s",
+                "RSS at ready MiB",
+                "peak RSS MiB",
+                "SIGTERM to exit s",
+                "exit code",
+            ],
+            [
+                [
+                    ready_s,
+                    cpu_at_ready,
+                    restart["ready_s"],
+                    restart["cpu_s"],
+                    mem["rss_at_ready_mb"],
+                    peak,
+                    stop_s,
+                    code if code is not None else "killed",
+                ]
+            ],
             digits=2,
         )
     )
     print("start-up (s after Popen, from the service's log): " + ", ".join(f"{k} {v}" for k, v in startup.items()))
+    if stages:
+        print(
+            "stages (the service's own counters, whole run): "
+            + ", ".join(f"{k} {v['seconds'] / max(v['files'], 1) * 1000:.3f} ms/file" for k, v in stages.items())
+        )
     full = [p for p in phases if "full load" in p["phase"]]
     low = [p for p in phases if "full load" not in p["phase"]]
-    ratios = [p["service_over_raw_litert"] for p in full if p.get("service_over_raw_litert") is not None]
+    litert = [p["service_over_raw_litert"] for p in full if p.get("service_over_raw_litert") is not None]
+    pipeline = [p["service_over_raw_pipeline"] for p in full if p.get("service_over_raw_pipeline") is not None]
     targets = {
-        "service >= 90% of raw LiteRT throughput": (min(ratios) if ratios else None, 0.9, ">="),
-        "p50 latency <= 50 ms at a low rate": (low[0]["latency_ms"]["p50"] if low else None, 50.0, "<="),
+        "full load >= 0.8 of the raw read+decode+infer pipeline": (min(pipeline) if pipeline else None, 0.8, ">="),
+        "full load >= 0.9 of raw LiteRT (a model whose inference costs)": (min(litert) if litert else None, 0.9, ">="),
+        "p50 latency <= 25 ms at a low rate": (low[0]["latency_ms"]["p50"] if low else None, 25.0, "<="),
         "service RSS <= 300 MB": (peak, 300.0, "<="),
-        "start to ready <= 2 s": (ready_s, 2.0, "<="),
+        "start to ready <= 1 s (new database)": (ready_s, 1.0, "<="),
+        "start to ready <= 1 s (restart)": (restart["ready_s"], 1.0, "<="),
     }
     target_rows = []
     target_json = {}
@@ -508,7 +606,10 @@ def main(argv: list[str] | None = None) -> int:
                 "throughput": "files / (first drop -> last committed row)",
             },
             "start_to_ready_s": round(ready_s, 3),
+            "cpu_s_to_ready": cpu_at_ready,
+            "restart": restart,
             "startup_events_s": startup,
+            "stages": stages,
             "shutdown_s": round(stop_s, 3),
             "exit_code": code,
             "memory_mb": mem,

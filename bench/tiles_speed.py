@@ -11,7 +11,7 @@ the same tiles.
 
 Each is measured in a fresh process: tiles/s end to end (tissue tiles / wall time of open + classify), tiles per
 CPU second (the process's user + system time, all threads: steadier than wall time on a shared machine) and
-peak RSS (VmHWM) at the end of classify; then, in the same process, raw LiteRT (engine.predict, batches of 64)
+peak RSS (VmHWM) at the end of classify; then, in the same process, raw LiteRT (classifier.predict, batches of 64)
 on up to --raw-n of the same tiles, already cut and resized (not timed), by wall and CPU time.
 Writes bench/results/tiles/speed.json.
 """
@@ -110,17 +110,17 @@ def measure(kind: str, run: Path, path: Path, mpp: float | None, raw_n: int) -> 
     """In a fresh process: classify ``path`` end to end, then raw LiteRT on (up to raw_n of) the same tiles."""
     from bench.common import proc_status_mb
     from histod import readers, slides, tiling
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
     from histod.runs import load_run
 
     info = load_run(run)
-    engine = load_engine(run, "litert", threads=2)
-    engine.predict(np.zeros((64, engine.image_size, engine.image_size, 3), dtype=np.uint8))  # warm
+    classifier = load_classifier(run, "litert", threads=2)
+    classifier.predict(np.zeros((64, classifier.image_size, classifier.image_size, 3), dtype=np.uint8))  # warm
     rss_loaded = proc_status_mb(os.getpid(), "VmRSS")
     scale = tiling.Scale(info.image_size, info.threshold, info.tile_px, mpp)
     started, cpu_started = time.monotonic(), cpu()
     with readers.open_reader(path) as reader:
-        result = slides.classify(reader, engine.predict, scale)
+        result = slides.classify(reader, classifier.predict, scale)
         seconds, cpu_seconds = time.monotonic() - started, cpu() - cpu_started
         assert isinstance(result, tiling.TiledResult)
         peak = proc_status_mb(os.getpid(), "VmHWM")
@@ -128,12 +128,12 @@ def measure(kind: str, run: Path, path: Path, mpp: float | None, raw_n: int) -> 
         side = round(result.tile_side)
         batch = np.stack(
             [
-                tiling.resize(reader.read(0, int(result.x[i]), int(result.y[i]), side, side), engine.image_size)
+                tiling.resize(reader.read(0, int(result.x[i]), int(result.y[i]), side, side), classifier.image_size)
                 for i in pick
             ]
         )
     raw_started, raw_cpu_started = time.monotonic(), cpu()
-    raw_p = np.concatenate([engine.predict(batch[i : i + 64]) for i in range(0, len(batch), 64)])
+    raw_p = np.concatenate([classifier.predict(batch[i : i + 64]) for i in range(0, len(batch), 64)])
     raw_seconds, raw_cpu = time.monotonic() - raw_started, cpu() - raw_cpu_started
     return {
         "kind": kind,

@@ -12,7 +12,6 @@ import os
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -22,13 +21,21 @@ from typing import TYPE_CHECKING, Any
 from histod.daemon.filters import ImageFilter
 from histod.daemon.loop import run_loop, run_once
 from histod.daemon.notify import notify, watchdog_period
+from histod.daemon.pipeline import Pipeline
+from histod.daemon.record import Served, settle_moves
 from histod.daemon.reports import write_report
-from histod.daemon.service import Service
-from histod.daemon.steps import Served, settle_moves
 from histod.db import chain, queries
 from histod.db.models import utcnow
 from histod.db.paths import path_text
-from histod.db.session import FileGuard, close_database, open_database, shared_database, transaction
+from histod.db.session import (
+    Checkpointer,
+    FileGuard,
+    close_database,
+    open_database,
+    shared_database,
+    sqlite_path,
+    transaction,
+)
 from histod.errors import ConfigError, DatabaseError, ModelError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
@@ -113,19 +120,19 @@ def _single_instance(folders: list[Path], *, shared: bool = False) -> Iterator[N
             os.close(fd)  # closing the last descriptor releases its lock
 
 
-def _register(factory: sessionmaker[Session], engine: Any, run_dir: Path, kind: str) -> Served:
+def _register(factory: sessionmaker[Session], classifier: Any, run_dir: Path, kind: str) -> Served:
     with transaction(factory) as session:
         record = queries.register_model(
             session,
-            sha256=engine.sha256,
-            run_id=engine.run.run_id,
+            sha256=classifier.sha256,
+            run_id=classifier.run.run_id,
             run_path=str(run_dir.resolve()),
             engine=kind,
-            image_size=int(engine.image_size),
-            threshold=float(engine.threshold),
+            image_size=int(classifier.image_size),
+            threshold=float(classifier.threshold),
             metrics=load_metrics(run_dir),
         )
-        return Served(record.id, record.sha256, record.run_id, kind, float(engine.threshold))
+        return Served(record.id, record.sha256, record.run_id, kind, float(classifier.threshold))
 
 
 def _claims(factory: sessionmaker[Session], settings: Settings) -> Claims | None:
@@ -205,11 +212,16 @@ def serve(settings: Settings, stop: threading.Event, *, once: bool = False) -> S
 def _serve(settings: Settings, watch_dir: Path, stop: threading.Event, *, once: bool, started: datetime) -> ServeResult:
     assert settings.model is not None
     key = chain.load_key(settings.audit_key_file)  # refused before anything is written: the key must be private
-    factory = open_database(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
+    url = settings.resolved_database_url
+    path = sqlite_path(url)
+    factory = open_database(url, busy_timeout_ms=settings.busy_timeout_ms, autocheckpoint=path is None)
     chain.use_key(factory, key)
+    checkpointer = Checkpointer(path, busy_timeout_ms=settings.busy_timeout_ms).start() if path is not None else None
     try:
         return _run(settings, factory, watch_dir, stop, once=once, started=started)
     finally:
+        if checkpointer is not None:
+            checkpointer.stop()
         close_database(factory)
 
 
@@ -227,17 +239,17 @@ def _run(
     if stop.is_set():
         return _stopped_in_start_up(started, "database")
 
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
 
-    engine = load_engine(settings.model, kind=settings.engine, threads=settings.threads)
-    if engine.name == "litert" and engine.run.parity == "failed" and not settings.allow_parity_failure:
+    classifier = load_classifier(settings.model, kind=settings.engine, threads=settings.threads)
+    if classifier.name == "litert" and classifier.run.parity == "failed" and not settings.allow_parity_failure:
         raise ModelError(
             f"{settings.model}: its model.tflite failed the export parity check against model.keras (metrics.json "
             "parity); serve it anyway with --allow-parity-failure, or model.keras with --engine keras"
         )
     if stop.is_set():
         return _stopped_in_start_up(started, "model")
-    served = _register(factory, engine, settings.model, settings.engine)
+    served = _register(factory, classifier, settings.model, settings.engine)
     claims = _claims(factory, settings)
     settle_moves(factory, shared=claims is not None)
     if stop.is_set():
@@ -254,38 +266,44 @@ def _run(
         once=once,
         worker=claims.worker if claims is not None else None,
     )
-    with ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="histod-decode") as pool:
-        service = Service(settings, factory, engine, served, pool, claims=claims)
-        service.guard = guard.check
+    with Pipeline(settings, factory, classifier, served, claims=claims) as pipeline:
+        pipeline.guard = guard.check
         try:
             if once:
-                run_once(service, watch_dir, ImageFilter.from_settings(settings), stop)
+                run_once(pipeline, watch_dir, ImageFilter.from_settings(settings), stop)
             else:
-                _run_forever(service, settings, watch_dir, stop, reporter)
+                _run_forever(pipeline, settings, watch_dir, stop, reporter)
         finally:
             notify("STOPPING=1")
             try:
                 if guard.intact():  # not into a database file that was deleted or replaced
                     reporter.write()
             finally:
-                if service.retrying:
-                    log.warning("service.moves_pending", files=sorted(path_text(p) for p in service.retrying))
+                if pipeline.retrying:
+                    log.warning("moves.pending", files=sorted(path_text(p) for p in pipeline.retrying))
                 if claims is not None:
                     _release(claims)
     stopped = utcnow()
-    log.info("service.stopped", files=service.files, seconds=round((stopped - started).total_seconds(), 2))
-    return ServeResult(service.files, started, stopped, unmoved=len(service.retrying))
+    stages = {k: {"files": c.files, "seconds": round(c.seconds, 4)} for k, c in pipeline.stats.snapshot().items()}
+    seconds = round((stopped - started).total_seconds(), 2)
+    log.info("service.stopped", files=pipeline.files, seconds=seconds, stages=stages)
+    return ServeResult(pipeline.files, started, stopped, unmoved=len(pipeline.retrying))
 
 
 def _run_forever(
-    service: Service, settings: Settings, watch_dir: Path, stop: threading.Event, reporter: _Reporter
+    pipeline: Pipeline, settings: Settings, watch_dir: Path, stop: threading.Event, reporter: _Reporter
 ) -> None:
     from histod.daemon.watch import Watcher
 
     watcher = Watcher.from_settings(settings)
+    watching = threading.Event()
     period = min(watchdog_period() or 2.0, 2.0)
     last_ping = 0.0
     ready = False
+
+    def started() -> None:  # the watcher's thread: the observer runs and the first scan is done
+        watching.set()
+        pipeline.inbox.put(None)  # wake the loop: READY now, not at its next tick
 
     def ping() -> None:
         nonlocal last_ping
@@ -296,7 +314,7 @@ def _run_forever(
 
     def tick() -> None:
         nonlocal ready
-        if not ready and watcher.observer is not None:
+        if not ready and watching.is_set():
             ready = True
             notify("READY=1")
             log.info("service.ready", watch_dir=str(watch_dir), mode=watcher.mode)
@@ -304,5 +322,5 @@ def _run_forever(
         reporter.tick()
 
     # a batch waiting for a locked database (up to ~68 s with the default 10 s busy timeout) still pings the watchdog
-    service.heartbeat = ping
-    run_loop(service, watcher.watch, stop, on_tick=tick)
+    pipeline.heartbeat = ping
+    run_loop(pipeline, lambda halt: watcher.watch(halt, on_started=started), stop, on_tick=tick)

@@ -1,8 +1,8 @@
 """Claims: how several services sharing one PostgreSQL database (and one watch folder) classify each file once.
 
-Every service sees every file. Before it reads one, a service CLAIMS it: it inserts a row keyed on the file's
-path into ``claims`` (histod.db.claims.take). A path has at most one row, so one service wins; the others drop
-the file. The holder then works as a lone service would, with three checks against the database:
+Every service sees every file. Before it reads one, a service CLAIMS it (:meth:`Claims.claim`): it inserts a row
+keyed on the file's path into ``claims`` (histod.db.claims.take). A path has at most one row, so one service wins;
+the others drop the file. The holder then works as a lone service would, with three checks against the database:
 
 * record: the transaction that inserts the file's result first renews the holder's claim on it, locking the
   claim row (histod.db.claims.hold). A file whose claim is no longer the service's is not recorded.
@@ -14,8 +14,8 @@ the file. The holder then works as a lone service would, with three checks again
 A claim expires ``claim_expiry_s`` after it was last renewed, by the database's clock. The holder renews all
 of its claims every ``claim_heartbeat_s`` (:meth:`Claims.beat`). A service that died stops renewing; the next
 heartbeat of any other service finds its expired claims (histod.db.claims.expired) and takes them over: a file
-still in the watch folder is processed again (its result, if committed, is found by intake and the file is only
-moved), a file already moved gets its missing ``moves`` row (:func:`histod.daemon.steps.settle_claimed`).
+still in the watch folder is processed again (its result, if committed, is found by the record stage and the
+file is only moved), a file already moved gets its missing ``moves`` row (:func:`histod.daemon.record.settle_claimed`).
 
 A service's identity in the table is ``worker_id`` (default ``host:pid``) plus a random nonce per start, so a
 process restarted with the same pid (a container) never mistakes a dead predecessor's claims for its own.
@@ -67,11 +67,11 @@ class Claims:
         self.taken_over = 0
 
     # --- in a transaction of its own -----------------------------------------------------------------
-    def take(self, paths: Iterable[Path]) -> set[Path]:
+    def claim(self, paths: Iterable[Path]) -> set[Path]:
         """Claim ``paths``; returns the ones this service holds now (the others are another service's)."""
-        return set(self._take(paths))
+        return set(self._claim(paths))
 
-    def _take(self, paths: Iterable[Path]) -> dict[Path, str | None]:
+    def _claim(self, paths: Iterable[Path]) -> dict[Path, str | None]:
         """Held paths, each with the worker it was taken over from (None: a fresh or renewed claim)."""
         wanted = list(dict.fromkeys(paths))
         if not wanted:
@@ -129,7 +129,7 @@ class Claims:
             return []
         # only claims of others: an own claim that expired (a late heartbeat) was just renewed, and its file is
         # still in this service's hands (a queued arrival, a move to retry)
-        return sorted(p for p, previous in self._take(text_path(p) for p in expired).items() if previous is not None)
+        return sorted(p for p, previous in self._claim(text_path(p) for p in expired).items() if previous is not None)
 
     # --- inside the caller's transaction -------------------------------------------------------------
     def hold(self, session: Session, paths: Sequence[Path]) -> set[Path]:
@@ -167,4 +167,4 @@ class Claims:
             with transaction(self.factory) as session:
                 self.release(session, paths)
         except DatabaseError as exc:
-            log.warning("claim.release_failed", files=len(paths), error=str(exc))
+            log.warning("claims.release_failed", files=len(paths), error=str(exc))

@@ -1,7 +1,8 @@
-"""Intake: take one file from the watch folder, read its bytes once and hash them.
+"""The first two stages of the pipeline, for one file, in one task of the decode pool (histod.daemon.pipeline):
+intake (read the file once and hash exactly those bytes) and decode (the model's inputs from the same bytes).
 
-The same bytes are later decoded and classified, so the recorded sha256 is exactly what the model saw.
-Nothing here follows a symbolic link or blocks on a FIFO (histod.imaging.read_file).
+The recorded sha256 is exactly what the model saw. Nothing here follows a symbolic link or blocks on a FIFO
+(histod.imaging.read_file). :func:`scan` lists the watch folder for `serve --once`.
 """
 
 from __future__ import annotations
@@ -9,62 +10,82 @@ from __future__ import annotations
 import hashlib
 import os
 import stat
-from dataclasses import dataclass, replace
+import time
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import NamedTuple
+
+import numpy as np
+from numpy.typing import NDArray
 
 from histod.daemon.complete import open_for_writing
 from histod.daemon.filters import ImageFilter
 from histod.daemon.mover import Identity, identity
 from histod.daemon.tree import walk
+from histod.db.paths import display
 from histod.errors import ImageError
-from histod.imaging import read_file
+from histod.imaging import decode, read_file
 
 READ_ATTEMPTS = 3
 """reads of a file that changes while it is read, before it is left for its next change"""
 
 
-@dataclass(frozen=True)
-class Taken:
-    """One file taken for classification: its bytes, or why they could not be read."""
+class Arrival(NamedTuple):
+    """A path the watcher found complete, and when (the result's ``received_at``)."""
 
     path: Path
     received_at: datetime
-    data: bytes | None
-    sha256: str | None
-    size_bytes: int | None
-    error: ImageError | None = None
+
+
+@dataclass(eq=False, slots=True)
+class Item:
+    """One file on its way through the pipeline: what was read, then what the model made of it."""
+
+    path: Path
+    received_at: datetime
+    data: bytes | None = None
+    """the bytes read: let go once decoded (outcomes keep no data)"""
+    sha256: str | None = None
+    size_bytes: int | None = None
     identity: Identity | None = None
     """the entry that was read (lstat before and after the read agree): only that entry is moved"""
+    error: ImageError | None = None
+    inputs: list[NDArray[np.uint8]] = field(default_factory=list)
+    """the model's inputs for this file: one image today; any number (tiles of a slide) is carried through"""
+    p: float | None = None
+    classified_at: datetime | None = None
+    read_s: float = 0.0
+    decode_s: float = 0.0
 
 
-def take(path: Path, received_at: datetime, *, max_bytes: int) -> Taken | None:
+def read(path: Path, received_at: datetime, *, max_bytes: int) -> Item | None:
     """Read ``path``; None when it no longer exists (already moved, or removed by its owner), or when it kept
     changing while it was read (it is not complete: its next change brings it back)."""
     for _ in range(READ_ATTEMPTS):
         before = identity(path)
-        taken = _read(path, received_at, max_bytes)
-        if taken is None:
+        item = _read(path, received_at, max_bytes)
+        if item is None:
             return None
         if identity(path) == before:
-            return replace(taken, identity=before)
+            item.identity = before
+            return item
     return None
 
 
-def _read(path: Path, received_at: datetime, max_bytes: int) -> Taken | None:
+def _read(path: Path, received_at: datetime, max_bytes: int) -> Item | None:
     try:
         data = read_file(path, max_bytes=max_bytes, follow_symlinks=False)
     except ImageError as exc:
         if exc.reason == "missing":
             return None
-        sha: str | None = None
-        size: int | None = None
+        item = Item(path, received_at, error=exc)
         if exc.reason == "empty":
-            sha, size = hashlib.sha256(b"").hexdigest(), 0
+            item.sha256, item.size_bytes = hashlib.sha256(b"").hexdigest(), 0
         elif exc.reason == "too_large":
-            size = _size(path)
-        return Taken(path, received_at, None, sha, size, exc)
-    return Taken(path, received_at, data, hashlib.sha256(data).hexdigest(), len(data))
+            item.size_bytes = _size(path)
+        return item
+    return Item(path, received_at, data, hashlib.sha256(data).hexdigest(), len(data))
 
 
 def _size(path: Path) -> int | None:
@@ -73,6 +94,33 @@ def _size(path: Path) -> int | None:
     except OSError:
         return None
     return st.st_size if stat.S_ISREG(st.st_mode) else None
+
+
+def decode_inputs(item: Item, image_size: int, *, max_pixels: int) -> None:
+    """The model's inputs from the bytes read (or the reason there are none, in ``item.error``); the bytes are let
+    go. An error keeps its reason and message only: its traceback would hold the bytes."""
+    data, item.data = item.data, None
+    if item.error is not None:
+        return
+    if data is None:
+        item.error = ImageError("unreadable", f"{item.path} could not be read")
+        return
+    try:
+        item.inputs = [decode(data, image_size, max_pixels=max_pixels, name=display(item.path))]
+    except ImageError as exc:
+        item.error = ImageError(exc.reason, str(exc.args[0]))
+
+
+def prepare(arrival: Arrival, image_size: int, *, max_bytes: int, max_pixels: int) -> Item | None:
+    """Intake and decode of one file: the decode pool's task (see the module documentation)."""
+    start = time.perf_counter()
+    item = read(arrival.path, arrival.received_at, max_bytes=max_bytes)
+    if item is None:
+        return None
+    read_at = time.perf_counter()
+    decode_inputs(item, image_size, max_pixels=max_pixels)
+    item.read_s, item.decode_s = read_at - start, time.perf_counter() - read_at
+    return item
 
 
 def scan(folder: Path, accept: ImageFilter, *, settle_s: float, now: float) -> tuple[list[Path], float | None]:

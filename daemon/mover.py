@@ -16,8 +16,13 @@ import os
 import shutil
 import stat
 from collections.abc import Callable, Collection, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from typing import Any
+
+from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, Move, utcnow
+from histod.db.paths import display, path_text
 
 _NO_HARD_LINKS = {errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK}
 
@@ -94,12 +99,12 @@ def plan_target(folder: Path, name: str, claimed: Callable[[Path], bool]) -> Pat
 
 
 def plan_tree_target(
-    folder: Path, parts: Sequence[str], taken: Callable[[Path], bool], pending: Collection[Path] = ()
+    folder: Path, parts: Sequence[str], taken: Callable[[Path], bool], pending_dirs: Collection[Path] = ()
 ) -> Path:
     """The target of a file found at ``parts`` (its path below the watch folder, as shown) under ``folder``:
     each folder of ``parts`` where nothing but a folder is (on disk) and no file target is ``taken``, else its
-    next free name (``case-1``); then the first free name for the file (:func:`plan_target`) that is not a
-    folder some ``pending`` target lies in."""
+    next free name (``case-1``); then the first free name for the file (:func:`plan_target`) that is not one of
+    ``pending_dirs``, the folders that targets planned but not yet moved lie in."""
     base = folder
     for part in parts[:-1]:
         nth = candidates(base, part)
@@ -107,7 +112,7 @@ def plan_tree_target(
         while taken(nth(n)) or (os.path.lexists(nth(n)) and not stat.S_ISDIR(os.lstat(nth(n)).st_mode)):
             n += 1
         base = nth(n)
-    return plan_target(base, parts[-1], lambda p: taken(p) or any(p in t.parents for t in pending))
+    return plan_target(base, parts[-1], lambda p: taken(p) or p in pending_dirs)
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -205,3 +210,36 @@ def _copy_across(src: Path, dst: Path, src_st: os.stat_result) -> Path:
             tmp.unlink()
     _unlink_if_same(src, src_st)
     return dst
+
+
+# --- the move stage's one file ------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PlannedMove:
+    """A recorded file's move: the result it belongs to, where it is and where its row says it goes."""
+
+    result_id: int
+    source: Path
+    target: Path
+    line: dict[str, Any]
+    """the file's canonical log line, completed once the move is done"""
+    identity: Identity | None = None
+    """the entry that was read: another one at ``source`` is not moved under this result (it is a new event)"""
+
+
+def move(planned: PlannedMove) -> Move:
+    """Move one file; the outcome is a Move row to save (never raises for an OS error)."""
+    target = path_text(planned.target)
+    error: str | None = None
+    where = planned.target
+    try:
+        where = move_file(planned.source, planned.target, expect=planned.identity)
+    except SourceReplacedError:
+        error = MOVE_REPLACED
+    except FileNotFoundError as exc:
+        gone = exc.filename is not None and Path(exc.filename) == planned.source
+        error = MOVE_VANISHED if gone else display(str(exc))
+    except OSError as exc:
+        error = display(str(exc))
+    if error is not None:
+        return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=error)
+    return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=path_text(where), error=None)

@@ -44,7 +44,7 @@ def write_report(
         path = _write_json(reports_dir, until, data)
     except OSError as exc:  # the row is the record; the file is a convenience
         log.warning("report.file_failed", reports_dir=str(reports_dir), error=str(exc))
-    log.info("report", report_id=report_id, file=str(path) if path else None, **_flat(summary))
+    log.info("report.written", report_id=report_id, file=str(path) if path else None, **_flat(summary))
     return summary
 
 

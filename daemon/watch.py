@@ -51,7 +51,7 @@ import queue
 import stat
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -173,9 +173,10 @@ class Watcher:
         return self._observers.restart_count
 
     # --- the loop -------------------------------------------------------------------------------------
-    def watch(self, stop_event: threading.Event) -> Iterator[list[Path]]:
+    def watch(self, stop_event: threading.Event, on_started: Callable[[], None] | None = None) -> Iterator[list[Path]]:
         """Yield non-empty batches of complete paths until ``stop_event`` is set (checked at least every 0.25 s
-        while the consumer is not holding the generator). Raises WatchError when the folder cannot be watched."""
+        while the consumer is not holding the generator). ``on_started`` is called once the observer runs and the
+        first scan has queued what was there. Raises WatchError when the folder cannot be watched."""
         if not self.watch_dir.is_dir():
             raise WatchError(f"watch folder {self.watch_dir} does not exist or is not a directory")
         self._reset()
@@ -192,6 +193,8 @@ class Watcher:
                 reconcile_interval_s=self.reconcile_interval_s,
             )
             self._reconcile("start")
+            if on_started is not None:
+                on_started()
             next_reconcile = time.monotonic() + self.reconcile_interval_s
             while not stop_event.is_set():
                 if not self._observers.alive():
@@ -203,7 +206,7 @@ class Watcher:
                 self._gather()
                 if overflow.is_set():
                     overflow.clear()
-                    self._log.warning("watch.overflow", watch_dir=str(self.watch_dir))
+                    self._log.warning("watch.overflowed", watch_dir=str(self.watch_dir))
                     for pending in self._pending.values():
                         pending.needs_close = False  # its close-write may be among the lost events
                     self._reconcile("overflow")
@@ -228,26 +231,30 @@ class Watcher:
 
     # --- events ---------------------------------------------------------------------------------------
     def _gather(self) -> None:
-        """Wait briefly for a first event, then gather for ``debounce_s`` and drain what is queued."""
+        """Wait briefly for a first event, then handle what is queued. A file made complete by its events
+        (close-after-write, a rename into the folder) is looked at at once; otherwise events are gathered for
+        ``debounce_s`` before they are looked at."""
         tick = min(0.25, max(0.02, self.stable_s / 4))
+        events = self._observers.events
         try:
-            first = self._observers.events.get(timeout=tick)
+            event = events.get(timeout=tick)
         except queue.Empty:
             return
-        self._on_event(first)
         deadline = time.monotonic() + self.debounce_s
-        handled = 1
-        while handled < _MAX_DRAIN:
-            remaining = deadline - time.monotonic()
-            try:
-                events = self._observers.events
-                event = events.get(timeout=remaining) if remaining > 0 else events.get_nowait()
-            except queue.Empty:
-                if remaining > 0:
-                    continue
-                return
+        for _ in range(_MAX_DRAIN):
             self._on_event(event)
-            handled += 1
+            try:
+                event = events.get_nowait()
+                continue
+            except queue.Empty:
+                pass
+            remaining = deadline - time.monotonic()
+            if self._ready or remaining <= 0:
+                return
+            try:
+                event = events.get(timeout=remaining)
+            except queue.Empty:
+                return
 
     def _under(self, raw: bytes | str) -> Path | None:
         """The event's path when it is somewhere under the watch folder (not the folder itself)."""
@@ -431,4 +438,4 @@ class Watcher:
                 queued += 1
         for path in [p for p in self._yielded if p not in present]:
             del self._yielded[path]
-        self._log.debug("watch.reconcile", reason=reason, found=len(present), queued=queued)
+        self._log.debug("watch.reconciled", reason=reason, found=len(present), queued=queued)

@@ -11,9 +11,9 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, cast
 
-from sqlalchemy import Select, and_, exists, func, or_, select
+from sqlalchemy import Select, Table, and_, bindparam, exists, func, insert, or_, select
 from sqlalchemy.orm import Session
 
 from histod import LABELS
@@ -35,6 +35,8 @@ from histod.errors import ConfigError
 from histod.runs import sha256_file
 
 SPLIT_FILE = "split.csv"
+CHUNK = 500
+"""values in one ``IN (...)`` at most"""
 
 
 def register_model(
@@ -76,21 +78,36 @@ def register_model(
     return record
 
 
+_FIRST_RESULTS = (
+    select(Result.sha256, func.min(Result.id))
+    .where(Result.sha256.in_(bindparam("digests", expanding=True)), Result.kind == KIND_CLASSIFICATION)
+    .group_by(Result.sha256)
+)
+
+
 def first_results(session: Session, digests: Iterable[str]) -> dict[str, int]:
     """For each sha256 already recorded, the id of the first result with that content."""
     wanted = sorted(set(digests))
     found: dict[str, int] = {}
-    for start in range(0, len(wanted), 500):
-        chunk = wanted[start : start + 500]
-        rows = session.execute(
-            select(Result.sha256, func.min(Result.id))
-            .where(Result.sha256.in_(chunk), Result.kind == KIND_CLASSIFICATION)
-            .group_by(Result.sha256)
-        )
-        for digest, first in rows:
+    for start in range(0, len(wanted), CHUNK):
+        for digest, first in session.execute(_FIRST_RESULTS, {"digests": wanted[start : start + CHUNK]}):
             if digest is not None:
                 found[digest] = first
     return found
+
+
+def _duplicates(session: Session, rows: Sequence[Any], last_id: int, get: Any, put: Any) -> None:
+    """Set ``duplicate_of`` of each row to the first result with its sha256: an earlier row in the database or an
+    earlier one of ``rows`` (which get the ids after ``last_id``, in order)."""
+    first = first_results(session, (d for r in rows if (d := get(r, "sha256")) is not None))
+    for row in rows:
+        last_id += 1
+        digest = get(row, "sha256")
+        if get(row, "kind") != KIND_CLASSIFICATION or digest is None:
+            continue
+        if digest in first:
+            put(row, "duplicate_of", first[digest])
+        first.setdefault(digest, last_id)
 
 
 def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
@@ -101,17 +118,73 @@ def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
     between), then every row gets the next id and its link (histod.db.chain.append)."""
     chain.lock_chain(session)
     found = chain.tails(session)
-    first = first_results(session, (r.sha256 for r in results if r.sha256 is not None))
-    last_id = found["results"].id if "results" in found else 0
     for result in results:
         result.kind = result.kind or KIND_CLASSIFICATION  # the column default applies only at flush
-        if result.kind == KIND_CLASSIFICATION and result.sha256 is not None and result.sha256 in first:
-            result.duplicate_of = first[result.sha256]
-        last_id += 1  # the id chain.append gives it: a later row of this batch may be its duplicate
-        if result.kind == KIND_CLASSIFICATION and result.sha256 is not None:
-            first.setdefault(result.sha256, last_id)
+    last_id = found["results"].id if "results" in found else 0
+    _duplicates(session, results, last_id, getattr, setattr)
     chain.append(session, results, found)
     return list(results)
+
+
+_TABLES = {"results": cast(Table, Result.__table__), "moves": cast(Table, Move.__table__)}
+_INSERT = {name: insert(table) for name, table in _TABLES.items()}  # Core: no ORM object per row
+RESULT_COLUMNS = tuple(c.key for c in _TABLES["results"].columns)
+
+
+def insert_results(session: Session, values: Sequence[dict[str, Any]]) -> None:
+    """:func:`record_results` for rows given as column values (every column of :data:`RESULT_COLUMNS` but the
+    chain's and ``id``, ``duplicate_of``), inserted in one statement: the service's path, without an ORM object
+    per row. Sets ``id``, ``duplicate_of`` and the chain columns in ``values``."""
+    if not values:
+        return
+    for row in values:
+        for column in RESULT_COLUMNS:
+            row.setdefault(column, None)
+        row["kind"] = row["kind"] or KIND_CLASSIFICATION
+    chain.lock_chain(session)
+    found = chain.tails(session)
+    last_id = found["results"].id if "results" in found else 0
+    _duplicates(session, values, last_id, dict.get, dict.__setitem__)
+    _insert_chained(session, "results", values, found)
+
+
+def insert_moves(session: Session, values: Sequence[dict[str, Any]]) -> None:
+    """Append moves rows given as column values (``result_id``, ``at``, ``ok``, ``path``, ``error``) in one
+    statement; sets ``id`` and the chain columns in ``values``."""
+    if values:
+        chain.lock_chain(session)
+        _insert_chained(session, "moves", values, chain.tails(session))
+
+
+def _insert_chained(
+    session: Session, table: str, values: Sequence[dict[str, Any]], found: dict[str, chain.Tail]
+) -> None:
+    """The rows as links of the chain, exactly as histod.db.chain.append links ORM rows (the next id of the
+    table, the next chain_seq, prev_hash, row_hash, row_mac under the audit key), then one INSERT."""
+    seq, prev = chain.head(session, found)
+    key: bytes | None = session.info.get(chain.KEY_INFO)
+    next_id = found[table].id if table in found else 0
+    fields = chain.FIELDS[table]
+    for row in values:
+        next_id += 1
+        seq += 1
+        row["id"] = next_id
+        row["chain_seq"] = seq
+        row["prev_hash"] = prev
+        row["row_hash"] = prev = chain.link_hash(table, prev, {name: row.get(name) for name in fields})
+        row["row_mac"] = chain.mac(key, prev) if key is not None else None
+    session.execute(_INSERT[table], list(values))
+
+
+def move_values(move: Move) -> dict[str, Any]:
+    """A Move (not yet added to a session) as the column values :func:`insert_moves` takes."""
+    return {
+        "result_id": move.result_id,
+        "at": move.at or utcnow(),
+        "ok": move.ok,
+        "path": move.path,
+        "error": move.error,
+    }
 
 
 def add_review(session: Session, amends_id: int, *, label: str, reviewer: str, note: str | None, host: str) -> Result:
@@ -188,6 +261,50 @@ def unmoved_at(session: Session, original_path: str) -> Result | None:
     return session.scalars(query).first()
 
 
+class Unsettled(NamedTuple):
+    id: int
+    original_path: str
+    sha256: str | None
+    stored_path: str
+    status: str
+    label: str | None
+
+
+_UNSETTLED_AT = (
+    select(Result.id, Result.original_path, Result.sha256, Result.stored_path, Result.status, Result.label)
+    .where(
+        Result.original_path.in_(bindparam("paths", expanding=True)),
+        Result.kind == KIND_CLASSIFICATION,
+        ~_settled(),
+    )
+    .order_by(Result.id.desc())
+)
+_STORED_PATHS = select(Result.stored_path).where(
+    Result.stored_path.in_(bindparam("paths", expanding=True)), Result.kind == KIND_CLASSIFICATION
+)
+
+
+def unsettled_at(session: Session, original_paths: Iterable[str]) -> dict[str, list[Unsettled]]:
+    """For each of ``original_paths`` that has any, its classifications whose file is neither moved nor gone for
+    good (:func:`find_unmoved`'s and :func:`unmoved_at`'s rows for a whole batch), newest first. One query per
+    CHUNK paths; nearly always nothing (a process stopped between a commit and its moves)."""
+    wanted = sorted(set(original_paths))
+    found: dict[str, list[Unsettled]] = {}
+    for start in range(0, len(wanted), CHUNK):
+        for row in session.execute(_UNSETTLED_AT, {"paths": wanted[start : start + CHUNK]}):
+            found.setdefault(row.original_path, []).append(Unsettled(*row))
+    return found
+
+
+def stored_paths_taken(session: Session, paths: Iterable[str]) -> set[str]:
+    """Which of ``paths`` are some classification's stored path (:func:`stored_path_taken` for a whole batch)."""
+    wanted = sorted(set(paths))
+    found: set[str] = set()
+    for start in range(0, len(wanted), CHUNK):
+        found.update(session.scalars(_STORED_PATHS, {"paths": wanted[start : start + CHUNK]}))
+    return found
+
+
 def moved_results(session: Session, result_ids: Iterable[int]) -> set[int]:
     """Which of ``result_ids`` have a successful move recorded."""
     wanted = sorted(set(result_ids))
@@ -210,7 +327,8 @@ def stored_path_query(path: str) -> Select[tuple[bool]]:
 
 
 def record_moves(session: Session, moves: Iterable[Move]) -> None:
-    chain.append(session, list(moves))
+    """Append ``moves`` (new Move objects) to the chain, in one statement (:func:`insert_moves`)."""
+    insert_moves(session, [move_values(m) for m in moves])
 
 
 def unmoved_results(session: Session, limit: int = 1000, after_id: int = 0) -> list[Result]:

@@ -29,7 +29,7 @@ BUSY_TIMEOUT_MS = 10_000
 """the default; the service and the CLI pass the ``busy_timeout_ms`` setting (histod.settings)"""
 
 
-def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
+def _sqlite_pragmas(busy_timeout_ms: int, autocheckpoint: bool = True) -> Callable[[Any, Any], None]:
     def on_connect(dbapi_connection: Any, _record: Any) -> None:
         cursor = dbapi_connection.cursor()
         try:
@@ -37,6 +37,8 @@ def _sqlite_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None]:
             cursor.execute("PRAGMA foreign_keys = ON")
             cursor.execute("PRAGMA synchronous = NORMAL")
             set_wal(cursor, busy_timeout_ms)
+            if not autocheckpoint:
+                cursor.execute("PRAGMA wal_autocheckpoint = 0")  # a Checkpointer does it, off the writer's thread
         finally:
             cursor.close()
 
@@ -76,9 +78,10 @@ def _sqlite_read_only_pragmas(busy_timeout_ms: int) -> Callable[[Any, Any], None
     return on_connect
 
 
-def make_engine(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
+def make_engine(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS, autocheckpoint: bool = True) -> Engine:
     """An Engine for ``url``; for SQLite, the parent folder is created and WAL, busy timeout, foreign keys
-    and synchronous=NORMAL are set on every connection."""
+    and synchronous=NORMAL are set on every connection (without ``autocheckpoint``, the connections leave the
+    WAL's checkpoints to a :class:`Checkpointer`)."""
     try:
         parsed = make_url(url)
     except ArgumentError as exc:
@@ -99,7 +102,7 @@ def make_engine(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> Engine:
     except (SQLAlchemyError, ImportError) as exc:
         raise DatabaseError(f"cannot use database {parsed.render_as_string(hide_password=True)}: {exc}") from exc
     if is_sqlite:
-        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms))
+        event.listen(engine, "connect", _sqlite_pragmas(busy_timeout_ms, autocheckpoint))
     return engine
 
 
@@ -122,15 +125,21 @@ def sqlite_path(url: str) -> Path | None:
 
 
 def open_database(
-    url: str, *, migrate: bool = True, must_exist: bool = False, busy_timeout_ms: int = BUSY_TIMEOUT_MS
+    url: str,
+    *,
+    migrate: bool = True,
+    must_exist: bool = False,
+    busy_timeout_ms: int = BUSY_TIMEOUT_MS,
+    autocheckpoint: bool = True,
 ) -> sessionmaker[Session]:
     """Create the engine, bring the schema to the newest revision, and return a session factory.
-    With ``must_exist`` a missing SQLite file is a DatabaseError instead of a new, empty database."""
+    With ``must_exist`` a missing SQLite file is a DatabaseError instead of a new, empty database. Without
+    ``autocheckpoint`` (the service), a :class:`Checkpointer` must checkpoint the SQLite WAL."""
     if must_exist:
         path = sqlite_path(url)
         if path is not None and not path.is_file():
             raise DatabaseError(f"no results database at {path} (nothing served yet? see `histod serve`)")
-    engine = make_engine(url, busy_timeout_ms=busy_timeout_ms)
+    engine = make_engine(url, busy_timeout_ms=busy_timeout_ms, autocheckpoint=autocheckpoint)
     if migrate:
         from histod.db.migrations import upgrade
 
@@ -201,8 +210,10 @@ def open_read_only(url: str, *, busy_timeout_ms: int = BUSY_TIMEOUT_MS) -> sessi
 
 def check_schema(engine: Engine) -> None:
     """Raise DatabaseError unless the database is at the revision this code expects."""
-    from histod.db.migrations import current_revision, head_revision
+    from histod.db.migrations import at_declared_head, current_revision, head_revision
 
+    if at_declared_head(engine):
+        return
     current, head = current_revision(engine), head_revision()
     if current == head:
         return
@@ -220,6 +231,67 @@ def close_database(factory: sessionmaker[Session]) -> None:
     bind = factory.kw.get("bind")
     if isinstance(bind, Engine):
         bind.dispose()
+
+
+class Checkpointer:
+    """Checkpoints a SQLite database's WAL from a thread of its own, so that the writer never waits for it.
+
+    SQLite's automatic checkpoint runs inside the COMMIT that passes 1000 WAL pages, and a checkpoint ends with
+    an fsync: measured on the development machine, 8-row transactions took 2.6 ms on average with it and 0.46 ms
+    without. The service's connections turn it off (``autocheckpoint=False``) and this thread runs a PASSIVE
+    checkpoint (it never blocks writers or readers) at most every ``interval_s`` seconds, when the WAL changed
+    since the last one. The last connection to close checkpoints what is left, as always."""
+
+    def __init__(self, path: Path, *, interval_s: float = 1.0, busy_timeout_ms: int = 1000) -> None:
+        import threading
+
+        self.path = path
+        self.wal = path.with_name(path.name + "-wal")
+        self.interval_s = interval_s
+        self.busy_timeout_ms = busy_timeout_ms
+        self.checkpoints = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="histod-checkpoint", daemon=True)
+        self._connection: sqlite3.Connection | None = None
+
+    def start(self) -> Checkpointer:
+        """Open a connection of its own (never creating the file) and start the thread."""
+        uri = f"file:{quote(str(self.path.resolve()))}?mode=rw"
+        try:
+            self._connection = sqlite3.connect(
+                uri, uri=True, timeout=self.busy_timeout_ms / 1000, check_same_thread=False
+            )
+        except sqlite3.Error as exc:
+            raise DatabaseError(f"cannot open {self.path} to checkpoint it: {exc}") from exc
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=10)
+
+    def _run(self) -> None:
+        connection = self._connection
+        assert connection is not None
+        done: tuple[int, int] | None = None
+        try:
+            while not self._stop.wait(self.interval_s):
+                try:
+                    st = self.wal.stat()
+                except OSError:
+                    continue
+                if (st.st_size, st.st_mtime_ns) == done:
+                    continue
+                try:
+                    connection.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                except sqlite3.Error as exc:
+                    log.warning("checkpoint.failed", database=str(self.path), error=str(exc))
+                    continue
+                self.checkpoints += 1
+                done = (st.st_size, st.st_mtime_ns)
+        finally:
+            connection.close()
 
 
 def _identity(path: Path) -> tuple[int, int] | None:

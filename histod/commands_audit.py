@@ -147,7 +147,9 @@ def explain(result_id: int, out: Path | None, target: str, min_size: int, **flag
     model's training tiles is explained all the same, with a warning saying so."""
     from histod.db.audit import subject
     from histod.db.session import reading
+    from histod.trainer import require_training
 
+    require_training("histod explain")
     with reading(_open(_settings(**flags))) as session:
         found = subject(session, result_id)
     result, model = found.result, found.model

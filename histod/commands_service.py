@@ -215,6 +215,9 @@ def _cell(value: Any, column: str) -> str:
 @click.option("--epochs", type=click.IntRange(min=0), default=4, show_default=True)
 def demo(folder: Path | None, images: int, epochs: int) -> None:
     """Generate synthetic tiles, train a tiny model, serve a folder, drop images in and print the report."""
+    from histod.trainer import require_training
+
+    require_training("histod demo")
     with stopping.stop_on_signals() as stop:
         _run_demo(folder, images=images, epochs=epochs, stop=stop)
 

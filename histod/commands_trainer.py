@@ -1,6 +1,6 @@
 """`histod train`, `histod evaluate`, `histod predict`. TensorFlow is imported inside the commands only.
 
-Each command is thin: parse flags, call histod.trainer.api (or the serving engine), print. Domain errors
+Each command is thin: parse flags, call histod.trainer.api (or the serving classifier), print. Domain errors
 (histod.errors) are turned into messages and exit codes by the group in histod.cli.
 """
 
@@ -158,8 +158,10 @@ def train(
     folder they are in. The defaults are the recipe measured best on held-out patients; see docs/training.md.
     """
     from histod.errors import ExportParityError
+    from histod.trainer import require_training
     from histod.trainer.api import train as run_training
 
+    require_training("histod train")
     values = {k: v for k, v in flags.items() if v is not None}
     if "tta" in values:
         values["tta"] = int(values["tta"])
@@ -267,11 +269,11 @@ def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None
     Each image is classified as `histod predict` classifies it: a folder of images much larger than the model's
     tiles (fields, slides) is scored image by image, each tiled, at its rule's cut; a folder mixing them with
     tile-sized images is refused."""
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
     from histod.trainer.api import evaluate_folder
 
     run_dir = _run_dir(model)
-    result = evaluate_folder(run_dir, data_dir, load_engine(run_dir, "litert", threads=threads), out=out)
+    result = evaluate_folder(run_dir, data_dir, load_classifier(run_dir, "litert", threads=threads), out=out)
     if as_json:
         click.echo(json.dumps(result))
         return
@@ -308,16 +310,16 @@ def predict(
 ) -> None:
     """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image; an image much
     larger than the model's tiles is tiled, with one summary line."""
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
     from histod.trainer.api import expand, predict_paths
 
     run_dir = _run_dir(model)
     if not expand(list(paths)):
         raise ConfigError(f"no image files in {', '.join(map(str, paths))}")
-    engine = load_engine(run_dir, "litert", threads=threads)
+    classifier = load_classifier(run_dir, "litert", threads=threads)
     failed = total = 0
     taken: set[str] = set()
-    for pred in predict_paths(engine, list(paths)):
+    for pred in predict_paths(classifier, list(paths)):
         total += 1
         if pred.error is not None:
             failed += 1
@@ -333,7 +335,7 @@ def predict(
             click.echo(f"warning: {pred.path}: {warning}", err=True)
         if pred.tiled is not None:
             target = None if heatmap is None else heatmap / _heatmap_name(pred.path.name, taken)
-            _tiled(pred.path, pred.tiled, as_json, target, engine.threshold)
+            _tiled(pred.path, pred.tiled, as_json, target, classifier.threshold)
         elif as_json:
             record = {"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)}
             click.echo(json.dumps({**record, "warnings": list(pred.warnings)} if pred.warnings else record))

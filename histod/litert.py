@@ -4,13 +4,13 @@ p(malignant) out.
     model = LiteRTModel(path_or_bytes, threads=2)
     p = model.predict(images)        # uint8 or float 0..255, (N, S, S, 3) -> float32 (N,)
 
-The service engine (histod.daemon.engine), the trainer's export check (histod.trainer.export) and the
+The service's classifier (histod.daemon.classifier), the trainer's export check (histod.trainer.export) and the
 benchmarks use it. It never imports TensorFlow. Batches of any size are run in chunks of at most ``max_chunk``
 images (the input tensor is resized when a chunk's size changes), so memory stays bounded whatever the caller
 sends. Full-integer models (uint8/int8 input and output) are quantised and dequantised with the model's own
 parameters; histod itself exports float32 models.
 
-Not thread-safe: one caller at a time (the engine serialises its calls).
+Not thread-safe: one caller at a time (the classifier serialises its calls).
 """
 
 from __future__ import annotations

@@ -1,14 +1,14 @@
 """Classify an image or a whole-slide image at the model's scale: whole, or tile by tile.
 
     with readers.open_reader(path) as reader:
-        outcome = classify(reader, engine.predict, tiling.Scale.of(run_info))
+        outcome = classify(reader, classifier.predict, tiling.Scale.of(run_info))
     # -> Whole(image at the model's input, warnings): about one tile, classify it as trained
     # -> tiling.TiledResult(aggregate, every tile's x, y, p, tissue, warnings, thumbnail): a tiled image
 
 :func:`plan` picks the level (the coarsest one still at least as fine as the model's microns per pixel) and the
 tile grid, or says "whole", and lists every scale mismatch as a warning. :func:`classify` finds tissue on one
 thumbnail, reads the tissue tiles one block at a time (histod.readers), classifies them in batches with the
-caller's predictor (the service engine's ``predict``) and aggregates them (histod.tiling).
+caller's predictor (the service classifier's ``predict``) and aggregates them (histod.tiling).
 """
 
 from __future__ import annotations

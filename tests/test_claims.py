@@ -15,16 +15,17 @@ import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
-from histod.daemon import steps
+from histod.daemon import record
 from histod.daemon.claims import Claims
-from histod.daemon.intake import take
+from histod.daemon.intake import Item
+from histod.daemon.mover import PlannedMove, move
 from histod.db import claims as sql
 from histod.db import queries
 from histod.db.migrations import current_revision, head_revision
-from histod.db.models import Claim, Move, Result, utcnow
+from histod.db.models import Claim, Move, Result
 from histod.db.session import make_engine, open_database, reading, transaction
 from tests.faults_support import tiny_png
-from tests.test_service_support import wait_for
+from tests.test_service_support import classified, wait_for
 
 SHORT = 0.3  # seconds: a claim expiry short enough to wait out in a test
 
@@ -49,12 +50,12 @@ def test_one_holder_per_path_renewal_expiry_and_takeover(any_url: str) -> None:
     factory = open_database(any_url)
     a, b = _claims(factory, "a", SHORT), _claims(factory, "b", SHORT)
     x, y = Path("/w/x.png"), Path("/w/y.png")
-    assert a.take([x]) == {x}
-    assert b.take([x, y]) == {y}  # x is a's, y was free
-    assert a.take([x]) == {x}  # a renews its own
+    assert a.claim([x]) == {x}
+    assert b.claim([x, y]) == {y}  # x is a's, y was free
+    assert a.claim([x]) == {x}  # a renews its own
     assert _rows(factory) == {str(x): a.worker, str(y): b.worker}
     # a stops renewing: once expired by the database's clock, b takes x over
-    wait_for(lambda: b.take([x]) == {x}, 10, what="b to take x over once a's claim expired")
+    wait_for(lambda: b.claim([x]) == {x}, 10, what="b to take x over once a's claim expired")
     assert b.taken_over == 1 and _rows(factory)[str(x)] == b.worker
     with transaction(factory) as s:
         assert a.hold(s, [x]) == set()  # a learns it lost x
@@ -73,7 +74,7 @@ def test_racing_services_get_disjoint_claims(postgres_url: str) -> None:
         held: set[Path] = set()
         order = paths if k % 2 == 0 else paths[::-1]  # opposite orders: sorted locking keeps it deadlock-free
         for start in range(0, len(order), 8):
-            held |= services[k].take(order[start : start + 8])
+            held |= services[k].claim(order[start : start + 8])
         got[k] = held
 
     threads = [threading.Thread(target=run, args=(k,)) for k in range(3)]
@@ -87,25 +88,24 @@ def test_racing_services_get_disjoint_claims(postgres_url: str) -> None:
         assert sql.holders(s) == {services[k].worker: len(got[k]) for k in range(3) if got[k]}
 
 
-def _served(factory: sessionmaker[Session]) -> steps.Served:
+def _served(factory: sessionmaker[Session]) -> record.Served:
     with transaction(factory) as s:
         m = queries.register_model(
             s, sha256="c" * 64, run_id="r", run_path="/r", engine="litert", image_size=48, threshold=0.5, metrics={}
         )
-    return steps.Served(m.id, m.sha256, "r", "litert", 0.5)
+    return record.Served(m.id, m.sha256, "r", "litert", 0.5)
 
 
 def _record(
-    factory: sessionmaker[Session], served: steps.Served, outcome: steps.Outcome, root: Path, claims: Claims
-) -> list[steps.PlannedMove]:
-    return steps.record(
+    factory: sessionmaker[Session], served: record.Served, item: Item, root: Path, claims: Claims
+) -> list[PlannedMove]:
+    return record.record_batch(
         factory,
-        [outcome],
+        [item],
         served=served,
         host="h",
-        processed_dir=root / "processed",
-        failed_dir=root / "failed",
-        claimed=set(),
+        to=record.Destination(root / "processed", root / "failed"),
+        reserved=set(),
         claims=claims,
     )
 
@@ -118,23 +118,21 @@ def test_a_service_whose_claim_was_taken_over_neither_records_nor_moves(postgres
     image.parent.mkdir()
     image.write_bytes(tiny_png(1))
     slow, other = _claims(factory, "slow", SHORT), _claims(factory, "other", SHORT)
-    assert slow.take([image]) == {image}
-    taken = take(image, utcnow(), max_bytes=1 << 20)
-    assert taken is not None
-    outcome = steps.Outcome(taken, utcnow(), 0.7, None)
+    assert slow.claim([image]) == {image}
+    outcome = classified(image, 0.7)
     # `slow` pauses past its expiry (no heartbeat); `other` takes the file over, records and moves it
-    wait_for(lambda: other.take([image]) == {image}, 10, what="the takeover")
+    wait_for(lambda: other.claim([image]) == {image}, 10, what="the takeover")
     (planned,) = _record(factory, served, outcome, tmp_path, other)
     assert _record(factory, served, outcome, tmp_path, slow) == []  # refused: no second row
     assert slow.ensure([image]) == set()  # and it may not move the file
-    assert steps.save_moves(factory, [steps.move(planned)], claims=other, sources=[image])
+    assert record.save_moves(factory, [move(planned)], claims=other, sources=[image])
     with reading(factory) as s:
         assert s.scalar(select(func.count(Result.id))) == 1
         assert [(m.result_id, m.ok) for m in s.scalars(select(Move))] == [(planned.result_id, True)]
     assert _rows(factory) == {}  # the move's transaction released the claim
     # a late move row of the old holder is not saved either (its claim is gone)
     late = Move(result_id=planned.result_id, ok=True, path=str(planned.target), error=None)
-    assert steps.save_moves(factory, [late], claims=slow, sources=[image])
+    assert record.save_moves(factory, [late], claims=slow, sources=[image])
     with reading(factory) as s:
         assert s.scalar(select(func.count(Move.id))) == 1
 
@@ -149,16 +147,14 @@ def test_a_dead_services_moved_file_gets_its_move_row_from_the_taker(postgres_ur
     image.parent.mkdir()
     image.write_bytes(tiny_png(2))
     dead, taker = _claims(factory, "dead", SHORT), _claims(factory, "taker", SHORT)
-    assert dead.take([image]) == {image}
-    taken = take(image, utcnow(), max_bytes=1 << 20)
-    assert taken is not None
-    (planned,) = _record(factory, served, steps.Outcome(taken, utcnow(), 0.2, None), tmp_path, dead)
-    assert steps.move(planned).ok  # ... and the process dies here
-    assert steps.settle_moves(factory, shared=True) == 0  # a claim is on it: start-up settling leaves it alone
+    assert dead.claim([image]) == {image}
+    (planned,) = _record(factory, served, classified(image, 0.2), tmp_path, dead)
+    assert move(planned).ok  # ... and the process dies here
+    assert record.settle_moves(factory, shared=True) == 0  # a claim is on it: start-up settling leaves it alone
     swept = wait_for(taker.beat, 10, what="the sweep to take the expired claim")
     assert swept == [image]
-    assert steps.settle_claimed(factory, swept, taker) == 1
-    assert steps.settle_claimed(factory, swept, taker) == 0
+    assert record.settle_claimed(factory, swept, taker) == 1
+    assert record.settle_claimed(factory, swept, taker) == 0
     with reading(factory) as s:
         assert [(m.result_id, m.ok, m.path) for m in s.scalars(select(Move))] == [
             (planned.result_id, True, str(planned.target))

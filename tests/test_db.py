@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import inspect, select, text
+from sqlalchemy import func, inspect, select, text
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.db import queries
@@ -19,6 +19,7 @@ from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, ModelRecord, Move
 from histod.db.session import make_engine, open_database, reading, set_wal, transaction
 from histod.errors import ConfigError, DatabaseError
 from histod.settings import load_settings
+from tests.test_service_support import wait_for
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, tzinfo=UTC)
 
@@ -327,3 +328,43 @@ def test_stored_paths_are_valid_text_and_give_the_exact_bytes_back() -> None:
     assert path_text("/w/ok.png") == "/w/ok.png"
     assert path_text(os.fsdecode(b"/w/caf\xe9.png")) == "bytes:/w/caf\\xe9.png"
     assert display(os.fsdecode(b"caf\xe9 \xc3\xa9.png")) == "caf\\xe9 é.png"
+
+
+def test_the_head_read_from_the_scripts_is_alembics_and_a_database_at_it_needs_no_alembic(tmp_path: Path) -> None:
+    """Start-up asks the database's alembic_version against the head the scripts declare, without importing
+    Alembic; a new database is not at it, a migrated one is."""
+    from histod.db.migrations import at_declared_head, declared_head
+
+    assert declared_head() == head_revision()
+    engine = make_engine(_url(tmp_path / "h.db"))
+    assert not at_declared_head(engine)
+    upgrade(engine)
+    assert at_declared_head(engine)
+
+
+def test_without_autocheckpoint_the_wal_grows_until_a_checkpointer_copies_it_into_the_database(tmp_path: Path) -> None:
+    """The service's connections leave the WAL's checkpoints to a Checkpointer thread: its writes stay in the WAL
+    (the database file does not grow) until the Checkpointer copies them in."""
+    from histod.db.session import Checkpointer, close_database, sqlite_path
+
+    url = _url(tmp_path / "c.db")
+    factory = open_database(url, autocheckpoint=False)
+    path = sqlite_path(url)
+    assert path is not None
+    with reading(factory) as session:
+        assert session.execute(text("PRAGMA wal_autocheckpoint")).scalar_one() == 0
+    before = path.stat().st_size
+    with transaction(factory) as session:
+        queries.record_results(session, [_result(f"f{i}.png", f"{i:064x}") for i in range(8_000)])
+    wal = path.with_name(path.name + "-wal")
+    assert wal.stat().st_size > 1000 * 4096  # past SQLite's default autocheckpoint (1,000 pages)
+    assert path.stat().st_size == before  # and nothing checkpointed
+    checkpointer = Checkpointer(path, interval_s=0.05).start()
+    try:
+        wait_for(lambda: checkpointer.checkpoints >= 1, 30, what="a checkpoint")
+    finally:
+        checkpointer.stop()
+    assert path.stat().st_size > before
+    with reading(factory) as session:
+        assert session.scalar(select(func.count()).select_from(Result)) == 8_000
+    close_database(factory)

@@ -66,7 +66,7 @@ def test_a_burst_past_the_inotify_queue_is_processed_exactly_once(
             proc.kill()
             proc.wait(10)
     tally = account(settings, names)
-    overflows = log_events(log, "watch.overflow")
+    overflows = log_events(log, "watch.overflowed")
     report(
         capsys,
         "burst",

@@ -18,13 +18,13 @@ import pytest
 from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 
-from histod.daemon import steps
+from histod.daemon import record
 from histod.db.models import Move
 from histod.db.session import open_database, reading, transaction
 from histod.errors import DatabaseError
 from histod.settings import Settings
 from tests.faults_support import account, knob, report, tiny_png, wait_for
-from tests.test_service_support import moves, row_count, running_service, service_settings
+from tests.test_service_support import classified, moves, row_count, running_service, service_settings
 
 pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
@@ -61,7 +61,7 @@ def count_refusals(monkeypatch: pytest.MonkeyPatch, module: Any) -> list[Databas
 @pytest.fixture
 def refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[DatabaseError]]:
     """Every transaction of the batch steps that the database refused (counted, then re-raised)."""
-    yield count_refusals(monkeypatch, steps)
+    yield count_refusals(monkeypatch, record)
 
 
 def _first_file_done(settings: Settings) -> bool:
@@ -160,7 +160,7 @@ def test_a_writer_holding_the_lock_past_every_retry_leaves_the_batch_for_later_n
     watch.mkdir(parents=True)
     thread, stop, errors = running_service(settings)
     writer: sqlite3.Connection | None = None
-    attempts = len(steps.RECORD_RETRIES) + 1
+    attempts = len(record.RECORD_RETRIES) + 1
     try:
         names = _drop(watch, "before", 1)
         wait_for(lambda: _first_file_done(settings) or errors, 60, what="the first file, moved and its move saved")
@@ -193,13 +193,13 @@ def test_defer_keeps_a_passing_database_error_and_raises_any_other(tiny_run_dir:
     error would fail again on every retry, so it still stops the service with its message."""
     from sqlalchemy.exc import IntegrityError, OperationalError
 
-    from histod.daemon.service import DEFER_RETRY_S, Service
+    from histod.daemon.pipeline import DEFER_RETRY_S, Pipeline
     from histod.db.models import utcnow
 
     now = [100.0]
     settings = service_settings(tmp_path, tiny_run_dir)
     none: Any = None
-    service = Service(settings, none, none, none, none, clock=lambda: now[0])
+    service = Pipeline(settings, none, none, none, clock=lambda: now[0])
     batch = [(tmp_path / "a.png", utcnow()), (tmp_path / "b.png", utcnow())]
     locked = DatabaseError("database write failed: locked")
     locked.__cause__ = OperationalError("INSERT", {}, Exception("database is locked"))
@@ -214,10 +214,8 @@ def test_defer_keeps_a_passing_database_error_and_raises_any_other(tiny_run_dir:
 def test_a_move_row_refused_by_a_locked_database_is_saved_with_the_next_ones(tmp_path: Path) -> None:
     """The file is moved, but the database refuses its `moves` row: the service keeps the row and saves it at its
     next step, instead of leaving the moves table without it until the next start."""
-    from histod.daemon.intake import take
-    from histod.daemon.service import Service
+    from histod.daemon.pipeline import Pipeline
     from histod.db import queries
-    from histod.db.models import utcnow
 
     path = tmp_path / "locked.db"
     factory = open_database(f"sqlite:///{path}", busy_timeout_ms=50)
@@ -225,27 +223,25 @@ def test_a_move_row_refused_by_a_locked_database_is_saved_with_the_next_ones(tmp
         model = queries.register_model(
             s, sha256="e" * 64, run_id="r", run_path="/r", engine="litert", image_size=48, threshold=0.5, metrics={}
         )
-    served = steps.Served(model.id, model.sha256, "r", "litert", 0.5)
+    served = record.Served(model.id, model.sha256, "r", "litert", 0.5)
     image = tmp_path / "in" / "a.png"
     image.parent.mkdir()
     image.write_bytes(tiny_png(7))
-    taken = take(image, utcnow(), max_bytes=1 << 20)
-    assert taken is not None
-    (planned,) = steps.record(
+    (planned,) = record.record_batch(
         factory,
-        [steps.Outcome(taken, utcnow(), 0.7, None)],
+        [classified(image, 0.7)],
         served=served,
         host="h",
-        processed_dir=tmp_path / "processed",
-        failed_dir=tmp_path / "failed",
-        claimed=set(),
+        to=record.Destination(tmp_path / "processed", tmp_path / "failed"),
+        reserved=set(),
     )
     none: Any = None
-    service = Service(none, factory, none, served, none)
+    service = Pipeline(service_settings(tmp_path, tmp_path), factory, none, served)
     writer = sqlite3.connect(path, isolation_level=None)
     writer.execute("BEGIN IMMEDIATE")
     service._move([planned], attempts=0)
     assert planned.target.is_file() and not image.exists()  # the move itself happened
+    service._save([])  # refused by the lock
     assert len(service.unsaved) == 1
     writer.execute("ROLLBACK")
     writer.close()

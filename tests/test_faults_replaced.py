@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from histod.daemon import steps
+from histod.daemon import record
 from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, STATUS_CLASSIFIED, utcnow
 from histod.errors import DatabaseError
 from histod.settings import Settings
@@ -25,7 +25,7 @@ pytestmark = [pytest.mark.faults, pytest.mark.timeout(300)]
 
 @pytest.fixture
 def refused(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[DatabaseError]]:
-    yield count_refusals(monkeypatch, steps)
+    yield count_refusals(monkeypatch, record)
 
 
 def _replace(path: Path, data: bytes) -> None:

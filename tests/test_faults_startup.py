@@ -86,7 +86,7 @@ def _served_one(root: Path, run_dir: Path, log: Path) -> subprocess.Popen[bytes]
     settings.resolved_watch_dir.mkdir(parents=True)
     proc = start_serve(root, run_dir, log)
     (settings.resolved_watch_dir / "first.png").write_bytes(tiny_png(0))
-    wait_for(lambda: log_events(log, "image") == 1 or proc.poll() is not None, 60, what="the first file, moved")
+    wait_for(lambda: log_events(log, "image.stored") == 1 or proc.poll() is not None, 60, what="the first file, moved")
     assert proc.poll() is None, tail(log)
     return proc
 

@@ -9,16 +9,16 @@ import sqlite3
 import tempfile
 import threading
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from histod.daemon import steps as svc
+from histod.daemon import record
 from histod.daemon.app import serve
-from histod.daemon.engine import load_engine
-from histod.daemon.intake import take
-from histod.daemon.mover import move_file, plan_target
+from histod.daemon.classifier import load_classifier
+from histod.daemon.infer import infer
+from histod.daemon.intake import Arrival, prepare
+from histod.daemon.mover import PlannedMove, move_file, plan_target
 from histod.db import queries
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Report, utcnow
 from histod.db.session import open_database, reading, transaction
@@ -26,6 +26,7 @@ from histod.errors import ConfigError, DatabaseError
 from histod.settings import Settings
 from histod.synthetic import write_images
 from tests.test_service_support import (
+    classified,
     factory_for,
     files_under,
     hostile_files,
@@ -183,23 +184,23 @@ def test_entries_that_are_not_regular_files_fail_without_being_opened_or_followe
 def _record_without_moving(settings: Settings, paths: list[Path]) -> None:
     """What a process that dies right after the commit leaves behind: rows, and the files still in place."""
     factory = factory_for(settings)
-    engine = load_engine(settings.model or Path(), threads=1)
+    classifier = load_classifier(settings.model or Path(), threads=1)
     from histod.daemon.app import _register
 
-    served = _register(factory, engine, settings.model or Path(), "litert")
+    served = _register(factory, classifier, settings.model or Path(), "litert")
     now = utcnow()
-    fresh, recover = svc.intake([(p, now) for p in paths], factory, max_bytes=settings.max_file_bytes)
-    assert len(fresh) == len(paths) and recover == []
-    with ThreadPoolExecutor(1) as pool:
-        outcomes = svc.classify(fresh, engine, pool, max_pixels=settings.max_pixels)
-    svc.record(
+    limits = {"max_bytes": settings.max_file_bytes, "max_pixels": settings.max_pixels}
+    read = [prepare(Arrival(p, now), classifier.image_size, **limits) for p in paths]
+    items = [item for item in read if item is not None]
+    assert len(items) == len(paths)
+    infer(items, classifier)
+    record.record_batch(
         factory,
-        outcomes,
+        items,
         served=served,
         host=settings.host,
-        processed_dir=settings.processed_dir,
-        failed_dir=settings.failed_dir,
-        claimed=set(),
+        to=record.Destination(settings.processed_dir, settings.failed_dir, settings.resolved_watch_dir),
+        reserved=set(),
     )
 
 
@@ -299,21 +300,18 @@ def test_a_locked_database_makes_the_batch_retry_not_vanish(tmp_path: Path) -> N
         model = queries.register_model(
             s, sha256="f" * 64, run_id="r", run_path="/r", engine="litert", image_size=48, threshold=0.5, metrics={}
         )
-        served = svc.Served(model.id, model.sha256, "r", "litert", 0.5)
+        served = record.Served(model.id, model.sha256, "r", "litert", 0.5)
     (image,) = write_images(tmp_path / "in", 1, size=48)
-    taken = take(image, utcnow(), max_bytes=1 << 20)
-    assert taken is not None
-    outcome = svc.Outcome(taken, utcnow(), 0.7, None)
+    item = classified(image, 0.7)
 
-    def attempt(retries: tuple[float, ...]) -> list[svc.PlannedMove]:
-        return svc.record(
+    def attempt(retries: tuple[float, ...]) -> list[PlannedMove]:
+        return record.record_batch(
             factory,
-            [outcome],
+            [item],
             served=served,
             host="h",
-            processed_dir=tmp_path / "processed",
-            failed_dir=tmp_path / "failed",
-            claimed=set(),
+            to=record.Destination(tmp_path / "processed", tmp_path / "failed"),
+            reserved=set(),
             retries=retries,
         )
 

@@ -12,7 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from histod.daemon.app import serve
-from histod.db.models import Move, Result
+from histod.daemon.intake import Item, read
+from histod.db.models import Move, Result, utcnow
 from histod.db.session import open_database, reading
 from histod.settings import Settings, load_settings
 
@@ -66,6 +67,14 @@ def row_count(settings: Settings) -> int:
 def moves(settings: Settings) -> list[Move]:
     with reading(factory_for(settings)) as s:
         return list(s.scalars(select(Move).order_by(Move.id)))
+
+
+def classified(path: Path, p: float) -> Item:
+    """``path`` read as the intake stage reads it, with ``p`` as the infer stage would set it."""
+    item = read(path, utcnow(), max_bytes=1 << 20)
+    assert item is not None
+    item.data, item.p, item.classified_at = None, p, utcnow()
+    return item
 
 
 def files_under(folder: Path) -> list[Path]:

@@ -38,19 +38,19 @@ def test_a_field_is_cut_at_the_training_scale_and_every_tissue_tile_found(tmp_pa
 
 
 def test_tile_p_equals_the_p_of_the_same_tile_as_its_own_file(tiny_run_dir: Path, tmp_path: Path) -> None:
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
 
-    engine = load_engine(tiny_run_dir)
+    classifier = load_classifier(tiny_run_dir)
     path, _ = field_png(tmp_path, rows=3, cols=4)
     with readers.open_reader(path) as reader:
-        result = slides.classify(reader, engine.predict, tiling.Scale.of(load_run(tiny_run_dir)))
+        result = slides.classify(reader, classifier.predict, tiling.Scale.of(load_run(tiny_run_dir)))
     assert isinstance(result, tiling.TiledResult)
     image = np.asarray(Image.open(path))
     files = []
     for i, (x, y) in enumerate(zip(result.x, result.y, strict=True)):
         files.append(tmp_path / f"tile{i}.png")
         Image.fromarray(image[y : y + SIDE, x : x + SIDE]).save(files[-1])
-    alone = engine.predict(np.stack([imaging.load(f, engine.image_size) for f in files]))
+    alone = classifier.predict(np.stack([imaging.load(f, classifier.image_size) for f in files]))
     np.testing.assert_allclose(result.p, alone, atol=1e-6)
 
 

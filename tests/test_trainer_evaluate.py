@@ -73,3 +73,22 @@ def test_class_weights_balance_the_loss() -> None:
     assert w[1] == pytest.approx(100 / 50)
     assert w[0] * 75 == pytest.approx(w[1] * 25)
     assert class_weights(np.array([0, 1, 0, 1])) == {0: 1.0, 1: 1.0}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_auc_and_the_report_agree_with_scikit_learn(seed: int) -> None:
+    """Without scikit-learn in a serving install, evaluate computes ROC AUC and the report itself: the same
+    figures and the same text as scikit-learn, ties and one-sided predictions included."""
+    metrics_mod = pytest.importorskip("sklearn.metrics")
+    from histod.trainer.evaluate import roc_auc
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    p = np.round(rng.random(300), 1 + seed)  # few distinct values: many ties
+    assert roc_auc(y, p) == pytest.approx(metrics_mod.roc_auc_score(y, p), abs=1e-12)
+    for threshold in (0.0, 0.3, 0.5, 1.01):  # 0.0 and 1.01: one label only is predicted
+        pred = (p >= threshold).astype(np.int64)
+        expected = metrics_mod.classification_report(
+            y, pred, labels=[0, 1], target_names=["Benign", "Malignant"], digits=4, zero_division=0
+        )
+        assert report_text(y, p, threshold) == expected

@@ -134,10 +134,10 @@ def test_unreadable_training_files_are_skipped_and_listed(tmp_path: Path) -> Non
 
 
 def test_evaluate_folder_uses_the_stored_threshold(tiny_run_dir: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
-    from histod.daemon.engine import load_engine
+    from histod.daemon.classifier import load_classifier
     from histod.trainer.api import evaluate_folder
 
-    result = evaluate_folder(tiny_run_dir, synthetic_dataset, load_engine(tiny_run_dir), out=tmp_path / "eval")
+    result = evaluate_folder(tiny_run_dir, synthetic_dataset, load_classifier(tiny_run_dir), out=tmp_path / "eval")
     assert result["threshold"] == load_run(tiny_run_dir).threshold
     assert result["n"] == 120
     for key in METRIC_KEYS:

@@ -431,9 +431,9 @@ def test_inotify_overflow_triggers_reconcile(running: Running, folder: Path) -> 
             "Inotify queue overflowed; filesystem events were lost"
         )
         assert running.wait_for(
-            lambda: any(e.get("event") == "watch.reconcile" and e.get("reason") == "overflow" for e in logs)
+            lambda: any(e.get("event") == "watch.reconciled" and e.get("reason") == "overflow" for e in logs)
         )
-    assert any(entry["event"] == "watch.overflow" for entry in logs)
+    assert any(entry["event"] == "watch.overflowed" for entry in logs)
 
 
 def test_from_settings(tmp_path: Path) -> None:

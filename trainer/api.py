@@ -265,8 +265,8 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
 
 
 class Scorer(Protocol):
-    """What scoring needs from a loaded model: histod.daemon.engine.Engine (the CLI passes the service's engine,
-    so `histod evaluate` and `histod predict` score exactly as `histod serve` classifies). ``run`` is its
+    """What scoring needs from a loaded model: histod.daemon.classifier.Classifier (the CLI passes the service's
+    classifier, so `histod evaluate` and `histod predict` score exactly as `histod serve` classifies). ``run`` is its
     model.json, whose tile_px and tile_mpp say which images are cut into tiles (histod.tiling)."""
 
     image_size: int

@@ -29,8 +29,6 @@ def _ratio(a: int, b: int) -> float:
 def metrics(y_true: ArrayLike, p: ArrayLike, threshold: float) -> dict[str, Any]:
     """Accuracy, balanced accuracy, ROC AUC (None with one class only), sensitivity, specificity, precision, F1,
     the confusion matrix ``[[tn, fp], [fn, tp]]`` (rows true benign/malignant), counts and the threshold."""
-    from sklearn.metrics import roc_auc_score
-
     y = np.asarray(y_true).astype(np.int64).ravel()
     prob = np.asarray(p, dtype=np.float64).ravel()
     pred = (prob >= threshold).astype(np.int64)
@@ -42,7 +40,7 @@ def metrics(y_true: ArrayLike, p: ArrayLike, threshold: float) -> dict[str, Any]
     specificity = _ratio(tn, tn + fp)
     precision = _ratio(tp, tp + fp)
     f1 = _ratio(2 * tp, 2 * tp + fp + fn)
-    auc: float | None = float(roc_auc_score(y, prob)) if len(np.unique(y)) == 2 else None
+    auc: float | None = roc_auc(y, prob) if len(np.unique(y)) == 2 else None
     return {
         "accuracy": _ratio(tp + tn, y.size),
         "balanced_accuracy": (sensitivity + specificity) / 2,
@@ -101,13 +99,45 @@ def _candidates(prob: NDArray[np.float64]) -> list[float]:
     return sorted({low, high, *[float(m) for m in mids]})
 
 
-def report_text(y_true: ArrayLike, p: ArrayLike, threshold: float) -> str:
-    """scikit-learn's classification report at ``threshold``."""
-    from sklearn.metrics import classification_report
+def roc_auc(y_true: ArrayLike, p: ArrayLike) -> float:
+    """ROC AUC: the chance that a malignant image scores above a benign one, ties counting half (the Mann-Whitney
+    U of the malignant images' mid-ranks; scikit-learn's roc_auc_score gives the same). Needs both classes."""
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    prob = np.asarray(p, dtype=np.float64).ravel()
+    _, inverse, counts = np.unique(prob, return_inverse=True, return_counts=True)
+    ranks = (np.cumsum(counts) - (counts - 1) / 2.0)[inverse.ravel()]  # 1-based, tied values share their mean
+    n_pos = int(np.sum(y == 1))
+    n_neg = int(y.size) - n_pos
+    return float((np.sum(ranks[y == 1]) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
+
+REPORT_HEADERS = ("precision", "recall", "f1-score", "support")
+
+
+def report_text(y_true: ArrayLike, p: ArrayLike, threshold: float, digits: int = 4) -> str:
+    """The classification report at ``threshold``: precision, recall, F1 and support per label, accuracy, macro
+    and support-weighted averages (the layout of scikit-learn's classification_report, zero_division=0)."""
     y = np.asarray(y_true).astype(np.int64).ravel()
     pred = (np.asarray(p, dtype=np.float64).ravel() >= threshold).astype(np.int64)
-    text: str = classification_report(y, pred, labels=[0, 1], target_names=list(LABELS), digits=4, zero_division=0)
+    rows: list[tuple[str, float, float, float, int]] = []
+    for k, name in enumerate(LABELS):
+        hit, called, support = int(np.sum((pred == k) & (y == k))), int(np.sum(pred == k)), int(np.sum(y == k))
+        rows.append((name, _ratio(hit, called), _ratio(hit, support), _ratio(2 * hit, called + support), support))
+    total = int(y.size)
+    width = max(*(len(name) for name in LABELS), len("weighted avg"), digits)
+
+    def line(name: str, precision: float, recall: float, f1: float, support: int) -> str:
+        figures = "".join(f" {v:>9.{digits}f}" for v in (precision, recall, f1))
+        return f"{name:>{width}s} {figures} {support:>9}\n"
+
+    text = f"{'':>{width}s} " + "".join(f" {h:>9}" for h in REPORT_HEADERS) + "\n\n"
+    text += "".join(line(name, pr, rc, f1, n) for name, pr, rc, f1, n in rows) + "\n"
+    accuracy = _ratio(int(np.sum(pred == y)), total)
+    text += f"{'accuracy':>{width}s} " + f" {'':>9} {'':>9} {accuracy:>9.{digits}f} {total:>9}\n"
+    macro = [sum(float(row[i]) for row in rows) / len(rows) for i in (1, 2, 3)]
+    weighted = [_ratio(0, 0) if not total else sum(float(row[i]) * row[4] for row in rows) / total for i in (1, 2, 3)]
+    text += line("macro avg", macro[0], macro[1], macro[2], total)
+    text += line("weighted avg", weighted[0], weighted[1], weighted[2], total)
     return text
 
 
@@ -206,12 +236,10 @@ def patient_resamples(
 
 def resample_figures(y: NDArray[np.int64], p: NDArray[np.float64], called: NDArray[np.bool_]) -> dict[str, float]:
     """Balanced accuracy, ROC AUC, sensitivity and specificity of one resample, from its p and decisions."""
-    from sklearn.metrics import roc_auc_score
-
     sens, spec = float(np.mean(called[y == 1])), float(np.mean(~called[y == 0]))
     return {
         "balanced_accuracy": (sens + spec) / 2,
-        "roc_auc": float(roc_auc_score(y, p)),
+        "roc_auc": roc_auc(y, p),
         "sensitivity": sens,
         "specificity": spec,
     }

@@ -9,6 +9,7 @@ repository. For a new revision during development::
 from __future__ import annotations
 
 import functools
+import re
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -40,12 +41,14 @@ def alembic_config(engine: Engine | None = None) -> object:
 
 def upgrade(engine: Engine, revision: str = "head") -> None:
     """Bring the schema at ``engine`` to ``revision``; idempotent. Raises DatabaseError."""
+    if revision == "head" and at_declared_head(engine):
+        return  # the common case: nothing to do, and neither Alembic nor the scripts are imported
     from alembic import command
     from alembic.config import Config
     from alembic.util import CommandError
 
     if revision == "head" and current_revision(engine) == head_revision():
-        return  # the common case: nothing to do, and no Alembic environment to set up
+        return
     config = alembic_config(engine)
     assert isinstance(config, Config)
     with _LOCK, _across_processes(engine):
@@ -93,6 +96,44 @@ def current_revision(engine: Engine) -> str | None:
             return MigrationContext.configure(connection).get_current_revision()
     except SQLAlchemyError as exc:
         raise DatabaseError(f"cannot read the schema revision: {exc}") from exc
+
+
+_REVISION = re.compile(r"^revision\b[^=\n]*=\s*[\"']([^\"']+)[\"']", re.MULTILINE)
+_PARENTS = re.compile(r"^down_revision\b[^=\n]*=(.*)$", re.MULTILINE)
+
+
+@functools.cache
+def declared_head() -> str | None:
+    """The newest revision as the scripts declare it (their ``revision = "..."`` and ``down_revision = ...``
+    lines), read without importing Alembic or the scripts: the one revision that no other names as its parent.
+    None when that is not one revision (Alembic then decides)."""
+    revisions: set[str] = set()
+    parents: set[str] = set()
+    for script in (SCRIPT_LOCATION / "versions").glob("*.py"):
+        text = script.read_text(encoding="utf-8")
+        found = _REVISION.search(text)
+        if found is None:
+            continue
+        revisions.add(found.group(1))
+        down = _PARENTS.search(text)
+        if down is not None:
+            parents.update(re.findall(r"[\"']([^\"']+)[\"']", down.group(1)))
+    heads = revisions - parents
+    return next(iter(heads)) if len(heads) == 1 else None
+
+
+def at_declared_head(engine: Engine) -> bool:
+    """Whether the database is at :func:`declared_head`, by one query of ``alembic_version`` (False for a new
+    database, and whenever it cannot be told this way)."""
+    head = declared_head()
+    if head is None:
+        return False
+    try:
+        with engine.connect() as connection:
+            found = [row[0] for row in connection.exec_driver_sql("SELECT version_num FROM alembic_version")]
+    except SQLAlchemyError:
+        return False  # no version table yet: a new database
+    return found == [head]
 
 
 @functools.cache

@@ -1,5 +1,5 @@
-"""The serving engines on the real tiny RUN_DIR of tests/conftest.py (``tiny_run_dir``, read-only: copied before
-any change): LiteRT (no TensorFlow) against Keras, batch sizes, TTA, sha256 and file checks."""
+"""The served classifier, both engines, on the real tiny RUN_DIR of tests/conftest.py (``tiny_run_dir``, read-only:
+copied before any change): LiteRT (no TensorFlow) against Keras, batch sizes, TTA, sha256 and file checks."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from numpy.typing import NDArray
 
-from histod.daemon.engine import Engine, KerasEngine, LiteRTEngine, load_engine
+from histod.daemon.classifier import Classifier, KerasClassifier, LiteRTClassifier, load_classifier
 from histod.errors import ConfigError, ModelError
 from histod.litert import MAX_CHUNK
 from histod.runs import KERAS_FILE, MODEL_INFO, TFLITE_FILE, load_run
@@ -23,13 +23,13 @@ pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture(scope="module")
-def litert(tiny_run_dir: Path) -> Engine:
-    return load_engine(tiny_run_dir, "litert", threads=1)
+def litert(tiny_run_dir: Path) -> Classifier:
+    return load_classifier(tiny_run_dir, "litert", threads=1)
 
 
 @pytest.fixture(scope="module")
-def keras_engine(tiny_run_dir: Path) -> Engine:
-    return load_engine(tiny_run_dir, "keras")
+def keras_engine(tiny_run_dir: Path) -> Classifier:
+    return load_classifier(tiny_run_dir, "keras")
 
 
 def images(n: int, size: int, seed: int = 0) -> NDArray[np.uint8]:
@@ -44,9 +44,9 @@ def copy_run(tiny_run_dir: Path, dest: Path, **changes: object) -> Path:
     return dest
 
 
-def test_engine_attributes(litert: Engine, tiny_run_dir: Path) -> None:
+def test_engine_attributes(litert: Classifier, tiny_run_dir: Path) -> None:
     run = load_run(tiny_run_dir)
-    assert isinstance(litert, LiteRTEngine)
+    assert isinstance(litert, LiteRTClassifier)
     assert litert.name == "litert"
     assert litert.image_size == run.image_size
     assert litert.threshold == run.threshold
@@ -55,8 +55,8 @@ def test_engine_attributes(litert: Engine, tiny_run_dir: Path) -> None:
     assert litert.model_path == tiny_run_dir / TFLITE_FILE
 
 
-def test_litert_matches_keras(litert: Engine, keras_engine: Engine) -> None:
-    assert isinstance(keras_engine, KerasEngine)
+def test_litert_matches_keras(litert: Classifier, keras_engine: Classifier) -> None:
+    assert isinstance(keras_engine, KerasClassifier)
     assert keras_engine.sha256 == keras_engine.run.keras_sha256
     batch = images(6, litert.image_size)
     p_lite, p_keras = litert.predict(batch), keras_engine.predict(batch)
@@ -66,7 +66,7 @@ def test_litert_matches_keras(litert: Engine, keras_engine: Engine) -> None:
     assert np.all((p_lite >= 0) & (p_lite <= 1))
 
 
-def test_batch_size_changes(litert: Engine) -> None:
+def test_batch_size_changes(litert: Classifier) -> None:
     batch = images(MAX_CHUNK + 5, litert.image_size, seed=1)
     whole = litert.predict(batch)
     assert whole.shape == (MAX_CHUNK + 5,)
@@ -75,12 +75,12 @@ def test_batch_size_changes(litert: Engine) -> None:
     assert litert.predict(batch[:0]).shape == (0,)
 
 
-def test_float_input_in_0_255_is_accepted(litert: Engine) -> None:
+def test_float_input_in_0_255_is_accepted(litert: Classifier) -> None:
     batch = images(2, litert.image_size, seed=2)
     np.testing.assert_allclose(litert.predict(batch.astype(np.float32)), litert.predict(batch), atol=1e-6)
 
 
-def test_wrong_shape_is_refused(litert: Engine) -> None:
+def test_wrong_shape_is_refused(litert: Classifier) -> None:
     s = litert.image_size
     for bad in (np.zeros((s, s, 3), np.uint8), np.zeros((1, s + 1, s, 3), np.uint8), np.zeros((1, s, s, 4), np.uint8)):
         with pytest.raises(ValueError, match="expected a batch"):
@@ -89,9 +89,9 @@ def test_wrong_shape_is_refused(litert: Engine) -> None:
 
 @pytest.mark.parametrize("kind", ["litert", "keras"])
 def test_tta_averages_over_horizontal_flip(
-    tiny_run_dir: Path, tmp_path: Path, kind: str, litert: Engine, monkeypatch: pytest.MonkeyPatch
+    tiny_run_dir: Path, tmp_path: Path, kind: str, litert: Classifier, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    engine = load_engine(copy_run(tiny_run_dir, tmp_path / "tta", tta=True), kind)  # type: ignore[arg-type]
+    engine = load_classifier(copy_run(tiny_run_dir, tmp_path / "tta", tta=True), kind)  # type: ignore[arg-type]
     assert engine.run.tta
     batch = images(3, engine.image_size, seed=3)
     seen: list[NDArray[np.float32]] = []
@@ -117,7 +117,7 @@ def test_sha_mismatch_is_a_model_error(tiny_run_dir: Path, tmp_path: Path, kind:
     with (copied / file).open("ab") as fh:
         fh.write(b"\0")
     with pytest.raises(ModelError, match="sha256"):
-        load_engine(copied, kind)  # type: ignore[arg-type]
+        load_classifier(copied, kind)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize(("kind", "file"), [("litert", TFLITE_FILE), ("keras", KERAS_FILE)])
@@ -125,25 +125,25 @@ def test_missing_model_file_is_a_model_error(tiny_run_dir: Path, tmp_path: Path,
     copied = copy_run(tiny_run_dir, tmp_path / "incomplete")
     (copied / file).unlink()
     with pytest.raises(ModelError, match="missing"):
-        load_engine(copied, kind)  # type: ignore[arg-type]
+        load_classifier(copied, kind)  # type: ignore[arg-type]
 
 
 def test_missing_run_dir_and_model_json(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match="does not exist"):
-        load_engine(tmp_path / "nowhere")
+        load_classifier(tmp_path / "nowhere")
     with pytest.raises(ModelError, match=MODEL_INFO):
-        load_engine(tmp_path)
+        load_classifier(tmp_path)
 
 
 def test_image_size_disagreeing_with_model_json(tiny_run_dir: Path, tmp_path: Path) -> None:
     copied = copy_run(tiny_run_dir, tmp_path / "resized", image_size=load_run(tiny_run_dir).image_size * 2)
     with pytest.raises(ModelError, match="image_size"):
-        load_engine(copied)
+        load_classifier(copied)
 
 
 def test_unknown_kind(tiny_run_dir: Path) -> None:
     with pytest.raises(ConfigError):
-        load_engine(tiny_run_dir, "onnx")  # type: ignore[arg-type]
+        load_classifier(tiny_run_dir, "onnx")  # type: ignore[arg-type]
 
 
 def test_litert_never_imports_tensorflow(tiny_run_dir: Path) -> None:
@@ -151,8 +151,8 @@ def test_litert_never_imports_tensorflow(tiny_run_dir: Path) -> None:
         "import sys\n"
         "from pathlib import Path\n"
         "import numpy as np\n"
-        "import histod.daemon.engine as e\n"
-        f"engine = e.load_engine(Path({str(tiny_run_dir)!r}))\n"
+        "import histod.daemon.classifier as e\n"
+        f"engine = e.load_classifier(Path({str(tiny_run_dir)!r}))\n"
         "s = engine.image_size\n"
         "p = engine.predict(np.zeros((2, s, s, 3), np.uint8))\n"
         "assert p.shape == (2,), p.shape\n"

@@ -1,15 +1,16 @@
-"""Serve a RUN_DIR's model behind one call: ``engine.predict(batch) -> p(malignant)``.
+"""Serve a RUN_DIR's model behind one call: ``classifier.predict(batch) -> p(malignant)``.
 
-    engine = load_engine(run_dir)                    # LiteRT: model.tflite, no TensorFlow in the process
-    p = engine.predict(images)                       # uint8 (N, S, S, 3) -> float32 (N,)
-    labels = np.where(p >= engine.threshold, ...)
+    classifier = load_classifier(run_dir)            # LiteRT: model.tflite, no TensorFlow in the process
+    p = classifier.predict(images)                   # uint8 (N, S, S, 3) -> float32 (N,)
+    labels = np.where(p >= classifier.threshold, ...)
 
 ``litert`` (the default) runs ``model.tflite`` with histod.litert (``ai_edge_litert``); this module never imports
 TensorFlow for it. ``keras`` loads ``model.keras`` (importing TensorFlow/Keras then, lazily), for parity checks. Both
 check the served file against the sha256 recorded in ``model.json`` and raise :class:`ModelError` on any
 mismatch or missing file. When the run says ``tta`` N > 1, p is the mean over N flips/rotations (histod.tta).
 
-An engine is safe to call from several threads (calls are serialised); the service calls it from one.
+The inference engine is the ``engine`` setting: ``litert`` or ``keras``. A classifier is safe to call from several
+threads (calls are serialised); the service calls it from its infer thread.
 """
 
 from __future__ import annotations
@@ -31,10 +32,10 @@ from histod.runs import KERAS_FILE, TFLITE_FILE, RunInfo, load_run
 
 EngineKind = Literal["litert", "keras"]
 
-_log = get_logger("histod.engine")
+_log = get_logger("histod.classifier")
 
 
-class Engine(ABC):
+class Classifier(ABC):
     """One served model. ``predict`` takes uint8 RGB (N, S, S, 3), S = ``image_size``; returns float32 (N,)."""
 
     name: str
@@ -65,6 +66,10 @@ class Engine(ABC):
         p = tta.average(out, self.run.tta)
         return np.asarray(np.clip(p, 0.0, 1.0), dtype=np.float32)
 
+    def warm_up(self) -> None:
+        """One prediction on a blank image, so that the first file does not wait for the runtime's set-up."""
+        self.predict(np.zeros((1, self.image_size, self.image_size, 3), dtype=np.uint8))
+
     def _check(self, batch: NDArray[Any]) -> NDArray[np.float32]:
         shape = getattr(batch, "shape", None)
         s = self.image_size
@@ -80,7 +85,7 @@ class Engine(ABC):
         return f"{type(self).__name__}(run_id={self.run.run_id!r}, sha256={self.sha256[:12]}, size={self.image_size})"
 
 
-class LiteRTEngine(Engine):
+class LiteRTClassifier(Classifier):
     """``model.tflite`` through the one LiteRT runner (histod.litert), loaded from the bytes whose sha256 was
     checked, so the file cannot be swapped between the check and the load."""
 
@@ -104,7 +109,7 @@ class LiteRTEngine(Engine):
         return self._model.predict(x)
 
 
-class KerasEngine(Engine):
+class KerasClassifier(Classifier):
     """``model.keras`` with Keras 3 (imports TensorFlow): for parity checks against the LiteRT engine."""
 
     name = "keras"
@@ -113,6 +118,9 @@ class KerasEngine(Engine):
         path = run_dir / KERAS_FILE
         _read_checked(path, run.keras_sha256)
         super().__init__(run_dir, run, path, run.keras_sha256)
+        from histod.trainer import require_training
+
+        require_training("the keras engine")
         import keras
 
         try:
@@ -141,24 +149,24 @@ def _read_checked(path: Path, expected: str) -> bytes:
     return data
 
 
-def load_engine(run_dir: Path, kind: EngineKind = "litert", threads: int = 2) -> Engine:
+def load_classifier(run_dir: Path, kind: EngineKind = "litert", threads: int = 2) -> Classifier:
     """Load the model of ``run_dir`` (a RUN_DIR written by ``histod train``) for serving."""
     run = load_run(run_dir)
-    engine: Engine
+    classifier: Classifier
     if kind == "litert":
-        engine = LiteRTEngine(run_dir, run, threads=threads)
+        classifier = LiteRTClassifier(run_dir, run, threads=threads)
     elif kind == "keras":
-        engine = KerasEngine(run_dir, run)
+        classifier = KerasClassifier(run_dir, run)
     else:
         raise ConfigError(f"unknown engine {kind!r}: use 'litert' or 'keras'")
     _log.info(
-        "engine.loaded",
-        engine=engine.name,
+        "model.loaded",
+        engine=classifier.name,
         run_id=run.run_id,
-        model=str(engine.model_path),
-        sha256=engine.sha256,
-        image_size=engine.image_size,
-        threshold=engine.threshold,
+        model=str(classifier.model_path),
+        sha256=classifier.sha256,
+        image_size=classifier.image_size,
+        threshold=classifier.threshold,
         tta=run.tta,
     )
-    return engine
+    return classifier
