@@ -12,19 +12,20 @@ import click
 
 from histod import __version__, stopping
 from histod.errors import HistodError
-from histod.logs import configure, printable
+from histod.logs import capture_stderr, configure, json_mode, problem
 from histod.settings import load_settings
 
 
 class _Group(click.Group):
-    """Turns every HistodError into `error: <message>` on stderr and the error's exit code: never a traceback.
-    The message is one line, with control characters escaped (it may quote a file name)."""
+    """Turns every HistodError into `error: <message>` on stderr (an ``error`` event in JSON mode) and the
+    error's exit code: never a traceback. The message is one line, with control characters escaped (it may
+    quote a file name)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except HistodError as exc:
-            click.secho(f"error: {printable(str(exc))}", err=True, fg="red")
+            problem(str(exc), exit_code=exc.exit_code)
             sys.exit(exc.exit_code)
 
 
@@ -51,7 +52,9 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> No
     if ctx.invoked_subcommand not in stopping.CLEAN_STOP_COMMANDS:
         stopping.release()  # SIGTERM ends this command by its default action, as before
     settings = load_settings(log_level=log_level, log_format=log_format)
-    configure(settings.log_level, settings.log_format)
+    # JSON lines: what native libraries and Python itself write to stderr becomes JSON events as well
+    stream = capture_stderr() if json_mode(settings.log_format) else None
+    configure(settings.log_level, settings.log_format, stream=stream)
     ctx.obj = {"log_level": log_level, "log_format": log_format}
 
 

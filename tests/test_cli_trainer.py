@@ -41,7 +41,7 @@ def test_train_without_class_folders(tmp_path: Path) -> None:
     _png(tmp_path / "data" / "tiles" / "a.png")
     result = _invoke("train", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
     assert result.exit_code == 3
-    assert "error:" in result.stderr
+    assert '"event": "error"' in result.stderr  # JSON logs: the error line is an event too
     assert "benign/ and malignant/" in result.stderr
     _no_traceback(result)
     assert not (tmp_path / "run").exists()
