@@ -12,7 +12,7 @@ import click
 
 from histod import __version__, stopping
 from histod.errors import HistodError
-from histod.logs import capture_stderr, configure, json_mode, problem
+from histod.logs import capture_stderr, configure, json_mode, problem, reset
 from histod.settings import load_settings
 
 
@@ -51,6 +51,7 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> No
     """
     if ctx.invoked_subcommand not in stopping.CLEAN_STOP_COMMANDS:
         stopping.release()  # SIGTERM ends this command by its default action, as before
+    reset()  # a settings error is reported before logging is configured
     settings = load_settings(log_level=log_level, log_format=log_format)
     # JSON lines: what native libraries and Python itself write to stderr becomes JSON events as well
     stream = capture_stderr() if json_mode(settings.log_format) else None

@@ -285,4 +285,28 @@ DEMO_TRAINING: dict[str, Any] = {
 """A model that learns the synthetic tiles in seconds: small, random start, every layer trained."""
 
 
-COMMANDS: list[click.Command] = [serve, report, results, demo]
+@click.command()
+@click.option("--port", type=click.IntRange(1, 65_535), default=None, help="default: the metrics_port setting")
+@click.option("--address", default=None, help="default: the metrics_address setting (loopback for 0.0.0.0)")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="seconds")
+@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
+def health(port: int | None, address: str | None, timeout: float, fmt: str) -> None:
+    """Ask the running service's /healthz; exit 0 when it is healthy, 1 when it is not or does not answer."""
+    from histod.daemon.health import ask
+
+    settings = _settings()
+    port = port or settings.metrics_port
+    if port is None:
+        raise ConfigError(
+            "histod health asks the running service on its metrics port: set metrics_port (HISTOD_METRICS_PORT, "
+            "as for the service) or pass --port"
+        )
+    answer = ask(address or settings.metrics_address, port, timeout)
+    if fmt == "json":
+        click.echo(json.dumps(answer.to_json(), indent=2))
+    else:
+        click.echo(answer.text())
+    sys.exit(0 if answer.ok else 1)
+
+
+COMMANDS: list[click.Command] = [serve, report, results, demo, health]

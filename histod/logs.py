@@ -206,6 +206,11 @@ def capture_stderr() -> TextIO | None:
     return stream
 
 
+def reset() -> None:
+    """Before the CLI has configured logging (a settings error comes first): text lines."""
+    _MODE.json = _MODE.journal = False
+
+
 def is_json() -> bool:
     """Whether the log stream is JSON lines (as configured)."""
     return _MODE.json
@@ -219,8 +224,9 @@ def problem(message: str, *, event: str = "error", level: str = "error", **field
         return
     import click
 
-    label = "error" if level == "error" else level
-    click.secho(f"{label}: {printable(message)}", err=True, fg="red" if level == "error" else "yellow")
+    journal = _MODE.journal or on_journal(sys.stderr)
+    line = f"{stderr_json.prefix(level, journal)}{level}: {printable(message)}"
+    click.secho(line, err=True, fg="red" if level == "error" else "yellow")
 
 
 def get_logger(name: str | None = None, **initial: Any) -> Any:
