@@ -60,9 +60,9 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> No
 
 
 def _register() -> None:
-    from histod import commands_audit, commands_service, commands_trainer
+    from histod import commands_audit, commands_report, commands_service, commands_trainer
 
-    for module in (commands_trainer, commands_service, commands_audit):
+    for module in (commands_trainer, commands_service, commands_report, commands_audit):
         for command in module.COMMANDS:
             cli.add_command(command)
 

@@ -229,5 +229,17 @@ def problem(message: str, *, event: str = "error", level: str = "error", **field
     click.secho(line, err=True, fg="red" if level == "error" else "yellow")
 
 
+def say(message: str, *, event: str, **fields: Any) -> None:
+    """A line the CLI tells its user beside its output (a summary at the end of long work): the plain line on
+    stderr, or an info event with ``message`` and ``fields`` in JSON mode (the stream stays JSON)."""
+    if _MODE.json:
+        structlog.get_logger("histod.cli").info(event, message=message, **fields)
+        return
+    import click
+
+    journal = _MODE.journal or on_journal(sys.stderr)
+    click.echo(f"{stderr_json.prefix('info', journal)}{printable(message)}", err=True)
+
+
 def get_logger(name: str | None = None, **initial: Any) -> Any:
     return structlog.get_logger(name, **initial)

@@ -57,6 +57,31 @@ def test_report_json_matches_the_rows(served: Path, tiny_run_dir: Path) -> None:
     assert data["latency_p95_ms"] >= data["latency_p50_ms"] > 0
 
 
+def test_report_writes_a_page_and_a_csv_and_prints_any_format(served: Path, tmp_path: Path) -> None:
+    page, table = tmp_path / "out.html", tmp_path / "out.csv"
+    args = ["report", "--since", "7d", *_flags(served)]
+    result = CliRunner().invoke(cli, [*args, "--html", str(page), "--csv", str(table)])
+    assert result.exit_code == 0, result.output
+    assert f"written: {page}" in result.stdout and "reviews     none of the window" in result.stdout
+    html = page.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and html.count("<svg") == 4 and "truncated.png" not in html
+    assert "Failures by reason" in html and "not_an_image" in html
+    with table.open(newline="") as fh:
+        assert sum(int(r["total"]) for r in csv.DictReader(fh)) == 7
+    printed = CliRunner().invoke(cli, [*args, "--format", "csv"]).stdout
+    assert printed == table.read_text()
+    both = CliRunner().invoke(cli, [*args, "--format", "csv", "--json"])
+    assert both.exit_code == 2 and "--json is --format json" in both.output
+
+
+def test_serve_once_refuses_the_flags_only_a_running_service_uses(tmp_path: Path) -> None:
+    for flag in (["--polling"], ["--report-interval", "60"], ["--metrics-port", "9464"]):
+        got = CliRunner().invoke(cli, ["--log-format", "console", "serve", "--once", *flag, *_flags(tmp_path)])
+        assert got.exit_code == 2 and "error: serve --once takes what is in the folder now" in got.output, got.output
+        assert flag[0] in got.output
+    assert not (tmp_path / "data").exists()
+
+
 def test_report_of_an_empty_window(served: Path) -> None:
     result = CliRunner().invoke(cli, ["report", "--since", "2000-01-01", "--until", "2000-01-02", *_flags(served)])
     assert result.exit_code == 0, result.output
