@@ -6,13 +6,16 @@ Each command is thin: parse flags, call histod.trainer.api (or the serving engin
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
 
 import click
 
+from histod.commands_service import FORMATS, chosen_format, json_flag
 from histod.errors import ConfigError
+from histod.logs import problem, say
 from histod.settings import load_settings
 from histod.trainer import presets
 from histod.trainer.config import TrainConfig
@@ -227,68 +230,144 @@ def _cross_validate(cfg: TrainConfig, k: int) -> None:
 @click.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
-@click.option("--json", "as_json", is_flag=True, help="print the metrics as one JSON object")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write metrics, report and plots here")
-@click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
-def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None, threads: int) -> None:
-    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold."""
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="table: text; csv: metric,value,ci95_low,ci95_high; json: one object",
+)
+@json_flag
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="a folder for metrics.json, the report, predictions.csv and the plots",
+)
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="LiteRT inference threads")
+def evaluate(data_dir: Path, model: Path | None, fmt: str, as_json: bool, out: Path | None, threads: int) -> None:
+    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold, with 95 %
+    intervals from a bootstrap over patients (as `histod train` reports them)."""
     from histod.daemon.engine import load_engine
+    from histod.progress import Progress
     from histod.trainer.api import evaluate_folder
 
+    fmt = chosen_format(fmt, as_json)
     run_dir = _run_dir(model)
-    result = evaluate_folder(run_dir, data_dir, load_engine(run_dir, "litert", threads=threads), out=out)
-    if as_json:
+    engine = load_engine(run_dir, "litert", threads=threads)
+    with Progress("scored", 0) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.advance(done - bar.done)
+
+        result = evaluate_folder(run_dir, data_dir, engine, out=out, progress=advance)
+    if fmt == "json":
         click.echo(json.dumps(result))
-        return
-    skipped = result["skipped"]
-    click.echo(f"{data_dir}: {result['n']} images ({result['n_benign']} benign, {result['n_malignant']} malignant)")
-    _print_metrics(result)
-    for s in skipped:
+    elif fmt == "csv":
+        click.echo(_metrics_csv(result), nl=False)
+    else:
+        click.echo(f"{data_dir}: {result['n']} images ({result['n_benign']} benign, {result['n_malignant']} malignant)")
+        _print_metrics(result)
+        ci = result.get("ci95")
+        click.echo(
+            f"  95 % intervals: bootstrap over {result['groups']} patients"
+            if ci
+            else f"  no 95 % intervals: {result['groups']} patient(s) and both classes are needed"
+        )
+    for s in result["skipped"]:
         click.echo(f"skipped {s['path']}: {s['reason']}: {s['message']}", err=True)
-    if out is not None:
-        click.echo(f"written: {out}")
+    summary = f"done: {result['n']} images scored in {bar.elapsed():.1f} s"
+    if result["skipped"]:
+        summary += f", {len(result['skipped'])} skipped"
+    say(summary + (f"; written: {out}" if out is not None else ""), event="evaluate.done", images=result["n"])
+
+
+def _metrics_csv(result: dict[str, Any]) -> str:
+    from histod.db.audit import write_csv
+
+    ci = result.get("ci95") or {}
+    rows = [
+        {
+            "metric": k,
+            "value": result.get(k),
+            "ci95_low": ci.get(k, [None, None])[0],
+            "ci95_high": ci.get(k, [None, None])[1],
+        }
+        for k in (*_METRICS, "threshold", "ece")
+    ]
+    out = io.StringIO()
+    write_csv(out, ("metric", "value", "ci95_low", "ci95_high"), rows)
+    return out.getvalue()
 
 
 # --- predict ---------------------------------------------------------------------------------------------------
 
 
+PREDICT_COLUMNS = ("path", "label", "p_malignant", "error", "message")
+
+
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line")
-@click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="table: `path => label (p_malignant=..)`; csv: PREDICT_COLUMNS; json: one object per line",
+)
+@json_flag
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="LiteRT inference threads")
 @click.pass_context
-def predict(ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_json: bool, threads: int) -> None:
+def predict(
+    ctx: click.Context, paths: tuple[Path, ...], model: Path | None, fmt: str, as_json: bool, threads: int
+) -> None:
     """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image."""
     from histod.daemon.engine import load_engine
+    from histod.db.audit import write_csv
+    from histod.progress import Progress
     from histod.trainer.api import expand, predict_paths
 
+    fmt = chosen_format(fmt, as_json)
     run_dir = _run_dir(model)
-    if not expand(list(paths)):
+    files = expand(list(paths))
+    if not files:
         raise ConfigError(f"no image files in {', '.join(map(str, paths))}")
     engine = load_engine(run_dir, "litert", threads=threads)
-    failed = total = 0
-    for pred in predict_paths(engine, list(paths)):
-        total += 1
-        if pred.error is not None:
-            failed += 1
-            if as_json:
-                click.echo(
-                    json.dumps({"path": str(pred.path), "error": pred.error.reason, "message": pred.error.args[0]})
-                )
+    if fmt == "csv":
+        header = io.StringIO()
+        write_csv(header, PREDICT_COLUMNS, [])
+        click.echo(header.getvalue(), nl=False)
+    failed = 0
+    with Progress("classified", len(files)) as bar:
+        for pred in predict_paths(engine, files):
+            record: dict[str, Any] = {"path": str(pred.path)}
+            if pred.error is not None:
+                failed += 1
+                record |= {"error": pred.error.reason, "message": pred.error.args[0]}
+                text = f"{pred.path} => error ({pred.error.reason}): {pred.error.args[0]}"
             else:
-                click.echo(f"{pred.path} => error ({pred.error.reason}): {pred.error.args[0]}")
-            continue
-        assert pred.p_malignant is not None
-        if as_json:
-            click.echo(
-                json.dumps({"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)})
-            )
-        else:
-            click.echo(f"{pred.path} => {pred.label} (p_malignant={pred.p_malignant:.2f})")
+                assert pred.p_malignant is not None
+                record |= {"label": pred.label, "p_malignant": round(pred.p_malignant, 6)}
+                text = f"{pred.path} => {pred.label} (p_malignant={pred.p_malignant:.2f})"
+            bar.clear()
+            if fmt == "json":
+                click.echo(json.dumps(record))
+            elif fmt == "csv":
+                row = io.StringIO()
+                write_csv(row, PREDICT_COLUMNS, [record], header=False)
+                click.echo(row.getvalue(), nl=False)
+            else:
+                click.echo(text)
+            bar.advance()
+    summary = f"{len(files) - failed} of {len(files)} images classified in {bar.elapsed():.1f} s"
     if failed:
-        click.secho(f"error: {failed} of {total} images could not be read", err=True, fg="red")
+        problem(f"{failed} of {len(files)} images could not be read ({summary})", files=len(files), failed=failed)
         ctx.exit(1)
+    say(f"done: {summary}", event="predict.done", files=len(files))
 
 
 COMMANDS += [train, evaluate, predict]

@@ -10,7 +10,7 @@ interrupted run goes on with `histod train ... --resume` (train(cfg, resume=True
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -254,35 +254,76 @@ class Scorer(Protocol):
     def predict(self, batch: NDArray[Any]) -> NDArray[np.float32]: ...
 
 
-def evaluate_folder(run_dir: Path, data_dir: Path, scorer: Scorer, out: Path | None = None) -> dict[str, Any]:
-    """Score a labelled folder (benign/, malignant/) with the run's model (``scorer``) and its stored threshold.
+def evaluate_folder(
+    run_dir: Path,
+    data_dir: Path,
+    scorer: Scorer,
+    out: Path | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+    batch_size: int = 64,
+) -> dict[str, Any]:
+    """Score a labelled folder (benign/, malignant/) with the run's model (``scorer``) and its stored threshold,
+    with 95 % intervals from a bootstrap over patients (grouped by the run's own group_pattern, as in training).
 
-    Files are written only when ``out`` is given: metrics.json, classification_report.txt, confusion_matrix.png
-    and predictions.csv.
+    Files are written only when ``out`` is given: metrics.json (with ``ci95``), classification_report.txt,
+    predictions.csv, and the plots confusion_matrix.png, roc_curve.png, pr_curve.png and reliability.png.
+    ``progress(done, total)`` is called after each batch of images scored.
     """
+    from histod.trainer.evaluate import bootstrap_ci, calibration_bins, expected_calibration_error
+
     info = load_run(run_dir)
-    samples = data.discover(data_dir)
+    samples = data.discover(data_dir, _group_pattern(run_dir))
     images, labels, kept, skipped = data.load_images(samples, scorer.image_size)
     _log_skipped(skipped)
     if len(kept) == 0:
         raise DatasetError(f"no readable images in {data_dir}")
-    p = scorer.predict(images)
+    chunks: list[NDArray[np.float32]] = []
+    for start in range(0, len(images), batch_size):
+        chunks.append(np.asarray(scorer.predict(images[start : start + batch_size]), dtype=np.float32).ravel())
+        if progress is not None:
+            progress(min(start + batch_size, len(images)), len(images))
+    p = np.concatenate(chunks)
     result = metrics(labels, p, scorer.threshold)
+    groups = [s.group for s in kept]
+    n_groups = len(set(groups))
+    bins = calibration_bins(labels, p)
     result.update(
         run_id=info.run_id,
         run_dir=str(run_dir),
         data_dir=str(data_dir),
+        groups=n_groups,
+        # one patient gives nothing to resample; two classes are needed for every figure
+        ci95=bootstrap_ci(labels, p, groups, scorer.threshold)
+        if n_groups > 1 and len(set(labels.tolist())) == 2
+        else None,
+        ece=expected_calibration_error(labels, p),
         skipped=[{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
     )
     if out is not None:
+        title = f"{data_dir.name} ({info.run_id})"
         out.mkdir(parents=True, exist_ok=True)
-        artefacts.write_json(out / "metrics.json", result)
+        artefacts.write_json(out / "metrics.json", {**result, "calibration_bins": bins})
         (out / "classification_report.txt").write_text(report_text(labels, p, scorer.threshold))
-        artefacts.plot_confusion(
-            out / "confusion_matrix.png", result["confusion_matrix"], LABELS, f"{data_dir.name} ({info.run_id})"
-        )
+        artefacts.plot_confusion(out / "confusion_matrix.png", result["confusion_matrix"], LABELS, title)
+        if len(set(labels.tolist())) == 2:
+            artefacts.plot_roc_pr(out / "roc_curve.png", out / "pr_curve.png", labels, p, scorer.threshold, title)
+        artefacts.plot_reliability(out / "reliability.png", bins, f"{title}, ECE {result['ece']:.3f}")
         artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), scorer.threshold)
     return result
+
+
+def _group_pattern(run_dir: Path) -> str | None:
+    """The patient pattern the run was trained with (its config.json), so that evaluation groups as training
+    did; None (the built-in patterns) when the run does not say."""
+    import json
+
+    try:
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    pattern = config.get("group_pattern") if isinstance(config, dict) else None
+    return pattern if isinstance(pattern, str) else None
 
 
 @dataclass(frozen=True)
