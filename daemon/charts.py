@@ -71,9 +71,12 @@ def bars(
     label: str,
     unit: str = "",
     marker: tuple[float, str] | None = None,
+    edges: bool = False,
 ) -> str:
     """Vertical bars, one slot per category, the series stacked in each slot. ``marker`` (position in slots,
-    text) draws a dashed vertical line, e.g. the decision threshold on a histogram."""
+    text) draws a dashed vertical line, e.g. the decision threshold on a histogram. With ``edges`` each
+    category names where its slot starts (a histogram's bin edge) and is written under the slot's left edge,
+    else under its middle."""
     plot_w, plot_h = WIDTH - LEFT - RIGHT, HEIGHT - TOP - BOTTOM
     totals = [sum(s.values[i] for s in series) for i in range(len(categories))]
     body, high = _y_axis(max(totals, default=0), plot_h, unit)
@@ -95,7 +98,7 @@ def bars(
             base += v
     every = max(1, math.ceil(len(categories) / MAX_X_LABELS))
     for i in range(0, len(categories), every):
-        x = LEFT + (i + 0.5) * slot
+        x = LEFT + (i if edges else i + 0.5) * slot
         body.append(
             f'<text x="{x:.1f}" y="{TOP + plot_h + 16}" text-anchor="middle" fill="#555">{escape(categories[i])}</text>'
         )

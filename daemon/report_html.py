@@ -197,7 +197,7 @@ def _p_distribution(data: ReportData) -> str:
     edges = [f"{i / P_BINS:.2f}" for i in range(P_BINS)]
     series = [Series(label, COLORS[label], counts[label]) for label in LABELS]
     marker = None if threshold is None else (threshold * P_BINS, f"threshold {threshold:.3f}")
-    chart = bars(edges, series, label="p(malignant) distribution", unit="images", marker=marker)
+    chart = bars(edges, series, label="p(malignant) distribution", unit="images", marker=marker, edges=True)
     return f"<h2>p(malignant), by the label given</h2>{chart}"
 
 
@@ -205,9 +205,9 @@ def _latency(data: ReportData) -> str:
     values = [r.latency_ms for r in data.rows]
     if not values:
         return "<h2>Latency</h2><p>No file in this window.</p>"
-    names = [f"<{LATENCY_EDGES_MS[0]}"]
-    names += [f"{a}–{b}" for a, b in itertools.pairwise(LATENCY_EDGES_MS)]
-    names.append(f"≥{LATENCY_EDGES_MS[-1]}")
+    names = [f"<{_ms(LATENCY_EDGES_MS[0])}"]
+    names += [f"{_ms(a)}–{_ms(b)}" for a, b in itertools.pairwise(LATENCY_EDGES_MS)]
+    names.append(f"≥{_ms(LATENCY_EDGES_MS[-1])}")
     counts = [0] * len(names)
     for v in values:
         counts[sum(1 for edge in LATENCY_EDGES_MS if v >= edge)] += 1
@@ -215,6 +215,11 @@ def _latency(data: ReportData) -> str:
     caption = f"p50 {_fmt(s.latency_p50_ms, '.1f', ' ms')}, p95 {_fmt(s.latency_p95_ms, '.1f', ' ms')}"
     chart = bars(names, [Series("files", "#6a8f5a", counts)], label="latency", unit="files")
     return f"<h2>Latency, arrival to row (ms)</h2><p>{escape(caption)}</p>{chart}"
+
+
+def _ms(value: int) -> str:
+    """``500``, ``1k``, ``10k`` (ms): short enough for the axis."""
+    return f"{value // 1000}k" if value >= 1000 and value % 1000 == 0 else str(value)
 
 
 def _failures(data: ReportData) -> str:

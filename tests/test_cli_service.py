@@ -42,6 +42,9 @@ def served(tiny_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     result = CliRunner().invoke(cli, ["--log-format", "json", "serve", "--once", *_flags(root, tiny_run_dir)])
     assert result.exit_code == 0, result.output
     assert "images      7  (classified 4, failed 3" in result.stdout
+    (done,) = [json.loads(line) for line in result.stderr.splitlines() if '"serve.done"' in line]
+    assert done["files"] == 7 and done["message"].startswith("done: 7 files in ")
+    assert "(4 classified, 3 failed, 0 waiting for a move)" in done["message"]
     return root
 
 
