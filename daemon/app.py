@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 from histod.daemon.filters import ImageFilter
 from histod.daemon.loop import run_loop, run_once
+from histod.daemon.metrics import Metrics, database_probe, serving
 from histod.daemon.notify import notify, watchdog_period
 from histod.daemon.pipeline import Pipeline
 from histod.daemon.record import Served, settle_moves
@@ -164,10 +165,13 @@ def _release(claims: Claims) -> None:
 class _Reporter:
     """Writes a report every ``interval`` seconds (and a last one at shutdown)."""
 
-    def __init__(self, factory: sessionmaker[Session], settings: Settings, model_sha256: str) -> None:
+    def __init__(
+        self, factory: sessionmaker[Session], settings: Settings, model_sha256: str, metrics: Metrics | None = None
+    ) -> None:
         self.factory = factory
         self.settings = settings
         self.model_sha256 = model_sha256
+        self.metrics = metrics
         self.since = utcnow()
         self.due = time.monotonic() + settings.report_interval_s
 
@@ -181,6 +185,8 @@ class _Reporter:
             host=self.settings.host,
             model_sha256=self.model_sha256,
         )
+        if self.metrics is not None:
+            self.metrics.report_written()
         self.since = until
         self.due = time.monotonic() + self.settings.report_interval_s
 
@@ -254,7 +260,10 @@ def _run(
     settle_moves(factory, shared=claims is not None)
     if stop.is_set():
         return _stopped_in_start_up(started, "settle_moves")
-    reporter = _Reporter(factory, settings, served.sha256)
+    metrics = Metrics()
+    metrics.model(served.sha256, served.run_id, served.engine)
+    metrics.database_check(database_probe(factory))
+    reporter = _Reporter(factory, settings, served.sha256, metrics)
     log.info(
         "service.started",
         watch_dir=str(watch_dir),
@@ -272,7 +281,8 @@ def _run(
             if once:
                 run_once(pipeline, watch_dir, ImageFilter.from_settings(settings), stop)
             else:
-                _run_forever(pipeline, settings, watch_dir, stop, reporter)
+                with serving(metrics, settings.metrics_address, settings.metrics_port):
+                    _run_forever(pipeline, settings, watch_dir, stop, reporter)
         finally:
             notify("STOPPING=1")
             try:
@@ -317,6 +327,8 @@ def _run_forever(
         if not ready and watching.is_set():
             ready = True
             notify("READY=1")
+            if reporter.metrics is not None:
+                reporter.metrics.ready()
             log.info("service.ready", watch_dir=str(watch_dir), mode=watcher.mode)
         ping()
         reporter.tick()

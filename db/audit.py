@@ -37,11 +37,12 @@ def csv_cell(value: Any) -> Any:
     return value
 
 
-def write_csv(fh: Any, fieldnames: Sequence[str], rows: Iterable[dict[str, Any]]) -> None:
+def write_csv(fh: Any, fieldnames: Sequence[str], rows: Iterable[dict[str, Any]], *, header: bool = True) -> None:
     """Rows as CSV for a spreadsheet or a parser: every cell quoted (a CR or LF inside a name stays inside its
     cell, so the file parses back to exactly one record per row) and formula-like text defused (:func:`csv_cell`)."""
     writer = csv.DictWriter(fh, fieldnames=list(fieldnames), lineterminator="\n", quoting=csv.QUOTE_ALL)
-    writer.writeheader()
+    if header:
+        writer.writeheader()
     writer.writerows({k: csv_cell(v) for k, v in row.items()} for row in rows)
 
 

@@ -8,7 +8,7 @@ import re
 import statistics
 from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, astuple, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, NamedTuple, cast
@@ -31,7 +31,8 @@ from histod.db.models import (
     Result,
     utcnow,
 )
-from histod.errors import ConfigError
+from histod.db.windows import Agreement, WindowRow, agreement, reviewed, window_rows
+from histod.errors import ReviewError
 from histod.runs import sha256_file
 
 SPLIT_FILE = "split.csv"
@@ -189,15 +190,25 @@ def move_values(move: Move) -> dict[str, Any]:
 
 def add_review(session: Session, amends_id: int, *, label: str, reviewer: str, note: str | None, host: str) -> Result:
     """A person's call on an earlier result, as a new ``review`` row that references it (the earlier row stays
-    as it was). Raises ConfigError for an unknown result or label, or an empty reviewer."""
+    as it was). Raises ReviewError for an unknown result or label, an empty reviewer, a review, or a file that
+    failed (nothing of the model's to review)."""
     canonical_label = next((known for known in LABELS if known.lower() == label.strip().lower()), None)
     if canonical_label is None:
-        raise ConfigError(f"label must be one of {', '.join(LABELS)}, not {label!r}")
+        raise ReviewError(f"label must be one of {', '.join(LABELS)}, not {label!r}")
     if not reviewer.strip():
-        raise ConfigError("a review needs the reviewer's name (--reviewer)")
+        raise ReviewError("a review needs the reviewer's name (--reviewer)")
     target = session.get(Result, amends_id)
     if target is None:
-        raise ConfigError(f"there is no result {amends_id}")
+        raise ReviewError(f"there is no result {amends_id}")
+    if target.kind == KIND_REVIEW:
+        raise ReviewError(
+            f"result {amends_id} is itself a review (of result {target.amends_id}): review result {target.amends_id}"
+        )
+    if target.status != STATUS_CLASSIFIED:
+        raise ReviewError(
+            f"result {amends_id} is not a classification: the file could not be classified "
+            f"({target.error_reason or target.status}), so there is no call of the model to review"
+        )
     now = utcnow()
     review = Result(
         kind=KIND_REVIEW,
@@ -388,12 +399,11 @@ class ResultFilter:
     label: str | None = None
     status: str | None = None
     limit: int | None = None
+    newest: bool = False
+    """with ``limit``: the newest ``limit`` rows (still listed oldest first), not the oldest"""
 
 
-def list_results(session: Session, filters: ResultFilter | None = None) -> list[Result]:
-    """Results received in [since, until), oldest first, optionally by label and status."""
-    filters = filters if filters is not None else ResultFilter()
-    query = select(Result).order_by(Result.id)
+def _filtered(query: Any, filters: ResultFilter) -> Any:
     if filters.since is not None:
         query = query.where(Result.received_at >= filters.since)
     if filters.until is not None:
@@ -402,9 +412,27 @@ def list_results(session: Session, filters: ResultFilter | None = None) -> list[
         query = query.where(func.lower(Result.label) == filters.label.lower())
     if filters.status is not None:
         query = query.where(Result.status == filters.status)
+    return query
+
+
+def list_results(session: Session, filters: ResultFilter | None = None) -> list[Result]:
+    """Results received in [since, until), oldest first, optionally by label and status; at most ``limit``
+    (the oldest, or with ``newest`` the newest)."""
+    filters = filters if filters is not None else ResultFilter()
+    query = _filtered(select(Result), filters)
+    if filters.limit is not None and filters.newest:
+        newest = list(session.scalars(query.order_by(Result.id.desc()).limit(filters.limit)))
+        return newest[::-1]
+    query = query.order_by(Result.id)
     if filters.limit is not None:
         query = query.limit(filters.limit)
     return list(session.scalars(query))
+
+
+def count_results(session: Session, filters: ResultFilter | None = None) -> int:
+    """How many results ``filters`` matches, ignoring its limit."""
+    filters = filters if filters is not None else ResultFilter()
+    return int(session.scalar(_filtered(select(func.count(Result.id)), filters)) or 0)
 
 
 @dataclass
@@ -432,6 +460,8 @@ class Summary:
     moves_waiting_by_reason: dict[str, int] = field(default_factory=dict)
     moves_gone_by_reason: dict[str, int] = field(default_factory=dict)
     """results of the window whose file disappeared or was replaced before it could be moved, by reason"""
+    reviews: dict[str, Any] = field(default_factory=lambda: Agreement().to_json())
+    """the window's classifications reviewed by now: agreement between model and reviewers (Agreement)"""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -451,28 +481,19 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
 
 
-def summary(session: Session, since: datetime, until: datetime) -> Summary:
-    """Summarise the results received in [since, until)."""
+def summary(session: Session, since: datetime, until: datetime, rows: Sequence[WindowRow] | None = None) -> Summary:
+    """Summarise the results received in [since, until) (``rows``: window_rows of it, when already read)."""
     out = Summary(period_start=since, period_end=until)
-    rows = session.execute(
-        select(
-            Result.status,
-            Result.label,
-            Result.p_malignant,
-            Result.latency_ms,
-            Result.duplicate_of,
-            Result.error_reason,
-            Result.model_sha256,
-            Result.received_at,
-            Result.classified_at,
-        ).where(Result.received_at >= since, Result.received_at < until, Result.kind == KIND_CLASSIFICATION)
-    ).all()
+    if rows is None:
+        rows = window_rows(session, since, until)
     probabilities: list[float] = []
     latencies: list[float] = []
     models: dict[str, int] = {}
     first: datetime | None = None
     last: datetime | None = None
-    for status, label, p, latency, duplicate_of, reason, model_sha, received, classified in rows:
+    for status, label, p, latency, duplicate_of, reason, model_sha, received, classified, _ in (
+        astuple(r) for r in rows
+    ):
         out.total += 1
         latencies.append(latency)
         first = received if first is None else min(first, received)
@@ -509,6 +530,7 @@ def summary(session: Session, since: datetime, until: datetime) -> Summary:
         .group_by(Move.error)
     ).all()
     out.moves_gone_by_reason = {str(error): int(n) for error, n in sorted(gone)}
+    out.reviews = agreement(reviewed(session, since, until)).to_json()
     return out
 
 

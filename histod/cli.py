@@ -12,19 +12,20 @@ import click
 
 from histod import __version__, stopping
 from histod.errors import HistodError
-from histod.logs import configure, printable
+from histod.logs import capture_stderr, configure, json_mode, problem, reset
 from histod.settings import load_settings
 
 
 class _Group(click.Group):
-    """Turns every HistodError into `error: <message>` on stderr and the error's exit code: never a traceback.
-    The message is one line, with control characters escaped (it may quote a file name)."""
+    """Turns every HistodError into `error: <message>` on stderr (an ``error`` event in JSON mode) and the
+    error's exit code: never a traceback. The message is one line, with control characters escaped (it may
+    quote a file name)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except HistodError as exc:
-            click.secho(f"error: {printable(str(exc))}", err=True, fg="red")
+            problem(str(exc), exit_code=exc.exit_code)
             sys.exit(exc.exit_code)
 
 
@@ -50,15 +51,18 @@ def cli(ctx: click.Context, log_level: str | None, log_format: str | None) -> No
     """
     if ctx.invoked_subcommand not in stopping.CLEAN_STOP_COMMANDS:
         stopping.release()  # SIGTERM ends this command by its default action, as before
+    reset()  # a settings error is reported before logging is configured
     settings = load_settings(log_level=log_level, log_format=log_format)
-    configure(settings.log_level, settings.log_format)
+    # JSON lines: what native libraries and Python itself write to stderr becomes JSON events as well
+    stream = capture_stderr() if json_mode(settings.log_format) else None
+    configure(settings.log_level, settings.log_format, stream=stream)
     ctx.obj = {"log_level": log_level, "log_format": log_format}
 
 
 def _register() -> None:
-    from histod import commands_audit, commands_service, commands_trainer
+    from histod import commands_audit, commands_report, commands_service, commands_trainer
 
-    for module in (commands_trainer, commands_service, commands_audit):
+    for module in (commands_trainer, commands_service, commands_report, commands_audit):
         for command in module.COMMANDS:
             cli.add_command(command)
 

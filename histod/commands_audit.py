@@ -12,7 +12,9 @@ from typing import Any
 
 import click
 
-from histod.commands_service import _open, _settings, common, parse_when
+from histod.commands_report import open_reader
+from histod.commands_service import database_options, parse_when, settings_from
+from histod.logs import is_json, problem
 
 
 @click.group()
@@ -21,7 +23,7 @@ def audit() -> None:
 
 
 @audit.command()
-@common
+@database_options
 @click.option(
     "--anchor",
     "anchors",
@@ -43,9 +45,9 @@ def verify(anchors: tuple[str, ...], key_file: Path | None, no_key: bool, **flag
     from histod.db.session import reading
     from histod.db.verify import verify as walk
 
-    settings = _settings(**flags)
+    settings = settings_from(**flags)
     key = None if no_key else load_key(key_file or settings.audit_key_file)
-    with reading(_open(settings)) as session:
+    with reading(open_reader(settings)) as session:
         verdict = walk(session, anchors=tuple(a.strip().lower() for a in anchors), key=key)
     counts = verdict.counts
     if verdict.ok:
@@ -63,8 +65,11 @@ def verify(anchors: tuple[str, ...], key_file: Path | None, no_key: bool, **flag
         elif verdict.keyed:
             click.echo(f"keyed: {verdict.keyed} of {verdict.total} rows carry a MAC, not checked (no key given)")
         return
-    click.echo(f"BROKEN: {verdict.broken}", err=True)
-    click.echo(f"({verdict.total} rows checked, up to and including the break)", err=True)
+    if is_json():  # one event, so that the log stream stays JSON
+        problem(str(verdict.broken), event="audit.broken", rows_checked=verdict.total)
+    else:
+        click.echo(f"BROKEN: {verdict.broken}", err=True)
+        click.echo(f"({verdict.total} rows checked, up to and including the break)", err=True)
     sys.exit(1)
 
 
@@ -80,20 +85,20 @@ def keygen(path: Path) -> None:
 
 
 @audit.command()
-@common
+@database_options
+@click.argument("out", metavar="FILE", type=click.Path(path_type=Path, dir_okay=False))
 @click.option("--since", default=None, help="a duration (24h, 7d) or an ISO date/time; default: everything")
 @click.option("--until", default=None)
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), required=True, help="FILE.csv or FILE.json")
-@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default=None, help="default: from --out")
-def export(since: str | None, until: str | None, out: Path, fmt: str | None, **flags: Any) -> None:
-    """Write the result rows (with their chain hashes) and OUT.manifest.json."""
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default=None, help="default: from FILE's suffix")
+def export(out: Path, since: str | None, until: str | None, fmt: str | None, **flags: Any) -> None:
+    """Write the result rows (with their chain hashes) to FILE (.csv or .json) and FILE.manifest.json."""
     from histod.db.audit import export as write
     from histod.db.audit import export_format
     from histod.db.session import reading
 
     now = datetime.now(UTC)
     chosen = export_format(out, fmt)
-    with reading(_open(_settings(**flags))) as session:
+    with reading(open_reader(settings_from(**flags))) as session:
         done = write(
             session,
             out,
@@ -106,7 +111,7 @@ def export(since: str | None, until: str | None, out: Path, fmt: str | None, **f
 
 
 @audit.command()
-@common
+@database_options
 @click.argument("result_id", type=int)
 @click.option("--label", required=True, help="the reviewer's call: Benign or Malignant")
 @click.option("--reviewer", required=True, help="who reviewed it")
@@ -117,7 +122,7 @@ def review(result_id: int, label: str, reviewer: str, note: str | None, **flags:
     from histod.db.queries import add_review
     from histod.db.session import check_schema, open_database, transaction
 
-    settings = _settings(**flags)
+    settings = settings_from(**flags)
     key = load_key(settings.audit_key_file)
     factory = open_database(
         settings.resolved_database_url, migrate=False, must_exist=True, busy_timeout_ms=settings.busy_timeout_ms
@@ -130,9 +135,11 @@ def review(result_id: int, label: str, reviewer: str, note: str | None, **flags:
 
 
 @click.command()
-@common
+@database_options
 @click.argument("result_id", type=int)
-@click.option("--out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="default: explain-ID.png")
+@click.option(
+    "--png", "out", type=click.Path(path_type=Path, dir_okay=False), default=None, help="default: explain-ID.png"
+)
 @click.option(
     "--target",
     type=click.Choice(["predicted", "malignant", "benign"]),
@@ -150,7 +157,7 @@ def explain(result_id: int, out: Path | None, target: str, min_size: int, **flag
     from histod.trainer import require_training
 
     require_training("histod explain")
-    with reading(_open(_settings(**flags))) as session:
+    with reading(open_reader(settings_from(**flags))) as session:
         found = subject(session, result_id)
     result, model = found.result, found.model
     if target == "predicted":

@@ -1,10 +1,8 @@
-"""`histod serve`, `histod report`, `histod results`, `histod demo`: thin commands over histod.daemon and
-histod.db. Everything heavy is imported inside the command, so `histod --help` stays fast."""
+"""`histod serve` and `histod demo`, and what the commands that read the database share (the database options,
+durations). Everything heavy is imported inside the command, so `histod --help` stays fast."""
 
 from __future__ import annotations
 
-import io
-import json
 import re
 import sys
 import threading
@@ -17,10 +15,24 @@ import click
 
 from histod import stopping
 from histod.errors import ConfigError
-from histod.logs import printable
+from histod.logs import problem, say
 from histod.settings import Settings, load_settings
 
 F = TypeVar("F", bound=Callable[..., Any])
+
+FORMATS = ("table", "csv", "json")
+"""the one --format convention: what a command prints (results, report, predict, evaluate; audit export's file)"""
+
+
+def json_flag(func: F) -> F:
+    return click.option("--json", "as_json", is_flag=True, help="short for --format json")(func)
+
+
+def chosen_format(fmt: str, as_json: bool) -> str:
+    if as_json and fmt not in ("table", "json"):
+        raise ConfigError(f"--json is --format json: it cannot go with --format {fmt}")
+    return "json" if as_json else fmt
+
 
 UNMOVED_EXIT = 7
 """`serve --once`: files were recorded but could not be moved (they stay in the watch folder for a retry)"""
@@ -42,28 +54,50 @@ def parse_when(value: str, now: datetime) -> datetime:
     return when.replace(tzinfo=UTC) if when.tzinfo is None else when.astimezone(UTC)
 
 
-def common(func: F) -> F:
-    """The flags every service command shares."""
-    options = [
-        click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="default: HISTOD_DATA_DIR"),
-        click.option("--watch", "watch_dir", type=click.Path(path_type=Path), default=None, help="watched folder"),
-        click.option(
-            "--db", "database_url", default=None, help="SQLAlchemy URL (default sqlite:///<data-dir>/histod.db)"
-        ),
-        click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR from `histod train`"),
-    ]
+def _options(func: F, options: list[Callable[[F], F]]) -> F:
     for option in reversed(options):
         func = option(func)
     return func
 
 
-def _settings(**flags: Any) -> Settings:
+def database_options(func: F) -> F:
+    """Where the database is: every command that reads or amends it."""
+    return _options(
+        func,
+        [
+            click.option("--data-dir", type=click.Path(path_type=Path), default=None, help="default: HISTOD_DATA_DIR"),
+            click.option(
+                "--db", "database_url", default=None, help="SQLAlchemy URL (default sqlite:///<data-dir>/histod.db)"
+            ),
+        ],
+    )
+
+
+def settings_from(**flags: Any) -> Settings:
     return load_settings(**flags)
 
 
 @click.command()
-@common
+@database_options
+@click.option("--watch", "watch_dir", type=click.Path(path_type=Path), default=None, help="the watched folder")
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR from `histod train`")
 @click.option("--engine", type=click.Choice(["litert", "keras"]), default=None, help="default: litert")
+@click.option("--threads", type=click.IntRange(1, 256), default=None, help="inference threads (default 2)")
+@click.option("--batch-size", type=click.IntRange(1, 1024), default=None, help="images per batch (default 8)")
+@click.option("--polling/--no-polling", default=None, help="watchdog's polling observer, for NFS/SMB shares")
+@click.option(
+    "--report-interval",
+    "report_interval_s",
+    type=click.FloatRange(min=0, min_open=True),
+    default=None,
+    help="seconds between periodic reports (default 3600)",
+)
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(1, 65_535),
+    default=None,
+    help="serve /metrics and /healthz on this port (127.0.0.1)",
+)
 @click.option("--once", is_flag=True, help="process what is in the folder, write a report and exit")
 @click.option(
     "--allow-parity-failure",
@@ -72,141 +106,34 @@ def _settings(**flags: Any) -> Settings:
     help="serve a run whose model.tflite failed the export parity check (default: refused)",
 )
 def serve(once: bool, **flags: Any) -> None:
-    """Watch a folder; classify, record and move every image dropped into it."""
+    """Watch a folder; classify, record and move every image dropped into it. Every setting also comes from
+    HISTOD_* variables or histod.toml (docs/configuration.md)."""
+    if once:
+        ignored = [f"--{k.removesuffix('_s').replace('_', '-')}" for k in ONCE_IGNORES if flags.get(k) is not None]
+        if ignored:
+            raise ConfigError(
+                f"serve --once takes what is in the folder now and writes one report: {', '.join(ignored)} "
+                "applies to the running service only"
+            )
     with stopping.stop_on_signals() as stop:  # first: a SIGTERM from here on (or caught earlier) is a clean stop
         from histod.daemon.app import serve as run
 
-        settings = _settings(**flags)
+        settings = settings_from(**flags)
         result = run(settings, stop, once=once)
     if once and not result.start_up_only:
-        _print_report(settings, result.started, result.stopped, as_json=False)
+        from histod.commands_report import print_report, summary_line
+
+        summary = print_report(settings, result.started, result.stopped)
+        seconds = (result.stopped - result.started).total_seconds()
+        say(summary_line(summary, seconds), event="serve.done", files=summary.total, seconds=round(seconds, 3))
         if result.unmoved:
             files = "1 file waits" if result.unmoved == 1 else f"{result.unmoved} files wait"
-            click.secho(f"error: {files} for a move (see `histod report`)", err=True, fg="red")
+            problem(f"{files} for a move (see `histod report`)", files=result.unmoved)
             sys.exit(UNMOVED_EXIT)
 
 
-def _open(settings: Settings) -> Any:
-    """Read-only, never migrating: auditors who may read but not write the database use these commands."""
-    from histod.db.session import open_read_only
-
-    return open_read_only(settings.resolved_database_url, busy_timeout_ms=settings.busy_timeout_ms)
-
-
-def _print_report(settings: Settings, since: datetime, until: datetime, *, as_json: bool) -> None:
-    from histod.daemon.reports import format_summary, summarise
-
-    summary = summarise(_open(settings), since, until)
-    click.echo(json.dumps(summary.to_json(), indent=2) if as_json else format_summary(summary))
-
-
-@click.command()
-@common
-@click.option("--since", default="24h", show_default=True, help="a duration (24h, 7d) or an ISO date/time")
-@click.option("--until", default=None, help="default: now")
-@click.option("--json", "as_json", is_flag=True, help="print JSON")
-def report(since: str, until: str | None, as_json: bool, **flags: Any) -> None:
-    """Summarise the results of a time window from the database."""
-    now = datetime.now(UTC)
-    _print_report(_settings(**flags), parse_when(since, now), parse_when(until, now) if until else now, as_json=as_json)
-
-
-COLUMNS = (
-    "id",
-    "received_at",
-    "name",
-    "status",
-    "label",
-    "p_malignant",
-    "threshold",
-    "error_reason",
-    "duplicate_of",
-    "sha256",
-    "model_sha256",
-    "original_path",
-    "stored_path",
-    "kind",
-    "amends_id",
-)
-"""Columns of `histod results --format csv|json`. ``kind`` is ``classification`` (the service's call) or ``review``
-(`histod audit review`); a review's ``amends_id`` is the result it amends. New columns go at the end."""
-
-
-@click.command()
-@common
-@click.option("--since", default=None, help="a duration (24h, 7d) or an ISO date/time; default: everything")
-@click.option("--until", default=None)
-@click.option("--label", default=None, help="Benign or Malignant")
-@click.option("--status", type=click.Choice(["classified", "failed", "reviewed"]), default=None)
-@click.option("--limit", type=click.IntRange(min=1), default=None)
-@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True)
-def results(
-    since: str | None,
-    until: str | None,
-    label: str | None,
-    status: str | None,
-    limit: int | None,
-    fmt: str,
-    **flags: Any,
-) -> None:
-    """List recorded results for audit, oldest first."""
-    from histod.db.queries import ResultFilter, list_results
-    from histod.db.session import reading
-
-    now = datetime.now(UTC)
-    filters = ResultFilter(
-        since=parse_when(since, now) if since else None,
-        until=parse_when(until, now) if until else None,
-        label=label,
-        status=status,
-        limit=limit,
-    )
-    with reading(_open(_settings(**flags))) as session:
-        rows = [{c: _value(getattr(r, c)) for c in COLUMNS} for r in list_results(session, filters)]
-    # color=True: click would strip what looks like a colour code from piped output, and a name may hold one
-    click.echo(format_rows(rows, fmt), nl=fmt != "csv", color=True)
-
-
-def _value(value: Any) -> Any:
-    return value.isoformat() if isinstance(value, datetime) else value
-
-
-def format_rows(rows: list[dict[str, Any]], fmt: str) -> str:
-    if fmt == "json":
-        return json.dumps(rows, indent=2)
-    if fmt == "csv":
-        from histod.db.audit import write_csv
-
-        out = io.StringIO()
-        write_csv(out, COLUMNS, rows)
-        return out.getvalue()
-    shown = (
-        "id",
-        "received_at",
-        "kind",
-        "status",
-        "label",
-        "p_malignant",
-        "error_reason",
-        "duplicate_of",
-        "amends_id",
-        "name",
-    )
-    table = [list(shown)] + [[_cell(r[c], c) for c in shown] for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(shown))]
-    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in table]
-    lines.append(f"({len(rows)} rows)")
-    return "\n".join(lines)
-
-
-def _cell(value: Any, column: str) -> str:
-    if value is None:
-        return "-"
-    if column == "p_malignant":
-        return f"{value:.4f}"
-    if column == "received_at":
-        return str(value)[:19].replace("T", " ")
-    return printable(str(value))
+ONCE_IGNORES = ("polling", "report_interval_s", "metrics_port")
+"""serve flags that `serve --once` would ignore, so it refuses them"""
 
 
 @click.command()
@@ -226,6 +153,7 @@ def _run_demo(folder: Path | None, *, images: int, epochs: int, stop: threading.
     import tempfile
     import time
 
+    from histod.commands_report import print_report
     from histod.daemon.app import serve as run
     from histod.synthetic import SyntheticSpec, make_dataset, write_images
     from histod.trainer.api import train
@@ -268,7 +196,7 @@ def _run_demo(folder: Path | None, *, images: int, epochs: int, stop: threading.
         raise failure[0]
     click.echo("[4/4] report")
     result = outcome[0]
-    _print_report(settings, result.started, result.stopped, as_json=False)
+    print_report(settings, result.started, result.stopped)
     click.echo(f"\nresults: histod results --data-dir {settings.data_dir}")
     click.echo(f"again:   histod serve --data-dir {settings.data_dir} --model {run_dir}")
 
@@ -288,4 +216,4 @@ DEMO_TRAINING: dict[str, Any] = {
 """A model that learns the synthetic tiles in seconds: small, random start, every layer trained."""
 
 
-COMMANDS: list[click.Command] = [serve, report, results, demo]
+COMMANDS: list[click.Command] = [serve, demo]

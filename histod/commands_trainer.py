@@ -6,13 +6,16 @@ Each command is thin: parse flags, call histod.trainer.api (or the serving class
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import click
 
+from histod.commands_service import FORMATS, chosen_format, json_flag
 from histod.errors import ConfigError
+from histod.logs import problem, say
 from histod.settings import load_settings
 from histod.trainer import presets
 from histod.trainer.config import TrainConfig
@@ -260,44 +263,106 @@ def _cross_validate(cfg: TrainConfig, k: int) -> None:
 @click.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
-@click.option("--json", "as_json", is_flag=True, help="print the metrics as one JSON object")
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="also write metrics, report and plots here")
-@click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
-def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None, threads: int) -> None:
-    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold.
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="table: text; csv: metric,value,ci95_low,ci95_high; json: one object",
+)
+@json_flag
+@click.option(
+    "--out",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    help="a folder for metrics.json, the report, predictions.csv and the plots",
+)
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="LiteRT inference threads")
+def evaluate(data_dir: Path, model: Path | None, fmt: str, as_json: bool, out: Path | None, threads: int) -> None:
+    """Score a labelled DATA_DIR (benign/, malignant/) with a trained model and its stored threshold, with 95 %
+    intervals from a bootstrap over patients (as `histod train` reports them).
 
     Each image is classified as `histod predict` classifies it: a folder of images much larger than the model's
     tiles (fields, slides) is scored image by image, each tiled, at its rule's cut; a folder mixing them with
     tile-sized images is refused."""
     from histod.daemon.classifier import load_classifier
+    from histod.progress import Progress
     from histod.trainer.api import evaluate_folder
 
+    fmt = chosen_format(fmt, as_json)
     run_dir = _run_dir(model)
-    result = evaluate_folder(run_dir, data_dir, load_classifier(run_dir, "litert", threads=threads), out=out)
-    if as_json:
+    classifier = load_classifier(run_dir, "litert", threads=threads)
+    with Progress("scored", 0) as bar:
+
+        def advance(done: int, total: int) -> None:
+            bar.total = total
+            bar.advance(done - bar.done)
+
+        result = evaluate_folder(run_dir, data_dir, classifier, out=out, progress=advance)
+    if fmt == "json":
         click.echo(json.dumps(result))
-        return
-    skipped = result["skipped"]
-    click.echo(f"{data_dir}: {result['n']} images ({result['n_benign']} benign, {result['n_malignant']} malignant)")
-    if result["tiled"]:
-        click.echo(f"  each image tiled at the model's scale and labelled by rule {result['rule']} (its score for p)")
-    _print_metrics(result)
+    elif fmt == "csv":
+        click.echo(_metrics_csv(result), nl=False)
+    else:
+        click.echo(f"{data_dir}: {result['n']} images ({result['n_benign']} benign, {result['n_malignant']} malignant)")
+        if result["tiled"]:
+            click.echo(f"  each image tiled at the model's scale, labelled by rule {result['rule']} (its score for p)")
+        _print_metrics(result)
+        ci = result.get("ci95")
+        click.echo(
+            f"  95 % intervals: bootstrap over {result['groups']} patients"
+            if ci
+            else f"  no 95 % intervals: {result['groups']} patient(s) and both classes are needed"
+        )
     for w in result["warnings"]:
         click.echo(f"warning: {w['path']}: {w['warning']}", err=True)
-    for s in skipped:
+    for s in result["skipped"]:
         click.echo(f"skipped {s['path']}: {s['reason']}: {s['message']}", err=True)
-    if out is not None:
-        click.echo(f"written: {out}")
+    summary = f"done: {result['n']} images scored in {bar.elapsed():.1f} s"
+    if result["skipped"]:
+        summary += f", {len(result['skipped'])} skipped"
+    say(summary + (f"; written: {out}" if out is not None else ""), event="evaluate.done", images=result["n"])
+
+
+def _metrics_csv(result: dict[str, Any]) -> str:
+    from histod.db.audit import write_csv
+
+    ci = result.get("ci95") or {}
+    rows = [
+        {
+            "metric": k,
+            "value": result.get(k),
+            "ci95_low": ci.get(k, [None, None])[0],
+            "ci95_high": ci.get(k, [None, None])[1],
+        }
+        for k in (*_METRICS, "threshold", "ece")
+    ]
+    out = io.StringIO()
+    write_csv(out, ("metric", "value", "ci95_low", "ci95_high"), rows)
+    return out.getvalue()
 
 
 # --- predict ---------------------------------------------------------------------------------------------------
 
 
+PREDICT_COLUMNS = ("path", "label", "p_malignant", "error", "message")
+
+
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
-@click.option("--json", "as_json", is_flag=True, help="one JSON object per line (with every tile of a tiled image)")
-@click.option("--threads", type=int, default=2, show_default=True, help="LiteRT inference threads")
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(FORMATS),
+    default="table",
+    show_default=True,
+    help="table: `path => label (p_malignant=..)`; csv: PREDICT_COLUMNS; json: one object per line (with every "
+    "tile of a tiled image)",
+)
+@json_flag
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="LiteRT inference threads")
 @click.option(
     "--heatmap",
     type=click.Path(path_type=Path, file_okay=False),
@@ -306,44 +371,64 @@ def evaluate(data_dir: Path, model: Path | None, as_json: bool, out: Path | None
 )
 @click.pass_context
 def predict(
-    ctx: click.Context, paths: tuple[Path, ...], model: Path | None, as_json: bool, threads: int, heatmap: Path | None
+    ctx: click.Context,
+    paths: tuple[Path, ...],
+    model: Path | None,
+    fmt: str,
+    as_json: bool,
+    threads: int,
+    heatmap: Path | None,
 ) -> None:
     """Classify image files and folders: `name => Benign|Malignant (p_malignant=0.93)` per image; an image much
     larger than the model's tiles is tiled, with one summary line."""
     from histod.daemon.classifier import load_classifier
+    from histod.db.audit import write_csv
+    from histod.progress import Progress
     from histod.trainer.api import expand, predict_paths
 
+    fmt = chosen_format(fmt, as_json)
     run_dir = _run_dir(model)
-    if not expand(list(paths)):
+    files = expand(list(paths))
+    if not files:
         raise ConfigError(f"no image files in {', '.join(map(str, paths))}")
     classifier = load_classifier(run_dir, "litert", threads=threads)
-    failed = total = 0
+    if fmt == "csv":
+        header = io.StringIO()
+        write_csv(header, PREDICT_COLUMNS, [])
+        click.echo(header.getvalue(), nl=False)
+    failed = 0
     taken: set[str] = set()
-    for pred in predict_paths(classifier, list(paths)):
-        total += 1
-        if pred.error is not None:
-            failed += 1
-            if as_json:
-                click.echo(
-                    json.dumps({"path": str(pred.path), "error": pred.error.reason, "message": pred.error.args[0]})
-                )
+    with Progress("classified", len(files)) as bar:
+        for pred in predict_paths(classifier, files):
+            record: dict[str, Any] = {"path": str(pred.path)}
+            if pred.error is not None:
+                failed += 1
+                record |= {"error": pred.error.reason, "message": pred.error.args[0]}
+                text = f"{pred.path} => error ({pred.error.reason}): {pred.error.args[0]}"
             else:
-                click.echo(f"{pred.path} => error ({pred.error.reason}): {pred.error.args[0]}")
-            continue
-        assert pred.p_malignant is not None
-        for warning in pred.warnings if not as_json else ():
-            click.echo(f"warning: {pred.path}: {warning}", err=True)
-        if pred.tiled is not None:
-            target = None if heatmap is None else heatmap / _heatmap_name(pred.path.name, taken)
-            _tiled(pred.path, pred.tiled, as_json, target, classifier.threshold)
-        elif as_json:
-            record = {"path": str(pred.path), "label": pred.label, "p_malignant": round(pred.p_malignant, 6)}
-            click.echo(json.dumps({**record, "warnings": list(pred.warnings)} if pred.warnings else record))
-        else:
-            click.echo(f"{pred.path} => {pred.label} (p_malignant={pred.p_malignant:.2f})")
+                assert pred.p_malignant is not None
+                record |= {"label": pred.label, "p_malignant": round(pred.p_malignant, 6)}
+                text = f"{pred.path} => {pred.label} (p_malignant={pred.p_malignant:.2f})"
+            bar.clear()
+            for warning in pred.warnings if fmt != "json" else ():
+                click.echo(f"warning: {pred.path}: {warning}", err=True)
+            if pred.tiled is not None and fmt != "csv":
+                target = None if heatmap is None else heatmap / _heatmap_name(pred.path.name, taken)
+                _tiled(pred.path, pred.tiled, fmt == "json", target, classifier.threshold)
+            elif fmt == "json":
+                click.echo(json.dumps({**record, "warnings": list(pred.warnings)} if pred.warnings else record))
+            elif fmt == "csv":
+                row = io.StringIO()
+                write_csv(row, PREDICT_COLUMNS, [record], header=False)
+                click.echo(row.getvalue(), nl=False)
+            else:
+                click.echo(text)
+            bar.advance()
+    summary = f"{len(files) - failed} of {len(files)} images classified in {bar.elapsed():.1f} s"
     if failed:
-        click.secho(f"error: {failed} of {total} images could not be read", err=True, fg="red")
+        problem(f"{failed} of {len(files)} images could not be read ({summary})", files=len(files), failed=failed)
         ctx.exit(1)
+    say(f"done: {summary}", event="predict.done", files=len(files))
 
 
 def _heatmap_name(name: str, taken: set[str]) -> str:

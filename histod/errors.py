@@ -16,6 +16,11 @@ class ConfigError(HistodError):
     exit_code = 2
 
 
+class ReviewError(ConfigError):
+    """A review cannot be recorded: the result does not exist, is itself a review, or is not a classification
+    (a file that could not be classified has no call of the model to review)."""
+
+
 class DatasetError(HistodError):
     """A training or evaluation folder cannot be used (missing class folders, empty class, too few images)."""
 

@@ -159,6 +159,20 @@ class Settings(BaseSettings):
     # --- reporting ----------------------------------------------------------------------------------
     report_interval_s: float = Field(3600.0, gt=0, le=31 * 86_400, description="period of the summary report")
 
+    # --- monitoring ---------------------------------------------------------------------------------
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65_535,
+        description="serve Prometheus metrics (/metrics) and the health check (/healthz) on this port; off when "
+        "unset (`histod health` asks it)",
+    )
+    metrics_address: str = Field(
+        "127.0.0.1",
+        min_length=1,
+        description="the address the metrics port listens on (the systemd unit allows loopback only)",
+    )
+
     # --- logging ------------------------------------------------------------------------------------
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     log_format: Literal["auto", "json", "console"] = Field(
@@ -193,9 +207,9 @@ class Settings(BaseSettings):
             )
         return self
 
-    @field_validator("audit_key_file", mode="before")
+    @field_validator("audit_key_file", "metrics_port", mode="before")
     @classmethod
-    def _no_key(cls, value: Any) -> Any:
+    def _empty_is_none(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("extensions", "ignore_patterns", mode="before")

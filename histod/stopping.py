@@ -18,11 +18,14 @@ Only the standard library here: this module is imported before everything else.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
@@ -78,9 +81,50 @@ def release() -> None:
         signal.raise_signal(caught)
 
 
-def _say(message: str) -> None:
-    # one write, line and newline together, so the notice never lands inside another thread's log line
-    sys.stderr.write(f"histod: {message}\n")
+class _Notices:
+    """Where and how the notices go (histod.logs.configure sets it): the log stream's file descriptor, JSON or
+    text, with the journald priority prefix or not."""
+
+    fd: int | None = None
+    json_lines = False
+    journal = False
+
+
+_NOTICES = _Notices()
+
+
+def notices_to(fd: int | None, *, json_lines: bool, journal: bool) -> None:
+    """Send the signal notices to file descriptor ``fd`` (None: ``sys.stderr``), as JSON events or text."""
+    _NOTICES.fd, _NOTICES.json_lines, _NOTICES.journal = fd, json_lines, journal
+
+
+def notice_line(message: str, signal_name: str) -> str:
+    """The notice as it goes on the stream: ``histod: <message>``, or a JSON event in JSON mode."""
+    if not _NOTICES.json_lines:
+        line = f"histod: {message}"
+    else:
+        event = {
+            "event": "signal",
+            "signal": signal_name,
+            "message": message,
+            "level": "info",
+            "timestamp": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
+        }
+        line = json.dumps(event)
+    return ("<6>" if _NOTICES.journal else "") + line + "\n"
+
+
+def _say(message: str, signal_name: str) -> None:
+    # Straight to the descriptor in one write: a signal handler must not take the log's lock (the thread it
+    # interrupted may hold it), and line and newline together never land inside another thread's line.
+    line = notice_line(message, signal_name)
+    if _NOTICES.fd is not None:
+        try:
+            os.write(_NOTICES.fd, line.encode("utf-8", "backslashreplace"))
+            return
+        except OSError:
+            pass
+    sys.stderr.write(line)
     sys.stderr.flush()
 
 
@@ -96,17 +140,17 @@ def stop_on_signals() -> Iterator[threading.Event]:
         name = signal.Signals(signum).name
         if not stop.is_set():
             abort = "Ctrl-C again" if signum == signal.SIGINT else "Ctrl-C"
-            _say(f"{name}, finishing the batch in flight ({abort} aborts)")
+            _say(f"{name}, finishing the batch in flight ({abort} aborts)", name)
             stop.set()
         elif signum == signal.SIGINT:
             raise KeyboardInterrupt
         else:
-            _say(f"{name} again, still stopping cleanly")
+            _say(f"{name} again, still stopping cleanly", name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (*STOP_SIGNALS, signal.SIGINT)}
     caught = take_early()
     if caught is not None:
-        _say(f"{caught.name} during start-up, stopping")
+        _say(f"{caught.name} during start-up, stopping", caught.name)
         stop.set()
     try:
         yield stop

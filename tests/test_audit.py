@@ -24,7 +24,7 @@ from histod.db import chain, queries
 from histod.db.migrations import current_revision, head_revision, upgrade
 from histod.db.models import KIND_CLASSIFICATION, KIND_REVIEW, ModelRecord, Move, Result
 from histod.db.session import make_engine, open_database, open_read_only, reading, transaction
-from histod.errors import ConfigError, DatabaseError
+from histod.errors import ConfigError, DatabaseError, ReviewError
 
 T0 = datetime(2026, 1, 2, 3, 4, 5, 123456, tzinfo=UTC)
 TABLES = ("results", "models", "moves", "reports")
@@ -73,7 +73,8 @@ def _db(tmp_path: Path, n: int = 5) -> tuple[Path, sessionmaker[Session]]:
 
 
 def _verify(path: Path, *args: str) -> tuple[int, str]:
-    got = CliRunner().invoke(cli, ["audit", "verify", "--db", f"sqlite:///{path}", *args])
+    """`histod audit verify` as an auditor reads it (console text: in JSON mode the verdict is an event)."""
+    got = CliRunner().invoke(cli, ["--log-format", "console", "audit", "verify", "--db", f"sqlite:///{path}", *args])
     return got.exit_code, got.output
 
 
@@ -238,12 +239,60 @@ def test_results_show_which_rows_are_reviews_and_what_they_amend(tmp_path: Path)
         "error_reason",
         "duplicate_of",
         "amends_id",
+        "reviewer",
         "name",
+        "note",
     ]
-    cells = lines[3].split()  # received_at is two cells (date, time)
-    assert (cells[0], cells[3], cells[4], cells[5], cells[9]) == ("4", "review", "reviewed", "Benign", "2")
+    cells = lines[3].split()  # received_at is two cells (date, time), and so is the reviewer "Dr. A"
+    assert (cells[0], cells[3], cells[4], cells[5], cells[9], cells[10:12]) == (
+        "4",
+        "review",
+        "reviewed",
+        "Benign",
+        "2",
+        ["Dr.", "A"],
+    )
     (reviewed,) = json.loads(run("--status", "reviewed", "--format", "json"))
     assert (reviewed["id"], reviewed["kind"], reviewed["amends_id"]) == (4, "review", 2)
+
+
+def test_a_review_of_a_failed_file_or_of_a_review_is_refused(tmp_path: Path) -> None:
+    path, factory = _db(tmp_path, n=2)
+    failed = _result("text.jpg", at=T0 + timedelta(seconds=9))
+    failed.status, failed.label, failed.p_malignant, failed.error_reason = "failed", None, None, "not_an_image"
+    with transaction(factory) as s:
+        (row,) = queries.record_results(s, [failed])
+        queries.add_review(s, 1, label="Benign", reviewer="Dr. A", note=None, host="h")
+    assert row.id == 3
+    with pytest.raises(ReviewError, match=r"result 3 is not a classification.*not_an_image"), transaction(factory) as s:
+        queries.add_review(s, 3, label="Benign", reviewer="Dr. A", note=None, host="h")
+    db = ["--db", f"sqlite:///{path}"]
+    got = CliRunner().invoke(
+        cli, ["--log-format", "console", "audit", "review", "3", "--label", "Malignant", "--reviewer", "Dr. A", *db]
+    )
+    assert got.exit_code == 2 and "error: result 3 is not a classification" in got.output, got.output
+    assert "Traceback" not in got.output
+    got = CliRunner().invoke(
+        cli, ["--log-format", "console", "audit", "review", "4", "--label", "Malignant", "--reviewer", "Dr. B", *db]
+    )
+    assert got.exit_code == 2 and "result 4 is itself a review (of result 1): review result 1" in got.output
+    with reading(factory) as s:
+        assert [r.kind for r in queries.list_results(s)] == [KIND_CLASSIFICATION] * 3 + [KIND_REVIEW]
+
+
+def test_results_lists_the_newest_50_unless_all(tmp_path: Path) -> None:
+    path, _ = _db(tmp_path, n=60)
+    db = ["--db", f"sqlite:///{path}"]
+    table = CliRunner().invoke(cli, ["results", *db]).stdout.splitlines()
+    assert table[-1] == "(50 rows: the newest of 60; --all or --limit N for more)"
+    assert [line.split()[0] for line in table[1:-1]] == [str(i) for i in range(11, 61)]  # oldest first
+    every = json.loads(CliRunner().invoke(cli, ["results", "--all", "--json", *db]).stdout)
+    assert [r["id"] for r in every] == list(range(1, 61))
+    got = CliRunner().invoke(cli, ["--log-format", "json", "results", "--format", "csv", "--limit", "5", *db])
+    assert len(list(csv.DictReader(io.StringIO(got.stdout)))) == 5
+    assert '"event": "results.limited"' in got.stderr
+    got = CliRunner().invoke(cli, ["results", "--all", "--limit", "5", *db])
+    assert got.exit_code == 2 and "give one of them" in got.output
 
 
 def test_the_models_row_records_provenance(tmp_path: Path) -> None:
@@ -330,7 +379,7 @@ def test_readers_never_migrate_and_refuse_an_older_schema(tmp_path: Path) -> Non
     path = tmp_path / "old.db"
     engine = make_engine(f"sqlite:///{path}")
     upgrade(engine, "0001")
-    for args in (["results"], ["report"], ["audit", "verify"], ["audit", "export", "--out", str(tmp_path / "x.csv")]):
+    for args in (["results"], ["report"], ["audit", "verify"], ["audit", "export", str(tmp_path / "x.csv")]):
         got = CliRunner().invoke(cli, [*args, "--db", f"sqlite:///{path}"])
         assert got.exit_code == 5, got.output
         assert "schema is at revision 0001, this histod expects 0004" in got.output
@@ -370,7 +419,7 @@ def test_export_writes_rows_and_a_manifest_that_pins_them_to_the_chain(tmp_path:
     path, factory = _db(tmp_path)
     out = tmp_path / "exports" / f"audit.{suffix}"
     since = (T0 + timedelta(seconds=2)).isoformat()
-    got = CliRunner().invoke(cli, ["audit", "export", "--since", since, "--out", str(out), "--db", f"sqlite:///{path}"])
+    got = CliRunner().invoke(cli, ["audit", "export", str(out), "--since", since, "--db", f"sqlite:///{path}"])
     assert got.exit_code == 0, got.output
     if suffix == "csv":
         with out.open(newline="") as fh:
@@ -389,5 +438,5 @@ def test_export_writes_rows_and_a_manifest_that_pins_them_to_the_chain(tmp_path:
     assert manifest["format"] == suffix and manifest["filters"]["since"].startswith("2026-01-02T03:04:07")
     # the manifest's last hash is an anchor for later checks
     assert _verify(path, "--anchor", manifest["last_hash"])[0] == 0
-    got = CliRunner().invoke(cli, ["audit", "export", "--out", str(tmp_path / "x.txt"), "--db", f"sqlite:///{path}"])
+    got = CliRunner().invoke(cli, ["audit", "export", str(tmp_path / "x.txt"), "--db", f"sqlite:///{path}"])
     assert got.exit_code == 2 and "--format" in got.output

@@ -4,6 +4,7 @@ tampering is done on a copy with the triggers dropped (tests/test_audit.py's `_t
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import subprocess
@@ -320,7 +321,8 @@ def test_the_service_and_reviews_write_keyed_rows(tiny_run_dir: Path, tmp_path: 
     flags = ["--data-dir", str(data), "--model", str(tiny_run_dir)]
     got = CliRunner().invoke(cli, ["serve", "--once", *flags], env=env)
     assert got.exit_code == 0, got.output
-    got = CliRunner().invoke(cli, ["audit", "review", "2", "--label", "Benign", "--reviewer", "Dr A", *flags], env=env)
+    where = ["--data-dir", str(data)]
+    got = CliRunner().invoke(cli, ["audit", "review", "2", "--label", "Benign", "--reviewer", "Dr A", *where], env=env)
     assert got.exit_code == 0, got.output
     db = sqlite3.connect(data / "histod.db")
     for table in ("results", "moves", "reports", "models"):
@@ -375,10 +377,10 @@ def test_type_tampering_is_a_broken_row_not_a_traceback(
     tmp_path: Path, sql: str, where: str, problem: str, found: str
 ) -> None:
     path, _ = _full_db(tmp_path)
-    got = CliRunner().invoke(cli, ["audit", "verify", "--db", f"sqlite:///{_tamper(path, tmp_path, sql)}"])
-    assert got.exit_code == 1 and isinstance(got.exception, SystemExit), got.exception
-    assert f"BROKEN: {where}: {problem}" in got.output
-    assert found in got.output
+    code, out = _verify(_tamper(path, tmp_path, sql))
+    assert code == 1, out
+    assert f"BROKEN: {where}: {problem}" in out
+    assert found in out
 
 
 @pytest.mark.parametrize(
@@ -410,15 +412,16 @@ def test_verify_prints_one_broken_line_and_no_traceback(tmp_path: Path) -> None:
     )
     assert out.returncode == 1, out.stderr
     assert "Traceback" not in out.stderr and out.stdout == ""
-    assert [line for line in out.stderr.splitlines() if line.startswith("BROKEN")] == [
-        "BROKEN: results row 3: p_malignant is not a number"
-    ]
+    events = [json.loads(line) for line in out.stderr.splitlines()]  # not a terminal: JSON lines only
+    (broken,) = [e for e in events if e["event"] == "audit.broken"]
+    assert str(broken["message"]).startswith("results row 3: p_malignant is not a number\n"), out.stderr
+    assert "found    'abc'" in str(broken["message"]) and broken["level"] == "error"
 
 
 def test_verify_takes_the_key_from_the_settings_and_no_key_skips_it(tmp_path: Path) -> None:
     path, _ = _full_db(tmp_path, key=KEY)
     flipped = _rewrite(path, tmp_path, edit=("results", 3, "label", "Benign"), macs="keep")
-    db = ["audit", "verify", "--db", f"sqlite:///{flipped}"]
+    db = ["--log-format", "console", "audit", "verify", "--db", f"sqlite:///{flipped}"]
     env = {"HISTOD_AUDIT_KEY_FILE": str(_key_file(tmp_path))}
     got = CliRunner().invoke(cli, db, env=env)
     assert got.exit_code == 1 and "BROKEN: results row 3: row_mac does not match" in got.output

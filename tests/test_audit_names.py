@@ -93,7 +93,7 @@ def _check_csv(records: list[dict[str, str]]) -> None:
 def test_audit_export_csv_parses_back_to_the_manifest_and_defuses_formulas(tmp_path: Path) -> None:
     path = _db(tmp_path)
     out = tmp_path / "audit.csv"
-    got = CliRunner().invoke(cli, ["audit", "export", "--out", str(out), "--db", f"sqlite:///{path}"])
+    got = CliRunner().invoke(cli, ["audit", "export", str(out), "--db", f"sqlite:///{path}"])
     assert got.exit_code == 0, got.output
     manifest = json.loads((tmp_path / "audit.csv.manifest.json").read_text())
     with out.open(encoding="utf-8", newline="") as fh:
@@ -108,7 +108,7 @@ def test_audit_export_csv_parses_back_to_the_manifest_and_defuses_formulas(tmp_p
 def test_audit_export_json_keeps_the_names_exactly(tmp_path: Path) -> None:
     path = _db(tmp_path)
     out = tmp_path / "audit.json"
-    got = CliRunner().invoke(cli, ["audit", "export", "--out", str(out), "--db", f"sqlite:///{path}"])
+    got = CliRunner().invoke(cli, ["audit", "export", str(out), "--db", f"sqlite:///{path}"])
     assert got.exit_code == 0, got.output
     assert [r["name"] for r in json.loads(out.read_text())] == NAMES
 

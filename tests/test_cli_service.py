@@ -42,6 +42,9 @@ def served(tiny_run_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path
     result = CliRunner().invoke(cli, ["--log-format", "json", "serve", "--once", *_flags(root, tiny_run_dir)])
     assert result.exit_code == 0, result.output
     assert "images      7  (classified 4, failed 3" in result.stdout
+    (done,) = [json.loads(line) for line in result.stderr.splitlines() if '"serve.done"' in line]
+    assert done["files"] == 7 and done["message"].startswith("done: 7 files in ")
+    assert "(4 classified, 3 failed, 0 waiting for a move)" in done["message"]
     return root
 
 
@@ -55,6 +58,31 @@ def test_report_json_matches_the_rows(served: Path, tiny_run_dir: Path) -> None:
     assert sum(data["by_label"].values()) == 4
     assert set(data["by_reason"]) <= {"empty", "truncated", "corrupt", "not_an_image"}
     assert data["latency_p95_ms"] >= data["latency_p50_ms"] > 0
+
+
+def test_report_writes_a_page_and_a_csv_and_prints_any_format(served: Path, tmp_path: Path) -> None:
+    page, table = tmp_path / "out.html", tmp_path / "out.csv"
+    args = ["report", "--since", "7d", *_flags(served)]
+    result = CliRunner().invoke(cli, [*args, "--html", str(page), "--csv", str(table)])
+    assert result.exit_code == 0, result.output
+    assert f"written: {page}" in result.stdout and "reviews     none of the window" in result.stdout
+    html = page.read_text(encoding="utf-8")
+    assert html.startswith("<!DOCTYPE html>") and html.count("<svg") == 4 and "truncated.png" not in html
+    assert "Failures by reason" in html and "not_an_image" in html
+    with table.open(newline="") as fh:
+        assert sum(int(r["total"]) for r in csv.DictReader(fh)) == 7
+    printed = CliRunner().invoke(cli, [*args, "--format", "csv"]).stdout
+    assert printed == table.read_text()
+    both = CliRunner().invoke(cli, [*args, "--format", "csv", "--json"])
+    assert both.exit_code == 2 and "--json is --format json" in both.output
+
+
+def test_serve_once_refuses_the_flags_only_a_running_service_uses(tmp_path: Path) -> None:
+    for flag in (["--polling"], ["--report-interval", "60"], ["--metrics-port", "9464"]):
+        got = CliRunner().invoke(cli, ["--log-format", "console", "serve", "--once", *flag, *_flags(tmp_path)])
+        assert got.exit_code == 2 and "error: serve --once takes what is in the folder now" in got.output, got.output
+        assert flag[0] in got.output
+    assert not (tmp_path / "data").exists()
 
 
 def test_report_of_an_empty_window(served: Path) -> None:
@@ -77,7 +105,7 @@ def test_results_in_every_format(served: Path, tiny_run_dir: Path) -> None:
         runner.invoke(cli, ["results", "--status", "failed", "--format", "json", *_flags(served)]).stdout
     )
     assert sorted(r["name"] for r in failed) == ["empty.png", "text.jpg", "truncated.png"]
-    label = next(r.label for r in recorded if r.label is not None)
+    label = next(r.label for r in recorded if r.label is not None)  # a label the model gave (rows may start failed)
     by_label = json.loads(
         runner.invoke(cli, ["results", "--label", label.lower(), "--format", "json", *_flags(served)]).stdout
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import subprocess
 import sys
@@ -41,7 +43,7 @@ def test_train_without_class_folders(tmp_path: Path) -> None:
     _png(tmp_path / "data" / "tiles" / "a.png")
     result = _invoke("train", str(tmp_path / "data"), "--out", str(tmp_path / "run"))
     assert result.exit_code == 3
-    assert "error:" in result.stderr
+    assert '"event": "error"' in result.stderr  # JSON logs: the error line is an event too
     assert "benign/ and malignant/" in result.stderr
     _no_traceback(result)
     assert not (tmp_path / "run").exists()
@@ -98,7 +100,8 @@ def test_train_end_to_end_head_only(synthetic_dataset: Path, tmp_path: Path) -> 
     assert load_run(run).image_size == 48
     # progress was visible while training: one log line per epoch
     epochs = [json.loads(line) for line in result.stderr.splitlines() if '"event": "train.epoch"' in line]
-    assert [e["phase"] for e in epochs] == ["head"]
+    assert [(e["phase"], e["epoch"], e["phase_epoch"]) for e in epochs] == [("head", "1/1", "1/1")]
+    assert epochs[0]["epoch_s"] > 0 and epochs[0]["eta_s"] == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["history"]["phase"] == ["head"]
     assert metrics["config"]["epochs"] == 0
@@ -144,6 +147,19 @@ def test_predict_json_with_the_model_from_the_environment(
         assert r["label"] == LABELS[int(r["p_malignant"] >= threshold)]
 
 
+def test_predict_csv_has_a_row_per_file_and_a_summary_line(tiny_run_dir: Path, tmp_path: Path) -> None:
+    files = write_images(tmp_path, 3, size=48)
+    missing = tmp_path / "gone.png"
+    args = ["predict", "--format", "csv", "--model", str(tiny_run_dir), *map(str, files), str(missing)]
+    result = CliRunner().invoke(cli, ["--log-format", "console", *args])
+    assert result.exit_code == 1
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["path"] for r in rows] == [*map(str, files), str(missing)]
+    assert rows[-1]["error"] == "missing" and all(r["label"] in LABELS for r in rows[:3])
+    assert "error: 1 of 4 images could not be read (3 of 4 images classified in" in result.stderr
+    assert "\r" not in result.stderr  # not a terminal: no progress line
+
+
 def test_predict_json_error_record(tiny_run_dir: Path, tmp_path: Path) -> None:
     missing = tmp_path / "gone.png"
     result = _invoke("predict", "--json", "--model", str(tiny_run_dir), str(missing))
@@ -187,6 +203,12 @@ def test_evaluate_json_writes_nothing(
     assert data["threshold"] == load_run(tiny_run_dir).threshold
     assert sum(map(sum, data["confusion_matrix"])) == data["n"] == 120
     assert list(tmp_path.iterdir()) == []
+    # patient-bootstrap intervals, grouped by the IDC names' patient ids as in training
+    assert data["groups"] == 12
+    assert set(data["ci95"]) == {"balanced_accuracy", "roc_auc", "sensitivity", "specificity"}
+    for key, (low, high) in data["ci95"].items():
+        assert 0.0 <= low <= data[key] <= high <= 1.0, key
+    assert '"event": "evaluate.done"' in result.stderr
 
 
 def test_evaluate_text_and_out(tiny_run_dir: Path, synthetic_dataset: Path, tmp_path: Path) -> None:
@@ -195,12 +217,26 @@ def test_evaluate_text_and_out(tiny_run_dir: Path, synthetic_dataset: Path, tmp_
     assert result.exit_code == 0, result.output
     assert "balanced accuracy" in result.stdout
     assert "true Malignant" in result.stdout
+    assert "95 % intervals: bootstrap over 12 patients" in result.stdout
+    assert "done: 120 images scored in" in result.stderr
     assert sorted(p.name for p in out.iterdir()) == [
         "classification_report.txt",
         "confusion_matrix.png",
         "metrics.json",
+        "pr_curve.png",
         "predictions.csv",
+        "reliability.png",
+        "roc_curve.png",
     ]
+    written = json.loads((out / "metrics.json").read_text())
+    assert written["ci95"]["roc_auc"][0] <= written["roc_auc"] and len(written["calibration_bins"]) == 10
+    for png in ("pr_curve.png", "roc_curve.png", "reliability.png"):
+        with Image.open(out / png) as image:
+            assert image.size[0] > 300
+    as_csv = _invoke("evaluate", "--format", "csv", "--model", str(tiny_run_dir), str(synthetic_dataset))
+    rows = {r["metric"]: r for r in csv.DictReader(io.StringIO(as_csv.stdout))}
+    assert float(rows["roc_auc"]["value"]) == pytest.approx(written["roc_auc"])
+    assert float(rows["roc_auc"]["ci95_low"]) == pytest.approx(written["ci95"]["roc_auc"][0])
 
 
 def test_evaluate_a_folder_without_classes(tiny_run_dir: Path, tmp_path: Path) -> None:

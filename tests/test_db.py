@@ -272,7 +272,7 @@ class _OpenedError(Exception):
 def test_the_busy_timeout_setting_reaches_every_connection(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from click.testing import CliRunner
 
-    from histod import commands_service
+    from histod import commands_report
     from histod.cli import cli
     from histod.daemon import app
     from histod.db import session as db_session
@@ -303,7 +303,7 @@ def test_the_busy_timeout_setting_reaches_every_connection(tmp_path: Path, monke
     db = ["--data-dir", str(settings.data_dir)]
     got = CliRunner().invoke(cli, ["audit", "review", str(row.id), "--label", "Benign", "--reviewer", "A", *db])
     assert got.exit_code == 0, got.output
-    readers = [commands_service._open(settings)]
+    readers = [commands_report.open_reader(settings)]
     assert len(opened) == 2
     for factory in [*opened, *readers]:
         with reading(factory) as s:

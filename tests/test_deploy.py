@@ -125,10 +125,16 @@ def test_service_essentials() -> None:
         "StateDirectory=histod",
         "User=histod",
         "MemoryDenyWriteExecute=yes",
-        "PrivateNetwork=yes",
         "ProtectSystem=strict",
+        # loopback only: the metrics port and a local PostgreSQL
+        "IPAddressAllow=localhost",
+        "IPAddressDeny=any",
+        # priorities reach the journal: a line's <N> prefix (histod.logs)
+        "StandardError=journal",
+        "SyslogLevelPrefix=yes",
     ):
         assert re.search(rf"^{re.escape(line)}$", text, re.M), line
+    assert re.search(r"^RestrictAddressFamilies=.*\bAF_INET\b", text, re.M)
     assert re.search(r"^WatchdogSec=\d+", text, re.M)
     # Findings from running the runtime under the sandbox (docs/deploy.md): NumPy's OpenBLAS calls mbind(),
     # which ~@resources denies: without EPERM (or mbind allowed) histod dies of SIGSYS at start; and

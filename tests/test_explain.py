@@ -72,7 +72,7 @@ def _served(tmp_path: Path, run_dir: Path, *, size: int = 64) -> tuple[str, Path
 def test_explain_writes_the_image_and_its_heat_map_side_by_side(tmp_path: Path, tiny_run_dir: Path) -> None:
     url, stored, result_id = _served(tmp_path, tiny_run_dir, size=64)
     out = tmp_path / "out" / "cam.png"
-    got = CliRunner().invoke(cli, ["explain", str(result_id), "--out", str(out), "--db", url])
+    got = CliRunner().invoke(cli, ["explain", str(result_id), "--png", str(out), "--db", url])
     assert got.exit_code == 0, got.output
     assert f"of result {result_id} ({stored}) as one tile at the model's 48 px input" in got.output
     assert "512x256 px" in got.output and "warning:" not in got.output
@@ -113,7 +113,7 @@ def test_gradcam_maps_the_last_conv_features_and_reproduces_p(tiny_run_dir: Path
 def test_explain_refuses_an_image_that_is_not_the_one_recorded(tmp_path: Path, tiny_run_dir: Path) -> None:
     url, stored, result_id = _served(tmp_path, tiny_run_dir)
     stored.write_bytes(stored.read_bytes() + b"\0")
-    got = CliRunner().invoke(cli, ["explain", str(result_id), "--out", str(tmp_path / "x.png"), "--db", url])
+    got = CliRunner().invoke(cli, ["explain", str(result_id), "--png", str(tmp_path / "x.png"), "--db", url])
     assert got.exit_code == 2
     assert "sha256 differs from the record" in got.output
     assert not (tmp_path / "x.png").exists()

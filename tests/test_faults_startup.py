@@ -5,6 +5,7 @@ written when the service starts. Real `histod serve` processes, real SQLite, rea
 from __future__ import annotations
 
 import contextlib
+import json
 import sqlite3
 import subprocess
 import sys
@@ -110,7 +111,11 @@ def test_a_database_file_deleted_under_the_service_stops_it_before_anything_move
         if proc.poll() is None:
             proc.kill()
             proc.wait(10)
-    errors = [line for line in tail(log, 20000).splitlines() if line.startswith("error:")]
+    errors = [
+        str(e["message"])
+        for e in (json.loads(line) for line in tail(log, 20000).splitlines() if line.startswith("{"))
+        if e["event"] == "error"
+    ]
     assert code == 5, f"exit {code}; log tail:\n{tail(log)}"
     assert len(errors) == 1 and f"{deleted} was deleted" in errors[0], errors
     assert sorted(p.name for p in watch.iterdir()) == names  # nothing taken after the deletion was moved

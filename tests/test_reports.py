@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from histod.daemon.reports import format_summary, write_report
+from histod.daemon.reports import CSV_COLUMNS, format_summary, write_report
 from histod.db import queries
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Report, Result
 from histod.db.session import open_database, reading, transaction
@@ -67,3 +68,56 @@ def test_format_summary_of_nothing(tmp_path: Path) -> None:
     with reading(factory) as s:
         empty = queries.summary(s, T0, T0 + timedelta(hours=1))
     assert "images      0" in format_summary(empty) and "p50 -" in format_summary(empty)
+
+
+def test_the_page_and_the_csv_stand_alone_and_count_the_reviews(tmp_path: Path) -> None:
+    factory = open_database(f"sqlite:///{tmp_path / 'r.db'}")
+    rows = [_row(i, STATUS_CLASSIFIED, p, 10.0 * (i + 1)) for i, p in enumerate([0.1, 0.9, 0.6, 0.2])]
+    rows.append(_row(4, STATUS_FAILED, None, 5.0))
+    rows[1].name = "<script>alert(1)</script>.png"
+    with transaction(factory) as s:
+        queries.record_results(s, rows)
+        queries.add_review(s, 1, label="Benign", reviewer="Dr. A", note=None, host="h")
+        queries.add_review(s, 2, label="Malignant", reviewer="Dr. A", note=None, host="h")
+        queries.add_review(s, 2, label="Benign", reviewer="Dr. B", note="<b>stroma</b>", host="h")  # the latest counts
+        queries.add_review(s, 3, label="Malignant", reviewer="Dr. A", note=None, host="h")
+    # reviewer Benign: model Benign 1, Malignant 1; reviewer Malignant: model Malignant 1.
+    # p_o = 2/3, p_e = 2/3 * 1/3 + 1/3 * 2/3 = 4/9, kappa = (2/3 - 4/9) / (1 - 4/9) = 0.4
+    summary = write_report(factory, tmp_path / "reports", T0, T0 + timedelta(hours=1), host="h", model_sha256=None)
+    reviews = summary.reviews
+    assert (reviews["reviewed"], reviews["matrix"], reviews["agreement"]) == (3, [[1, 1], [0, 1]], 2 / 3)
+    assert abs(reviews["kappa"] - 0.4) < 1e-9
+    (disagreement,) = reviews["disagreements"]
+    assert (disagreement["result_id"], disagreement["reviewer"], disagreement["model_label"]) == (
+        2,
+        "Dr. B",
+        "Malignant",
+    )
+    text = format_summary(summary)
+    assert "3 reviewed: model and reviewer agree on 66.7%, Cohen's kappa 0.400" in text
+    assert "result 2 <script>alert(1)</script>.png: model Malignant (p 0.900), Dr. B Benign: <b>stroma</b>" in text
+
+    (page,) = (tmp_path / "reports").glob("report-*.html")
+    html = page.read_text(encoding="utf-8")
+    assert page.stem == "report-20260304T060607Z" and (tmp_path / "reports" / f"{page.stem}.json").exists()
+    assert html.count("<svg") == 4  # files over time, p(malignant), latency, failures by reason
+    assert "<script" not in html and "src=" not in html and "href=" not in html and "@import" not in html
+    assert "default-src 'none'" in html  # nothing may be fetched: it opens offline
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;.png" in html and "&lt;b&gt;stroma&lt;/b&gt;" in html
+    assert "Cohen's kappa <b>0.400</b>" in html and "Disagreements (1)" in html
+
+    with (tmp_path / "reports" / f"{page.stem}.csv").open(newline="") as fh:
+        buckets = list(csv.DictReader(fh))
+    assert list(buckets[0]) == list(CSV_COLUMNS) and len(buckets) == 13  # 05:05 to 06:10 UTC, whole 5-minute buckets
+    assert sum(int(b["total"]) for b in buckets) == 5 and sum(int(b["failed"]) for b in buckets) == 1
+    assert [int(b["Malignant"]) for b in buckets][:2] == [2, 0] and buckets[0][
+        "period_start"
+    ] == "2026-03-04T05:05:00+00:00"
+
+
+def test_kappa_is_undefined_when_both_sides_only_ever_said_one_label() -> None:
+    from histod.db.windows import cohen_kappa
+
+    assert cohen_kappa(["Benign", "Benign"], ["Benign", "Benign"]) is None
+    assert cohen_kappa([], []) is None
+    assert cohen_kappa(["Benign", "Malignant"], ["Benign", "Malignant"]) == 1.0

@@ -45,7 +45,8 @@ def test_a_run_failing_export_parity_is_kept_marked_and_evaluable(
     run = tmp_path / "run"
     trained = _invoke("train", str(synthetic_dataset), "--out", str(run), *TINY, "--head-epochs", "1", "--epochs", "1")
     assert trained.exit_code == 4, trained.output
-    errors = [line for line in trained.stderr.splitlines() if line.startswith("error:")]
+    events = [json.loads(line) for line in trained.stderr.splitlines() if line.startswith("{")]
+    errors = [str(e["message"]) for e in events if e["event"] == "error"]
     assert len(errors) == 1 and "the LiteRT export disagrees with the Keras model" in errors[0]
     assert f"The run in {run} is complete" in errors[0] and "--allow-parity-failure" in errors[0]
     assert f"run: {run}" in trained.stdout  # the validation summary is printed all the same

@@ -95,7 +95,8 @@ def test_a_killed_run_resumes_from_its_last_epoch_to_a_complete_run(synthetic_da
     done = int(str(went_on["epochs_done"]))
     assert done >= len(before) - 1  # at least every epoch it logged before the kill (the head's is not counted)
     after = _events(resumed.stderr, "train.epoch")
-    assert [e["epoch"] for e in after] == [f"{k}/4" for k in range(done + 1, 5)]  # only the epochs still to run
+    assert [e["phase_epoch"] for e in after] == [f"{k}/4" for k in range(done + 1, 5)]  # only the epochs still to run
+    assert [e["epoch"] for e in after] == [f"{1 + k}/5" for k in range(done + 1, 5)]  # one numbering: head's 1 first
 
     m = json.loads((run / "metrics.json").read_text())
     assert m["status"] == "complete" and m["resumed"] == [{"phase": "fine_tune", "epochs_done": done}]

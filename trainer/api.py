@@ -10,7 +10,7 @@ interrupted run goes on with `histod train ... --resume` (train(cfg, resume=True
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -276,6 +276,19 @@ class Scorer(Protocol):
     def predict(self, batch: NDArray[Any]) -> NDArray[np.float32]: ...
 
 
+def _group_pattern(run_dir: Path) -> str | None:
+    """The patient pattern the run was trained with (its config.json), so that evaluation groups as training
+    did; None (the built-in patterns) when the run does not say."""
+    import json
+
+    try:
+        config = json.loads((run_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    pattern = config.get("group_pattern") if isinstance(config, dict) else None
+    return pattern if isinstance(pattern, str) else None
+
+
 @dataclass(frozen=True)
 class Prediction:
     path: Path
@@ -325,24 +338,38 @@ def predict_paths(scorer: Scorer, paths: Sequence[Path], batch_size: int = 32) -
                 yield Prediction(path, p, LABELS[int(p >= scorer.threshold)], warnings=r.warnings)
 
 
-def evaluate_folder(run_dir: Path, data_dir: Path, scorer: Scorer, out: Path | None = None) -> dict[str, Any]:
+def evaluate_folder(
+    run_dir: Path,
+    data_dir: Path,
+    scorer: Scorer,
+    out: Path | None = None,
+    *,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
     """Score a labelled folder (benign/, malignant/) with the run's model (``scorer``), each image as `histod
     predict` classifies it: images of about the model's tiles by p at the stored threshold; a folder of larger
     images (fields, slides), each tiled, by its rule's score at the rule's cut (``tiled``, ``rule`` in the
-    result). A folder holding both is refused: a tile's p and a tiled image's score are not one scale.
+    result). A folder holding both is refused: a tile's p and a tiled image's score are not one scale. 95 %
+    intervals come from a bootstrap over patients, grouped by the run's own group_pattern, as in training.
 
-    Files are written only when ``out`` is given: metrics.json, classification_report.txt, confusion_matrix.png
-    and predictions.csv.
+    Files are written only when ``out`` is given: metrics.json (with ``ci95``), classification_report.txt,
+    predictions.csv, and the plots confusion_matrix.png, roc_curve.png, pr_curve.png and reliability.png.
+    ``progress(done, total)`` is called after each image scored.
     """
+    from histod.trainer.evaluate import bootstrap_ci, calibration_bins, expected_calibration_error
+
     info = load_run(run_dir)
-    samples = data.discover(data_dir)
+    samples = data.discover(data_dir, _group_pattern(run_dir))
     kept: list[data.Sample] = []
     skipped: list[data.Skipped] = []
     scores: list[float] = []
     tiled: list[tuple[Path, str]] = []  # (path, rule)
     warnings: list[dict[str, str]] = []
     threshold = scorer.threshold  # a tiled image's rule cut when the folder's images are tiled
-    for sample, pred in zip(samples, predict_paths(scorer, [s.path for s in samples]), strict=True):
+    predictions = predict_paths(scorer, [s.path for s in samples])
+    for done, (sample, pred) in enumerate(zip(samples, predictions, strict=True), start=1):
+        if progress is not None:
+            progress(done, len(samples))
         warnings += [{"path": str(pred.path), "warning": w} for w in pred.warnings]
         if pred.error is not None:
             skipped.append(data.Skipped(pred.path, pred.error.reason, str(pred.error.args[0])))
@@ -366,21 +393,31 @@ def evaluate_folder(run_dir: Path, data_dir: Path, scorer: Scorer, out: Path | N
     labels = np.array([s.label for s in kept], dtype=np.int64)
     p = np.array(scores, dtype=np.float64)
     result = metrics(labels, p, threshold)
+    groups = [s.group for s in kept]
+    n_groups = len(set(groups))
+    both_classes = len(set(labels.tolist())) == 2
+    bins = calibration_bins(labels, p)
     result.update(
         run_id=info.run_id,
         run_dir=str(run_dir),
         data_dir=str(data_dir),
+        groups=n_groups,
+        # one patient gives nothing to resample; two classes are needed for every figure
+        ci95=bootstrap_ci(labels, p, groups, threshold) if n_groups > 1 and both_classes else None,
+        ece=expected_calibration_error(labels, p),
         tiled=len(tiled),
         rule=tiled[0][1] if tiled else None,
         skipped=[{"path": str(s.path), "reason": s.reason, "message": s.message} for s in skipped],
         warnings=warnings,
     )
     if out is not None:
+        title = f"{data_dir.name} ({info.run_id})"
         out.mkdir(parents=True, exist_ok=True)
-        artefacts.write_json(out / "metrics.json", result)
+        artefacts.write_json(out / "metrics.json", {**result, "calibration_bins": bins})
         (out / "classification_report.txt").write_text(report_text(labels, p, threshold))
-        artefacts.plot_confusion(
-            out / "confusion_matrix.png", result["confusion_matrix"], LABELS, f"{data_dir.name} ({info.run_id})"
-        )
+        artefacts.plot_confusion(out / "confusion_matrix.png", result["confusion_matrix"], LABELS, title)
+        if both_classes:
+            artefacts.plot_roc_pr(out / "roc_curve.png", out / "pr_curve.png", labels, p, threshold, title)
+        artefacts.plot_reliability(out / "reliability.png", bins, f"{title}, ECE {result['ece']:.3f}")
         artefacts.write_predictions(out / "predictions.csv", data_dir, kept, p.tolist(), threshold)
     return result

@@ -211,3 +211,50 @@ def plot_reliability(path: Path, bins: Sequence[dict[str, Any]], title: str) -> 
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+def plot_roc_pr(roc_path: Path, pr_path: Path, y_true: Any, p: Any, threshold: float, title: str) -> tuple[Path, Path]:
+    """The ROC curve (with its AUC) and the precision-recall curve (with average precision), Malignant the
+    positive class; the operating point at ``threshold`` marked on both."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    y = np.asarray(y_true).astype(int).ravel()
+    prob = np.asarray(p, dtype=float).ravel()
+    called = prob >= threshold
+    tpr_at = float(called[y == 1].mean())
+    fpr_at = float(called[y == 0].mean())
+    precision_at = float(y[called].mean()) if called.any() else 1.0
+
+    fpr, tpr, _ = roc_curve(y, prob)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
+    ax.plot(fpr, tpr, label=f"ROC (AUC {roc_auc_score(y, prob):.3f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="chance")
+    ax.plot([fpr_at], [tpr_at], marker="o", color="C3", label=f"threshold {threshold:.3f}")
+    ax.set_xlabel("1 - specificity (false positive rate)")
+    ax.set_ylabel("sensitivity (true positive rate)")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(roc_path)
+    plt.close(fig)
+
+    precision, recall, _ = precision_recall_curve(y, prob)
+    fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
+    ax.plot(recall, precision, label=f"PR (average precision {average_precision_score(y, prob):.3f})")
+    ax.axhline(float(y.mean()), color="grey", linestyle="--", label="share malignant")
+    ax.plot([tpr_at], [precision_at], marker="o", color="C3", label=f"threshold {threshold:.3f}")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel("recall (sensitivity)")
+    ax.set_ylabel("precision")
+    ax.set_title(title, fontsize=9)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(pr_path)
+    plt.close(fig)
+    return roc_path, pr_path

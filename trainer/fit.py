@@ -18,6 +18,7 @@ measured on held-out patients and bought nothing (docs/training.md, "What helps 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -144,12 +145,41 @@ class _Data:
 Save = Callable[[checkpoint.PhaseState | None], None]
 
 
+@dataclass
+class _Clock:
+    """One epoch numbering across both phases, and each epoch's seconds and the time left for the log line."""
+
+    before: int  # epochs of the phases already run
+    total: int  # epochs of the whole fit at most (EarlyStopping can end a phase sooner)
+    last: float = field(default_factory=time.monotonic)
+    seconds: list[float] = field(default_factory=list)
+
+    def tick(self, phase_done: int) -> dict[str, Any]:
+        now = time.monotonic()
+        self.seconds.append(now - self.last)
+        self.last = now
+        overall = self.before + phase_done
+        mean = sum(self.seconds) / len(self.seconds)
+        return {
+            "epoch": f"{overall}/{self.total}",
+            "epoch_s": round(self.seconds[-1], 2),
+            "eta_s": round(mean * max(0, self.total - overall), 1),
+        }
+
+
 def _run_phase(
-    model: Any, cfg: TrainConfig, phase: _Phase, data: _Data, resume: checkpoint.PhaseState | None, save: Save | None
+    model: Any,
+    cfg: TrainConfig,
+    phase: _Phase,
+    data: _Data,
+    resume: checkpoint.PhaseState | None,
+    save: Save | None,
+    clock: _Clock,
 ) -> tuple[list[dict[str, float]], bool]:
     """One phase's fit(): its epochs' logs and whether EarlyStopping ended it. ``resume`` continues a phase that
     a checkpoint says was interrupted; ``save(PhaseState)`` (or None) is called after every epoch, before the
-    epoch's log line (``train.epoch``): once that line is out, the epoch is on disk."""
+    epoch's log line (``train.epoch``: the epoch over both phases, the phase's own, its seconds and the time
+    left at most): once that line is out, the epoch is on disk."""
     import keras
 
     if resume is not None and (resume.stopped or resume.epochs_done >= phase.epochs):  # it had ended
@@ -170,7 +200,14 @@ def _run_phase(
         if save is not None:
             save(checkpoint.PhaseState(phase.name, done, stopped, logs, rate, *state))
         shown = {k: float(f"{v:.5g}") for k, v in logs[-1].items() if k in HISTORY_KEYS}
-        log.info("train.epoch", phase=phase.name, epoch=f"{done}/{phase.epochs}", saved=save is not None, **shown)
+        log.info(
+            "train.epoch",
+            phase=phase.name,
+            **clock.tick(done),
+            phase_epoch=f"{done}/{phase.epochs}",
+            saved=save is not None,
+            **shown,
+        )
 
     first, last = checkpoint.callbacks(end_of_epoch, stop, plateau, resume)
     callbacks = [first]
@@ -249,6 +286,7 @@ def fit(
         }
         log.info("train.resumed", finished=state.finished, **where)
         result.resumed.append(where)
+    clock = _Clock(0, 0)
     for phase in todo:
         resume = state.current if state.current is not None and state.current.name == phase.name else None
         if resume is None and state.model is not None:
@@ -261,7 +299,9 @@ def fit(
         log.info(
             "train.phase", phase=phase.name, epochs=phase.epochs, learning_rate=phase.rate, trainable_params=trainable
         )
-        logs, stopped = _run_phase(model, cfg, phase, data, resume, save if checkpoint_path else None)
+        before = len(result.phases)
+        clock.before, clock.total = before, before + sum(p.epochs for p in todo[todo.index(phase) :])
+        logs, stopped = _run_phase(model, cfg, phase, data, resume, save if checkpoint_path else None, clock)
         _add_phase(result, phase.name, logs, stopped)
         start = len(result.phases) - len(logs)
         scores = [v if math.isfinite(v) else math.inf for v in result.history[MONITOR][start:]]
