@@ -277,6 +277,7 @@ def _run(
     )
     with Pipeline(settings, factory, classifier, served, claims=claims) as pipeline:
         pipeline.guard = guard.check
+        pipeline.metrics = metrics
         try:
             if once:
                 run_once(pipeline, watch_dir, ImageFilter.from_settings(settings), stop)
@@ -321,6 +322,10 @@ def _run_forever(
         if ready and now - last_ping >= period:
             notify("WATCHDOG=1")
             last_ping = now
+            if reporter.metrics is not None:
+                observer = watcher.observer
+                reporter.metrics.watcher(observer is not None and observer.is_alive())
+                notify(f"STATUS={reporter.metrics.status_line()}")
 
     def tick() -> None:
         nonlocal ready

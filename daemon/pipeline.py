@@ -43,7 +43,7 @@ from histod.daemon.mover import PlannedMove, identity, move
 from histod.daemon.record import Destination, Served
 from histod.daemon.stats import Stats
 from histod.daemon.tree import remove_if_empty
-from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, Move, utcnow
+from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, STATUS_FAILED, Move, utcnow
 from histod.db.paths import path_text
 from histod.errors import DatabaseError
 from histod.logs import get_logger
@@ -52,6 +52,7 @@ if TYPE_CHECKING:
     from types import TracebackType
 
     from histod.daemon.claims import Claims
+    from histod.daemon.metrics import Metrics
     from histod.settings import Settings
 
 log: Any = get_logger("histod.service")
@@ -107,6 +108,8 @@ class Pipeline:
         self.stats = stats if stats is not None else Stats()
         self.heartbeat: Callable[[], None] = lambda: None
         """called while a batch waits for a locked database (the service sets it to its watchdog ping)"""
+        self.metrics: Metrics | None = None
+        """the service's Prometheus metrics (histod.daemon.metrics), told of each batch, row and move"""
         self.guard: Callable[[], None] = lambda: None
         """called before each record and before moving: raises DatabaseError when the database file was deleted
         or replaced (histod.db.session.FileGuard), so that nothing is moved for rows no one can read"""
@@ -294,8 +297,20 @@ class Pipeline:
         self._move(planned, attempts=0)
         self.files += len(planned)
         self._done(arrivals)
+        if self.metrics is not None:
+            self._measure(batches, planned)
         if not (self.flight and self.flight[0].inferred.done()):
             self._save([])  # no transaction is due soon to take the moves rows along
+
+    def _measure(self, batches: list[Batch], planned: list[PlannedMove]) -> None:
+        metrics = self.metrics
+        assert metrics is not None
+        for batch in batches:
+            metrics.batch(len(batch.arrivals))
+        for p in planned:
+            if not p.line.get("recovered"):  # a row of an earlier run, only moved now: counted by that run
+                metrics.file_done(p.line["status"], p.line["label"], p.line["reason"], p.line["ms"] / 1000)
+        metrics.queue_depth(len(self.working) + len(self.held) + len(self.deferred))
 
     def _record(self, items: list[Item]) -> list[PlannedMove]:
         self.guard()
@@ -344,7 +359,11 @@ class Pipeline:
             if m.ok:
                 self.reserved.discard(p.target)
                 self.emptied.add(p.source.parent)  # the watch folder itself is never removed (tidy)
-                log.info("image.stored", **line, stored=m.path)
+                # a failed image is a warning, so that `journalctl -p warning` lists it
+                emit = log.warning if p.line.get("status") == STATUS_FAILED else log.info
+                emit("image.stored", **line, stored=m.path)
+                if self.metrics is not None:
+                    self.metrics.move_done()
             elif m.error == MOVE_VANISHED:
                 self.reserved.discard(p.target)
                 log.warning("image.vanished", **line, stored=None)
@@ -354,6 +373,10 @@ class Pipeline:
                 log.warning("image.replaced", **line, stored=None)
             else:
                 self._retry_later(p, attempts, m.path, m.error)
+                if self.metrics is not None:
+                    self.metrics.move_failed(m.error or "unknown")
+        if self.metrics is not None:
+            self.metrics.moves_pending(len(self.retrying))
         self.stats.add("move", len(planned), time.perf_counter() - start)
 
     def _save(self, moves: Sequence[tuple[Move, Path | None]]) -> None:

@@ -141,21 +141,15 @@ class Agreement:
 
 
 def cohen_kappa(reviewer_labels: Sequence[str], model_labels: Sequence[str]) -> float | None:
-    """Cohen's kappa of the two sides' labels (scikit-learn's): (p_o - p_e) / (1 - p_e); None when it is
-    undefined (no item, or chance alone explains everything: both sides always gave the same one label)."""
-    if not reviewer_labels:
+    """Cohen's kappa of the two sides' labels: (p_o - p_e) / (1 - p_e), with p_e from each side's label
+    frequencies; None when it is undefined (no item, or chance alone explains everything: both sides always gave
+    the same one label). Closed form, so that a serving install (no scikit-learn) reports it too."""
+    n = len(reviewer_labels)
+    if n == 0:
         return None
-    import math
-    import warnings
-
-    from sklearn.metrics import cohen_kappa_score  # only when there are reviews: the import takes a moment
-
-    with warnings.catch_warnings():  # undefined is an answer here (None), not something to warn about
-        warnings.simplefilter("ignore")
-        kappa = float(
-            cohen_kappa_score(reviewer_labels, model_labels, labels=list(LABELS), replace_undefined_by=math.nan)
-        )
-    return None if math.isnan(kappa) else kappa
+    observed = sum(r == m for r, m in zip(reviewer_labels, model_labels, strict=True)) / n
+    chance = sum((reviewer_labels.count(label) / n) * (model_labels.count(label) / n) for label in LABELS)
+    return None if chance >= 1.0 else (observed - chance) / (1.0 - chance)
 
 
 def agreement(items: Sequence[Reviewed]) -> Agreement:

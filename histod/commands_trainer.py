@@ -307,7 +307,7 @@ def evaluate(data_dir: Path, model: Path | None, fmt: str, as_json: bool, out: P
     else:
         click.echo(f"{data_dir}: {result['n']} images ({result['n_benign']} benign, {result['n_malignant']} malignant)")
         if result["tiled"]:
-            click.echo(f"  each image tiled at the model's scale, labelled by rule {result['rule']} (its score for p)")
+            click.echo(f"  each image tiled at the model's scale and labelled by rule {result['rule']}")
         _print_metrics(result)
         ci = result.get("ci95")
         click.echo(

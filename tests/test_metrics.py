@@ -219,6 +219,7 @@ def test_a_running_service_serves_metrics_and_health(tiny_run_dir: Path, tmp_pat
         port = s.getsockname()[1]
     data = tmp_path / "data"
     write_images(data / "prediction", 3, size=48)
+    (data / "prediction" / "empty.png").write_bytes(b"")
     env = {**os.environ, "HISTOD_METRICS_PORT": str(port), "HISTOD_STABLE_MS": "0", "HISTOD_LOG_FORMAT": "json"}
     args = [sys.executable, "-m", "histod", "serve", "--data-dir", str(data), "--model", str(tiny_run_dir)]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, cwd=tmp_path)
@@ -230,13 +231,33 @@ def test_a_running_service_serves_metrics_and_health(tiny_run_dir: Path, tmp_pat
             return subprocess.run(health, env=env, capture_output=True, check=False).returncode == 0
 
         wait_for(healthy, 60, 0.2, "the service to report healthy")
+
+        def scraped() -> dict[str, float]:
+            families = text_string_to_metric_families(_get(f"http://127.0.0.1:{port}/metrics")[2].decode())
+            found: dict[str, float] = {}
+            for s in (s for family in families for s in family.samples):
+                key = s.name + "".join(f",{k}={v}" for k, v in sorted(s.labels.items()) if k in ("status", "result"))
+                found[key] = found.get(key, 0.0) + s.value
+            return found
+
+        wait_for(lambda: scraped().get("histod_files_total,status=classified") == 3, 60, 0.2, "3 files counted")
+        wait_for(lambda: scraped().get("histod_watcher_alive") == 1.0, 30, 0.2, "the watcher reported alive")
         code, _, body = _get(f"http://127.0.0.1:{port}/metrics")
         text = body.decode()
         sha = json.loads((tiny_run_dir / "model.json").read_text())["tflite_sha256"]
         assert code == 200 and f'sha256="{sha}"' in text and "histod_ready 1.0" in text
         assert "histod_database_up 1.0" in text and "histod_healthy 1.0" in text
+        found = scraped()
+        assert found["histod_files_total,status=failed"] == 1
+        assert found["histod_moves_total,result=ok"] == 4 and found["histod_batch_size_count"] >= 1
+        assert found["histod_file_latency_seconds_count"] == 4
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+        assert proc.stderr is not None
+        stored = [json.loads(line) for line in proc.stderr.read().decode().splitlines() if '"image.stored"' in line]
+        assert sorted((e["status"], e["level"]) for e in stored) == [("classified", "info")] * 3 + [
+            ("failed", "warning")
+        ]
     finally:
         if proc.poll() is None:
             proc.kill()

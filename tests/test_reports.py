@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import csv
 import json
+import math
+import warnings
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+import numpy as np
+import pytest
 
 from histod.daemon.reports import CSV_COLUMNS, format_summary, write_report
 from histod.db import queries
@@ -115,9 +120,23 @@ def test_the_page_and_the_csv_stand_alone_and_count_the_reviews(tmp_path: Path) 
     ] == "2026-03-04T05:05:00+00:00"
 
 
-def test_kappa_is_undefined_when_both_sides_only_ever_said_one_label() -> None:
+def test_kappa_is_undefined_when_both_sides_only_ever_said_one_label_and_else_equals_scikit_learns() -> None:
     from histod.db.windows import cohen_kappa
 
     assert cohen_kappa(["Benign", "Benign"], ["Benign", "Benign"]) is None
     assert cohen_kappa([], []) is None
     assert cohen_kappa(["Benign", "Malignant"], ["Benign", "Malignant"]) == 1.0
+    sklearn_metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(7)
+    for n in (1, 2, 5, 40):
+        reviewer = [str(x) for x in rng.choice(["Benign", "Malignant"], n)]
+        model = [str(x) for x in rng.choice(["Benign", "Malignant"], n)]
+        ours = cohen_kappa(reviewer, model)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = float(
+                sklearn_metrics.cohen_kappa_score(
+                    reviewer, model, labels=["Benign", "Malignant"], replace_undefined_by=math.nan
+                )
+            )
+        assert (ours is None and math.isnan(theirs)) or ours == pytest.approx(theirs, abs=1e-12), (reviewer, model)
