@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from histod.commands_service import FORMATS, chosen_format, database_options, json_flag, parse_when, settings_from
+from histod.commands_service import chosen_format, database_options, format_options, parse_when, settings_from
 from histod.errors import ConfigError
 from histod.logs import printable, problem
 from histod.settings import Settings
@@ -57,15 +57,7 @@ def summary_line(summary: Summary, seconds: float) -> str:
 @database_options
 @click.option("--since", default="24h", show_default=True, help="a duration (24h, 7d) or an ISO date/time")
 @click.option("--until", default=None, help="default: now")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default="table",
-    show_default=True,
-    help="table: the summary as text; csv: the window in time buckets; json: the summary",
-)
-@json_flag
+@format_options("table: the summary as text; csv: the window in time buckets; json: the summary")
 @click.option(
     "--html",
     "html_file",
@@ -151,8 +143,7 @@ DEFAULT_ROWS = 50
 @click.option("--status", type=click.Choice(["classified", "failed", "reviewed"]), default=None)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help=f"the newest N rows (default {DEFAULT_ROWS})")
 @click.option("--all", "everything", is_flag=True, help="every row the filters match")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default="table", show_default=True)
-@json_flag
+@format_options()
 def results(
     since: str | None,
     until: str | None,
@@ -250,8 +241,7 @@ def _cell(value: Any, column: str) -> str:
 @click.option("--port", type=click.IntRange(1, 65_535), default=None, help="default: the metrics_port setting")
 @click.option("--address", default=None, help="default: the metrics_address setting (loopback for 0.0.0.0)")
 @click.option("--timeout", type=click.FloatRange(min=0.1), default=5.0, show_default=True, help="seconds")
-@click.option("--format", "fmt", type=click.Choice(["table", "json"]), default="table", show_default=True)
-@json_flag
+@format_options(choices=("table", "json"))
 def health(port: int | None, address: str | None, timeout: float, fmt: str, as_json: bool) -> None:
     """Ask the running service's /healthz; exit 0 when it is healthy, 1 when it is not or does not answer."""
     from histod.daemon.health import ask

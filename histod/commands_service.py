@@ -28,6 +28,19 @@ def json_flag(func: F) -> F:
     return click.option("--json", "as_json", is_flag=True, help="short for --format json")(func)
 
 
+def format_options(help: str | None = None, choices: tuple[str, ...] = FORMATS) -> Callable[[F], F]:
+    """``--format`` (one of ``choices``, table by default) and ``--json`` for short, as every command that
+    prints results spells them; the command reads them through :func:`chosen_format`."""
+
+    def decorate(func: F) -> F:
+        option = click.option(
+            "--format", "fmt", type=click.Choice(choices), default="table", show_default=True, help=help
+        )
+        return option(json_flag(func))
+
+    return decorate
+
+
 def chosen_format(fmt: str, as_json: bool) -> str:
     if as_json and fmt not in ("table", "json"):
         raise ConfigError(f"--json is --format json: it cannot go with --format {fmt}")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from histod.commands_service import FORMATS, chosen_format, json_flag
+from histod.commands_service import chosen_format, format_options
 from histod.errors import ConfigError
 from histod.logs import problem, say
 from histod.settings import load_settings
@@ -263,15 +263,7 @@ def _cross_validate(cfg: TrainConfig, k: int) -> None:
 @click.command()
 @click.argument("data_dir", type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default="table",
-    show_default=True,
-    help="table: text; csv: metric,value,ci95_low,ci95_high; json: one object",
-)
-@json_flag
+@format_options("table: text; csv: metric,value,ci95_low,ci95_high; json: one object")
 @click.option(
     "--out",
     type=click.Path(path_type=Path, file_okay=False),
@@ -352,16 +344,10 @@ PREDICT_COLUMNS = ("path", "label", "p_malignant", "error", "message")
 @click.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--model", type=click.Path(path_type=Path), default=None, help="RUN_DIR (default: HISTOD_MODEL)")
-@click.option(
-    "--format",
-    "fmt",
-    type=click.Choice(FORMATS),
-    default="table",
-    show_default=True,
-    help="table: `path => label (p_malignant=..)`; csv: PREDICT_COLUMNS; json: one object per line (with every "
-    "tile of a tiled image)",
+@format_options(
+    "table: `path => label (p_malignant=..)`; csv: path, label, p_malignant, error, message; json: one object per "
+    "line (with every tile of a tiled image)"
 )
-@json_flag
 @click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True, help="LiteRT inference threads")
 @click.option(
     "--heatmap",
