@@ -87,7 +87,7 @@ def test_explain_writes_the_image_and_its_heat_map_side_by_side(tmp_path: Path, 
 
 def test_explain_says_when_the_image_is_much_larger_than_the_models_tiles(tmp_path: Path, tiny_run_dir: Path) -> None:
     url, stored, result_id = _served(tmp_path, tiny_run_dir, size=256)  # 4 x 4 of the run's 64 px training tiles
-    got = CliRunner().invoke(cli, ["explain", str(result_id), "--out", str(tmp_path / "cam.png"), "--db", url])
+    got = CliRunner().invoke(cli, ["explain", str(result_id), "--png", str(tmp_path / "cam.png"), "--db", url])
     assert got.exit_code == 0, got.output
     assert f"warning: {stored}: larger_than_tile: the image (256 px on its longer side) spans about 16 " in got.stderr
     assert "of the whole image resized to 48x48" in got.stderr and "histod predict --heatmap" in got.stderr
