@@ -119,7 +119,9 @@ def test_cli_error_and_a_served_batch_on_the_journal(tiny_run_dir: Path, tmp_pat
     code, entries = run_on_journal(tmp_path, args, HISTOD_STABLE_MS="0")
     assert code == 0
     events = {e["event"] for _, e in entries}
-    assert {"service.started", "service.stopped", "image"} <= events
+    assert {"service.started", "service.stopped", "image.stored"} <= events
+    stored = {e["status"]: (p, e["level"]) for p, e in entries if e["event"] == "image.stored"}
+    assert stored == {"classified": (6, "info"), "failed": (4, "warning")}  # `journalctl -p warning` lists failures
     assert _find(entries, "XNNPACK") == [6]
     assert all(p == {"info": 6, "warning": 4, "error": 3}[str(e["level"])] for p, e in entries)
 

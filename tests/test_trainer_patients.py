@@ -150,10 +150,11 @@ def test_val_patients_that_are_not_in_the_data(two_folders: tuple[Path, Path], t
     dev, extra = two_folders
     listed = tmp_path / "val.txt"
     listed.write_text("2\n99\nP-7\n")
-    result = CliRunner().invoke(cli, ["train", str(dev), str(extra), "--out", "run", "--val-patients", str(listed)])
+    train = ["--log-format", "console", "train"]
+    result = CliRunner().invoke(cli, [*train, str(dev), str(extra), "--out", "run", "--val-patients", str(listed)])
     assert result.exit_code == 3
     assert "error: 2 validation patients have no images in the data: 99, P-7" in result.output
-    missing = CliRunner().invoke(cli, ["train", str(dev), "--out", "run", "--val-patients", "nowhere.txt"])
+    missing = CliRunner().invoke(cli, [*train, str(dev), "--out", "run", "--val-patients", "nowhere.txt"])
     assert missing.exit_code == 2 and "--val-patients nowhere.txt" in missing.output
     assert not Path("run").exists()
 
