@@ -487,6 +487,8 @@ class Pipeline:
             return
         try:
             taken = self.claims.beat()
+            if self.metrics is not None:
+                self.metrics.claims_held(len(self.claims.confirmed))
             present = [p for p in taken if os.path.lexists(p)]
             gone = [p for p in taken if p not in set(present)]
             if gone:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import func, select
@@ -187,3 +188,20 @@ def test_claim_settings_heartbeat_within_expiry_and_a_worker_id_per_process() ->
         load_settings(claim_expiry_s=10, claim_heartbeat_s=6)
     with pytest.raises(ConfigError, match="claim_expiry_s"):
         load_settings(claim_expiry_s=0)
+
+
+def test_the_heartbeat_tells_the_metrics_how_many_claims_are_held(any_url: str, tmp_path: Path) -> None:
+    from histod.daemon.metrics import Metrics
+    from histod.daemon.pipeline import Pipeline
+    from tests.test_service_support import service_settings
+
+    factory = open_database(any_url)
+    claims = _claims(factory, "w")
+    paths = [tmp_path / f"{i}.png" for i in range(3)]
+    assert claims.claim(paths) == set(paths)
+    metrics = Metrics()
+    none: Any = None
+    with Pipeline(service_settings(tmp_path, tmp_path), factory, none, none, claims=claims) as pipeline:
+        pipeline.metrics = metrics
+        pipeline.sweep()
+    assert "histod_claims_held 3.0" in metrics.exposition().decode().splitlines()
