@@ -15,6 +15,8 @@ from histod.daemon.intake import Arrival, scan
 from histod.daemon.pipeline import Pipeline
 from histod.db.models import utcnow
 from histod.errors import WatchError
+from histod.logs import json_mode
+from histod.progress import Progress
 
 TICK_S = 0.1
 """the longest the loop waits for work before it ticks (READY, watchdog pings, reports)"""
@@ -61,13 +63,26 @@ def run_once(pipeline: Pipeline, watch_dir: Path, accept: ImageFilter, stop: thr
     rounds at most, so a folder that never stops changing still ends). Returns the files handled."""
     settings = pipeline.settings
     before = pipeline.files
+    with Progress("files", 0, show=not json_mode(settings.log_format)) as bar:  # N / M on a terminal
+        pipeline.on_recorded = bar.advance
+        try:
+            return _once(pipeline, watch_dir, accept, stop, rounds, bar) - before
+        finally:
+            pipeline.on_recorded = lambda n: None
+
+
+def _once(
+    pipeline: Pipeline, watch_dir: Path, accept: ImageFilter, stop: threading.Event, rounds: int, bar: Progress
+) -> int:
+    settings = pipeline.settings
     for _ in range(rounds):
         paths, wait = scan(watch_dir, accept, settle_s=settings.stable_ms / 1000, now=time.time())
+        bar.total += len(paths)
         now = utcnow()
         pipeline.submit(Arrival(p, now) for p in paths)
         pipeline.drain(stop)
         if stop.is_set():
-            return pipeline.files - before
+            return pipeline.files
         pipeline.take_again()
         pipeline.drain(stop)
         if wait is None or stop.wait(wait + 0.01):
@@ -75,4 +90,4 @@ def run_once(pipeline: Pipeline, watch_dir: Path, accept: ImageFilter, stop: thr
     pipeline.retry_moves(force=True)
     pipeline.take_again()
     pipeline.drain(stop)
-    return pipeline.files - before
+    return pipeline.files

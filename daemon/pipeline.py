@@ -108,6 +108,8 @@ class Pipeline:
         self.stats = stats if stats is not None else Stats()
         self.heartbeat: Callable[[], None] = lambda: None
         """called while a batch waits for a locked database (the service sets it to its watchdog ping)"""
+        self.on_recorded: Callable[[int], None] = lambda n: None
+        """called with the number of files each record transaction took (`serve --once` counts them)"""
         self.metrics: Metrics | None = None
         """the service's Prometheus metrics (histod.daemon.metrics), told of each batch, row and move"""
         self.guard: Callable[[], None] = lambda: None
@@ -296,6 +298,7 @@ class Pipeline:
         self.deferred_attempts = 0
         self._move(planned, attempts=0)
         self.files += len(planned)
+        self.on_recorded(len(planned))
         self._done(arrivals)
         if self.metrics is not None:
             self._measure(batches, planned)

@@ -33,7 +33,7 @@ from typing import Any, Literal, TextIO
 
 import structlog
 
-from histod import stderr_json, stopping
+from histod import progress, stderr_json, stopping
 
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
 JOURNAL_STREAM = "JOURNAL_STREAM"
@@ -91,6 +91,7 @@ class _Render:
 
     def __call__(self, logger: Any, name: str, event: MutableMapping[str, Any]) -> str:
         level = str(event.get("level", "info"))
+        progress.clear_active()  # a progress line on the terminal goes before the log line is written
         return stderr_json.prefix(level, self.journal) + str(self.inner(logger, name, event))
 
 

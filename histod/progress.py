@@ -8,6 +8,16 @@ import sys
 import time
 from typing import TextIO
 
+_active: Progress | None = None
+"""the progress line on the terminal now, if any: a log line written there takes it off first"""
+
+
+def clear_active() -> None:
+    """Take the progress line off the terminal before other output is written there (the log's renderer calls
+    this; the next :meth:`Progress.advance` draws the line again)."""
+    if _active is not None:
+        _active.clear()
+
 
 def eta_seconds(done: int, total: int, elapsed_s: float) -> float | None:
     """The time left at the pace so far, or None before anything is done."""
@@ -30,17 +40,23 @@ class Progress:
     """``what N / M (rate/s, ETA ...)`` rewritten in place on ``stream`` when it is a terminal; silent when it is
     not. Use as a context manager, or call :meth:`close` to end the line."""
 
-    def __init__(self, what: str, total: int, stream: TextIO | None = None, *, every_s: float = 0.2) -> None:
+    def __init__(
+        self, what: str, total: int, stream: TextIO | None = None, *, every_s: float = 0.2, show: bool = True
+    ) -> None:
         self.what, self.total, self.done = what, total, 0
         self.stream = sys.stderr if stream is None else stream
-        self.shown = self.stream.isatty()
+        self.shown = show and self.stream.isatty()
         self.started = time.monotonic()
         self._every, self._last, self._drawn = every_s, 0.0, False
 
     def __enter__(self) -> Progress:
+        global _active
+        _active = self
         return self
 
     def __exit__(self, *exc: object) -> None:
+        global _active
+        _active = None
         self.close()
 
     def line(self) -> str:

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import io
+import os
+import pty
+import subprocess
+import sys
+from pathlib import Path
 
 from histod.progress import Progress, duration, eta_seconds
+from histod.synthetic import write_images
 
 
 class _Terminal(io.StringIO):
@@ -34,3 +40,55 @@ def test_eta_and_duration() -> None:
     assert eta_seconds(2, 10, 5.0) == 20.0
     assert eta_seconds(10, 10, 5.0) == 0.0
     assert [duration(s) for s in (4.4, 65, 3720)] == ["4s", "1m05s", "1h02m"]
+
+
+def test_a_log_line_takes_the_progress_line_off_the_terminal_first() -> None:
+    from histod import progress
+
+    term = _Terminal()
+    with Progress("files", 2, term, every_s=0.0) as bar:
+        bar.advance()
+        progress.clear_active()  # what the log's renderer does before each line
+        term.write("a log line\n")
+        bar.advance()
+    text = term.getvalue()
+    assert text.index("files 1 / 2") < text.index("\r\033[Ka log line\n") < text.index("files 2 / 2")
+    progress.clear_active()  # no progress line any more: nothing to do
+
+
+def test_serve_once_counts_files_on_a_terminal(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """A real `histod serve --once` with its stderr on a pseudo-terminal: `files N / M` between the image lines,
+    taken off before each of them."""
+    data = tmp_path / "data"
+    write_images(data / "prediction", 12, size=48)
+    primary, secondary = pty.openpty()
+    env = {**os.environ, "HISTOD_STABLE_MS": "0", "HISTOD_BATCH_SIZE": "4", "HISTOD_LOG_FORMAT": "console"}
+    args = [sys.executable, "-m", "histod", "serve", "--once", "--data-dir", str(data), "--model", str(tiny_run_dir)]
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=secondary, cwd=tmp_path)
+    os.close(secondary)
+    out = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # the terminal's other side closed: the process ended
+            break
+        if not chunk:
+            break
+        out += chunk
+    os.close(primary)
+    assert proc.wait(120) == 0
+    text = out.decode(errors="replace")
+    assert "files 12 / 12" in text
+    stored = [line for line in text.split("\n") if "image.stored" in line]
+    assert len(stored) == 12
+    assert all("files " not in line.split("\r\033[K")[-1] for line in stored)  # each line starts clean
+
+
+def test_serve_once_draws_nothing_off_a_terminal(tiny_run_dir: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    write_images(data / "prediction", 3, size=48)
+    env = {**os.environ, "HISTOD_STABLE_MS": "0", "HISTOD_LOG_FORMAT": "console"}
+    args = [sys.executable, "-m", "histod", "serve", "--once", "--data-dir", str(data), "--model", str(tiny_run_dir)]
+    done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "\r" not in done.stderr and " / 3" not in done.stderr
