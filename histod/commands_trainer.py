@@ -175,8 +175,17 @@ def train(
     if cv is not None:
         _cross_validate(cfg, cv)
         return
+    from histod.logs import json_mode
+    from histod.progress import Progress
+
     try:
-        run = run_training(cfg, resume=resume)
+        with Progress("epochs", 0, show=not json_mode(load_settings().log_format)) as bar:  # on a terminal
+
+            def advance(done: int, at_most: int) -> None:
+                bar.total = at_most
+                bar.advance(done - bar.done)
+
+            run = run_training(cfg, resume=resume, on_epoch=advance)
     except ExportParityError:
         _print_run(cfg.out)
         raise

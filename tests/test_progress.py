@@ -56,15 +56,11 @@ def test_a_log_line_takes_the_progress_line_off_the_terminal_first() -> None:
     progress.clear_active()  # no progress line any more: nothing to do
 
 
-def test_serve_once_counts_files_on_a_terminal(tiny_run_dir: Path, tmp_path: Path) -> None:
-    """A real `histod serve --once` with its stderr on a pseudo-terminal: `files N / M` between the image lines,
-    taken off before each of them."""
-    data = tmp_path / "data"
-    write_images(data / "prediction", 12, size=48)
+def _on_a_terminal(args: list[str], cwd: Path, **env: str) -> str:
+    """Run ``args`` with stderr on a pseudo-terminal (console logs); what it wrote there. Fails on a non-zero exit."""
     primary, secondary = pty.openpty()
-    env = {**os.environ, "HISTOD_STABLE_MS": "0", "HISTOD_BATCH_SIZE": "4", "HISTOD_LOG_FORMAT": "console"}
-    args = [sys.executable, "-m", "histod", "serve", "--once", "--data-dir", str(data), "--model", str(tiny_run_dir)]
-    proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=secondary, cwd=tmp_path)
+    environ = {**os.environ, "HISTOD_LOG_FORMAT": "console", **env}
+    proc = subprocess.Popen(args, env=environ, stdout=subprocess.DEVNULL, stderr=secondary, cwd=cwd)
     os.close(secondary)
     out = b""
     while True:
@@ -76,8 +72,18 @@ def test_serve_once_counts_files_on_a_terminal(tiny_run_dir: Path, tmp_path: Pat
             break
         out += chunk
     os.close(primary)
-    assert proc.wait(120) == 0
-    text = out.decode(errors="replace")
+    assert proc.wait(300) == 0, out.decode(errors="replace")[-3000:]
+    return out.decode(errors="replace")
+
+
+def test_serve_once_counts_files_on_a_terminal(tiny_run_dir: Path, tmp_path: Path) -> None:
+    """A real `histod serve --once` with its stderr on a pseudo-terminal: `files N / M` between the image lines,
+    taken off before each of them."""
+    data = tmp_path / "data"
+    write_images(data / "prediction", 12, size=48)
+    env = {"HISTOD_STABLE_MS": "0", "HISTOD_BATCH_SIZE": "4"}
+    args = [sys.executable, "-m", "histod", "serve", "--once", "--data-dir", str(data), "--model", str(tiny_run_dir)]
+    text = _on_a_terminal(args, tmp_path, **env)
     assert "files 12 / 12" in text
     stored = [line for line in text.split("\n") if "image.stored" in line]
     assert len(stored) == 12
@@ -92,3 +98,26 @@ def test_serve_once_draws_nothing_off_a_terminal(tiny_run_dir: Path, tmp_path: P
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "\r" not in done.stderr and " / 3" not in done.stderr
+
+
+def test_train_shows_its_epochs_on_a_terminal(synthetic_dataset: Path, tmp_path: Path) -> None:
+    """A real `histod train` with its stderr on a pseudo-terminal: `epochs N / M` after each epoch's log line."""
+    tiny = [
+        "--weights",
+        "none",
+        "--alpha",
+        "0.35",
+        "--image-size",
+        "48",
+        "--batch-size",
+        "16",
+        "--ema",
+        "0",
+        "--seed",
+        "3",
+    ]
+    args = [sys.executable, "-m", "histod", "train", str(synthetic_dataset), "--out", str(tmp_path / "run"), *tiny]
+    text = _on_a_terminal([*args, "--head-epochs", "1", "--epochs", "1"], tmp_path)
+    assert "epochs 1 / 2" in text and "epochs 2 / 2" in text
+    lines = [line for line in text.split("\n") if "train.epoch" in line]
+    assert len(lines) == 2 and all("epochs " not in line.split("\r\033[K")[-1] for line in lines)

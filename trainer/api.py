@@ -208,10 +208,13 @@ def _finish(
     log.info("run.written", run_dir=str(cfg.out), status=parity.status, wall_time_s=wall)
 
 
-def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
+def train(
+    cfg: TrainConfig, *, resume: bool = False, on_epoch: Callable[[int, int], None] | None = None
+) -> Path:
     """Train, score and export one model into cfg.out; return it. With ``resume``, go on from the checkpoint an
-    interrupted run left in cfg.out (its config.json is the caller's to load). Raises ExportParityError, after
-    the whole run is written and marked, when model.tflite disagrees with model.keras."""
+    interrupted run left in cfg.out (its config.json is the caller's to load). ``on_epoch(done, at_most)`` is
+    told after each epoch. Raises ExportParityError, after the whole run is written and marked, when
+    model.tflite disagrees with model.keras."""
     started = time.monotonic()
     # Fail fast, before anything slow: a bad folder, too few images or patients, a used RUN_DIR, unusable weights.
     found = data.discover_all(cfg.data_dirs, cfg.group_pattern)
@@ -239,6 +242,7 @@ def train(cfg: TrainConfig, *, resume: bool = False) -> Path:
         imgs.y_val,
         cfg.out / CHECKPOINT_FILE,
         groups=imgs.train_groups,
+        on_epoch=on_epoch,
     )
     scored = score(model, cfg, (imgs.x_val, imgs.y_val), groups=imgs.val_groups, fold=True)
     m = scored.metrics

@@ -153,12 +153,15 @@ class _Clock:
     total: int  # epochs of the whole fit at most (EarlyStopping can end a phase sooner)
     last: float = field(default_factory=time.monotonic)
     seconds: list[float] = field(default_factory=list)
+    on_epoch: Callable[[int, int], None] | None = None
+    """told (epochs done over both phases, epochs at most) after each epoch's log line"""
+    overall: int = 0
 
     def tick(self, phase_done: int) -> dict[str, Any]:
         now = time.monotonic()
         self.seconds.append(now - self.last)
         self.last = now
-        overall = self.before + phase_done
+        overall = self.overall = self.before + phase_done
         mean = sum(self.seconds) / len(self.seconds)
         return {
             "epoch": f"{overall}/{self.total}",
@@ -208,6 +211,8 @@ def _run_phase(
             saved=save is not None,
             **shown,
         )
+        if clock.on_epoch is not None:
+            clock.on_epoch(clock.overall, clock.total)
 
     first, last = checkpoint.callbacks(end_of_epoch, stop, plateau, resume)
     callbacks = [first]
@@ -244,6 +249,7 @@ def fit(
     checkpoint_path: Path | None = None,
     *,
     groups: Sequence[str] | None = None,
+    on_epoch: Callable[[int, int], None] | None = None,
 ) -> FitResult:
     """Run both phases. The model ends up holding the weights of the best epoch over both phases (lowest
     val_loss): EarlyStopping restores the best epoch of each phase, and the head phase's best is kept when
@@ -286,7 +292,7 @@ def fit(
         }
         log.info("train.resumed", finished=state.finished, **where)
         result.resumed.append(where)
-    clock = _Clock(0, 0)
+    clock = _Clock(0, 0, on_epoch=on_epoch)
     for phase in todo:
         resume = state.current if state.current is not None and state.current.name == phase.name else None
         if resume is None and state.model is not None:
