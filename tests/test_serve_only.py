@@ -88,7 +88,15 @@ def test_serve_report_results_audit_predict_and_evaluate_run_without_tensorflow(
         "results": ["results", "--data-dir", str(data), "--format", "json"],
         "audit": ["audit", "verify", "--data-dir", str(data)],
         "predict": ["predict", "--model", str(tiny_run_dir), "--json", str(data / "processed")],
-        "evaluate": ["evaluate", "--model", str(tiny_run_dir), "--json", str(synthetic_dataset)],
+        "evaluate": [
+            "evaluate",
+            "--model",
+            str(tiny_run_dir),
+            "--json",
+            "--out",
+            str(tmp_path / "ev"),
+            str(synthetic_dataset),
+        ],
     }
     for what, args in commands.items():
         done = _histod(tmp_path, *args)
@@ -96,6 +104,8 @@ def test_serve_report_results_audit_predict_and_evaluate_run_without_tensorflow(
         assert _loaded(tmp_path) == "", what
         if what == "serve":
             assert not any(watch.iterdir())
+        if what == "evaluate":  # its plots too
+            assert {"roc_curve.png", "pr_curve.png", "reliability.png"} <= {f.name for f in (tmp_path / "ev").iterdir()}
         if what == "report":
             assert json.loads(done.stdout)["reviews"]["reviewed"] == 1
         if what == "predict":

@@ -92,3 +92,22 @@ def test_roc_auc_and_the_report_agree_with_scikit_learn(seed: int) -> None:
             y, pred, labels=[0, 1], target_names=["Benign", "Malignant"], digits=4, zero_division=0
         )
         assert report_text(y, p, threshold) == expected
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_roc_and_pr_curves_agree_with_scikit_learn(seed: int) -> None:
+    """evaluate's curve plots need no scikit-learn either: the same points and average precision, ties included."""
+    metrics_mod = pytest.importorskip("sklearn.metrics")
+    from histod.trainer.evaluate import curves
+
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 300)
+    p = np.round(rng.random(300), 1 + seed)
+    c = curves(y, p)
+    fpr, tpr, _ = metrics_mod.roc_curve(y, p, drop_intermediate=False)
+    np.testing.assert_allclose(c["fpr"], fpr, atol=1e-12)
+    np.testing.assert_allclose(c["tpr"], tpr, atol=1e-12)
+    precision, recall, _ = metrics_mod.precision_recall_curve(y, p)
+    np.testing.assert_allclose(c["precision"], precision[:-1][::-1], atol=1e-12)  # without its (1, 0) end point
+    np.testing.assert_allclose(c["recall"], recall[:-1][::-1], atol=1e-12)
+    assert c["average_precision"] == pytest.approx(metrics_mod.average_precision_score(y, p), abs=1e-12)

@@ -221,7 +221,8 @@ def plot_roc_pr(roc_path: Path, pr_path: Path, y_true: Any, p: Any, threshold: f
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
-    from sklearn.metrics import average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
+
+    from histod.trainer.evaluate import curves, roc_auc
 
     y = np.asarray(y_true).astype(int).ravel()
     prob = np.asarray(p, dtype=float).ravel()
@@ -230,9 +231,9 @@ def plot_roc_pr(roc_path: Path, pr_path: Path, y_true: Any, p: Any, threshold: f
     fpr_at = float(called[y == 0].mean())
     precision_at = float(y[called].mean()) if called.any() else 1.0
 
-    fpr, tpr, _ = roc_curve(y, prob)
+    c = curves(y, prob)
     fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
-    ax.plot(fpr, tpr, label=f"ROC (AUC {roc_auc_score(y, prob):.3f})")
+    ax.plot(c["fpr"], c["tpr"], label=f"ROC (AUC {roc_auc(y, prob):.3f})")
     ax.plot([0, 1], [0, 1], color="grey", linestyle="--", label="chance")
     ax.plot([fpr_at], [tpr_at], marker="o", color="C3", label=f"threshold {threshold:.3f}")
     ax.set_xlabel("1 - specificity (false positive rate)")
@@ -243,9 +244,8 @@ def plot_roc_pr(roc_path: Path, pr_path: Path, y_true: Any, p: Any, threshold: f
     fig.savefig(roc_path)
     plt.close(fig)
 
-    precision, recall, _ = precision_recall_curve(y, prob)
     fig, ax = plt.subplots(figsize=(4.6, 4.4), dpi=120)
-    ax.plot(recall, precision, label=f"PR (average precision {average_precision_score(y, prob):.3f})")
+    ax.plot(c["recall"], c["precision"], label=f"PR (average precision {c['average_precision']:.3f})")
     ax.axhline(float(y.mean()), color="grey", linestyle="--", label="share malignant")
     ax.plot([tpr_at], [precision_at], marker="o", color="C3", label=f"threshold {threshold:.3f}")
     ax.set_xlim(0, 1)

@@ -111,6 +111,28 @@ def roc_auc(y_true: ArrayLike, p: ArrayLike) -> float:
     return float((np.sum(ranks[y == 1]) - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
+def curves(y_true: ArrayLike, p: ArrayLike) -> dict[str, Any]:
+    """The ROC curve (``fpr``, ``tpr`` from (0, 0)) and the precision-recall curve (``precision``, ``recall``), one
+    point per distinct p from the highest down, and the average precision (sum over those points of the recall
+    gained times the precision there): scikit-learn's roc_curve, precision_recall_curve and
+    average_precision_score give the same. Malignant is the positive class; needs both classes."""
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    prob = np.asarray(p, dtype=np.float64).ravel()
+    order = np.argsort(-prob, kind="mergesort")
+    last = np.r_[np.flatnonzero(np.diff(prob[order])), y.size - 1]  # the last image of each distinct p
+    tps = np.cumsum(y[order])[last].astype(np.float64)
+    fps = (last + 1) - tps
+    recall = tps / tps[-1]
+    precision = tps / (tps + fps)
+    return {
+        "fpr": np.r_[0.0, fps / fps[-1]],
+        "tpr": np.r_[0.0, recall],
+        "precision": precision,
+        "recall": recall,
+        "average_precision": float(np.sum(np.diff(np.r_[0.0, recall]) * precision)),
+    }
+
+
 REPORT_HEADERS = ("precision", "recall", "f1-score", "support")
 
 
