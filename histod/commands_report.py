@@ -21,6 +21,7 @@ from histod.logs import printable, problem
 from histod.settings import Settings
 
 if TYPE_CHECKING:
+    from histod.daemon.reports import ReportData
     from histod.db.queries import Summary
 
 
@@ -32,16 +33,23 @@ def open_reader(settings: Settings) -> Any:
 
 
 def print_report(settings: Settings, since: datetime, until: datetime, *, fmt: str = "table") -> Summary:
-    from histod.daemon.reports import ReportData, buckets_csv, format_summary, gather
+    from histod.daemon.reports import gather
 
-    data: ReportData = gather(open_reader(settings), since, until)
+    data = gather(open_reader(settings), since, until)
+    _echo(data, fmt)
+    return data.summary
+
+
+def _echo(data: ReportData, fmt: str) -> None:
+    """The report on stdout: the summary as text or JSON, or the window's time buckets as CSV."""
+    from histod.daemon.reports import buckets_csv, format_summary
+
     if fmt == "json":
         click.echo(json.dumps(data.summary.to_json(), indent=2))
     elif fmt == "csv":
         click.echo(buckets_csv(data), nl=False)
     else:
         click.echo(format_summary(data.summary))
-    return data.summary
 
 
 def summary_line(summary: Summary, seconds: float) -> str:
@@ -84,25 +92,21 @@ def report(
     """Summarise the results of a time window from the database: counts, p(malignant), latency, failures, and
     how often the reviewers agree with the model."""
     from histod.daemon.report_html import render
-    from histod.daemon.reports import buckets_csv, format_summary, gather
+    from histod.daemon.reports import buckets_csv, gather
 
     fmt = chosen_format(fmt, as_json)
     now = datetime.now(UTC)
     settings = settings_from(**flags)
     data = gather(open_reader(settings), parse_when(since, now), parse_when(until, now) if until else now)
     data.host = settings.host
-    for path, text in ((html_file, render(data) if html_file else ""), (csv_file, buckets_csv(data))):
+    for path, make in ((html_file, render), (csv_file, buckets_csv)):
         if path is not None:
             try:
-                path.write_text(text, encoding="utf-8")
+                path.write_text(make(data), encoding="utf-8")
             except OSError as exc:
                 raise ConfigError(f"cannot write {path}: {exc.strerror or exc}") from exc
-    if fmt == "json":
-        click.echo(json.dumps(data.summary.to_json(), indent=2))
-    elif fmt == "csv":
-        click.echo(buckets_csv(data), nl=False)
-    else:
-        click.echo(format_summary(data.summary))
+    _echo(data, fmt)
+    if fmt == "table":
         for path in (html_file, csv_file):
             if path is not None:
                 click.echo(f"written: {path}")
