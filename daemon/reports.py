@@ -61,7 +61,8 @@ def gather(factory: sessionmaker[Session], since: datetime, until: datetime) -> 
     """The summary of [since, until) with its rows, models and reviews, read in one transaction."""
     with reading(factory) as session:
         rows = windows.window_rows(session, since, until)
-        summary = queries.summary(session, since, until, rows)
+        agreement = windows.agreement(windows.reviewed(session, since, until))
+        summary = queries.summary(session, since, until, rows, agreement)
         used: dict[str, int] = {}
         for r in rows:
             if r.model_sha256 is not None:
@@ -71,7 +72,6 @@ def gather(factory: sessionmaker[Session], since: datetime, until: datetime) -> 
             ModelInfo(m.sha256, m.run_id, m.engine, m.threshold, m.registered_at, used[m.sha256])
             for m in sorted(records.values(), key=lambda m: -used[m.sha256])
         ]
-        agreement = windows.agreement(windows.reviewed(session, since, until))
     return ReportData(summary, rows, models, agreement)
 
 
