@@ -497,6 +497,15 @@ class Summary:
         return data
 
 
+def tile_rows(session: Session, result_ids: Sequence[int]) -> dict[int, TileSet]:
+    """The tiles rows of ``result_ids`` (without their packed tiles), by result id."""
+    found: dict[int, TileSet] = {}
+    for start in range(0, len(result_ids), 500):
+        chunk = result_ids[start : start + 500]
+        found.update((t.result_id, t) for t in session.scalars(select(TileSet).where(TileSet.result_id.in_(chunk))))
+    return found
+
+
 def tile_counts(session: Session, since: datetime, until: datetime) -> dict[str, int]:
     """The tiles rows of the results received in [since, until): :data:`TILE_COUNTS`."""
     rows = session.execute(

@@ -121,6 +121,13 @@ def test_a_field_beside_tile_files_gets_one_row_and_its_tiles_in_the_chain(tiny_
     code, out = _verify(_tampered(db, tmp_path, one_more, t.id))
     assert code == 1 and f"tiles row {t.id}: content does not match row_hash" in out, out
 
+    got = CliRunner().invoke(cli, ["results", "--db", f"sqlite:///{db}", "--format", "json"])
+    assert got.exit_code == 0, got.output
+    listed = {r["name"]: r for r in json.loads(got.stdout)}
+    assert (listed["field.png"]["rule"], listed["field.png"]["tissue_tiles"]) == (t.rule, len(truth))
+    assert listed["small.png"]["scale_warnings"].startswith("smaller_than_tile: ")
+    assert listed["tile.png"]["rule"] is None and listed["tile.png"]["scale_warnings"] is None
+
     got = CliRunner().invoke(cli, ["report", "--db", f"sqlite:///{db}", "--since", "1d", "--format", "json"])
     assert got.exit_code == 0, got.output
     counts = json.loads(got.stdout)["tiles"]
