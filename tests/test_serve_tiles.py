@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,6 +90,7 @@ def test_a_field_beside_tile_files_gets_one_row_and_its_tiles_in_the_chain(tiny_
 
     row, t = by_name["field.png"], tiles["field.png"]
     assert t.rule == tiling.DEFAULT_RULE.name and row.threshold == t.rule_cut == tiling.DEFAULT_RULE.cut
+    assert row.p_malignant is not None and row.threshold is not None
     assert row.label == ("Malignant" if row.p_malignant >= row.threshold else "Benign") == expected["label"]
     assert row.p_malignant == pytest.approx(expected["score"], abs=1e-5)
     assert t.tile_threshold == pytest.approx(load_classifier(tiny_run_dir).threshold)
@@ -197,8 +199,16 @@ def test_a_stop_while_an_image_is_tiled_records_nothing_of_it_and_the_next_start
     scale = tiling.Scale.of(classifier.run)
     with Pipeline(settings, factory, predictor, served, scale=scale, stop=stop) as pipeline:
         pipeline.submit([(field, utcnow()), (watch / "tile.png", utcnow())])
-        wait_for(lambda: pipeline.pump(0.05) or predictor.holding.is_set(), what="the field's second batch of tiles")
-        wait_for(lambda: pipeline.pump(0.05) or [r.name for r in rows(settings)] == ["tile.png"], what="tile.png")
+
+        def turned(done: Callable[[], bool]) -> Callable[[], bool]:
+            def turn() -> bool:
+                pipeline.pump(0.05)
+                return done()
+
+            return turn
+
+        wait_for(turned(predictor.holding.is_set), what="the field's second batch of tiles")
+        wait_for(turned(lambda: [r.name for r in rows(settings)] == ["tile.png"]), what="tile.png recorded meanwhile")
 
         progress = tiling_progress(pipeline)  # what the periodic report shows now
         assert progress == [{"path": str(field), "tiles_done": 64, "tiles_total": len(truth)}]
