@@ -324,6 +324,9 @@ class Pipeline:
             self.claims.release_quietly([a.path for a in arrivals if a.path not in read])  # gone before it was read
         tiling = {item.path: item for item in items if item.tiling is not None and item.error is None}
         if tiling:
+            for path in self._recorded_before(list(tiling.values())):
+                del tiling[path]  # its row is committed: only its move is left (record_batch finds the row)
+        if tiling:
             items = [item for item in items if item.path not in tiling]
             for arrival in arrivals:
                 if arrival.path in tiling:
@@ -350,6 +353,13 @@ class Pipeline:
             self._save([])  # no transaction is due soon to take the moves rows along
 
     # --- tiles: an image larger than the model's tiles, in the tiles thread, one at a time -----------------------
+    def _recorded_before(self, items: list[Item]) -> set[Path]:
+        """Images recorded by an earlier run and never moved: not tiled again (a slide takes minutes)."""
+        try:
+            return record.recorded_before(self.factory, items)
+        except DatabaseError:
+            return set()  # tiled again; the record transaction then finds the row as it does for any file
+
     def _start_tiling(self, arrival: Arrival, item: Item) -> None:
         assert self.scale is not None
         path, s = item.path, self.settings

@@ -152,6 +152,15 @@ def _record(
     return recovered, moves
 
 
+def recorded_before(factory: sessionmaker[Session], items: Sequence[Item]) -> set[Path]:
+    """Which of ``items`` already have a row for the same path and sha256 whose file was never moved (the process
+    stopped between the commit and the move): they are only to be moved (:func:`record_batch` finds the row), not
+    classified again. One read; DatabaseError is the caller's."""
+    with reading(factory) as session:
+        earlier = queries.unsettled_at(session, (path_text(i.path) for i in items))
+    return {i.path for i in items if any(r.sha256 == i.sha256 for r in earlier.get(path_text(i.path), []))}
+
+
 def _whereabouts(row: queries.Unsettled) -> Move:
     """The Move of a recorded file whose name now holds other content: at its target (moved, the move not
     recorded), else replaced before it could be moved."""

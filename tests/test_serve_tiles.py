@@ -230,3 +230,41 @@ def test_a_stop_while_an_image_is_tiled_records_nothing_of_it_and_the_next_start
     assert names == ["tile.png", "field.png"]
     assert _tiles(settings)["field.png"].tissue_tiles == len(truth)
     assert not field.exists()
+
+
+class CountingTiles:
+    """The real classifier; counts the predict calls of the tiles thread."""
+
+    def __init__(self, classifier: object) -> None:
+        self.classifier = classifier
+        self.image_size = int(classifier.image_size)  # type: ignore[attr-defined]
+        self.threshold = float(classifier.threshold)  # type: ignore[attr-defined]
+        self.tile_calls = 0
+
+    def predict(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
+        if threading.current_thread().name.startswith("histod-tiles"):
+            self.tile_calls += 1
+        return self.classifier.predict(batch)  # type: ignore[attr-defined,no-any-return]
+
+
+def test_an_image_recorded_before_a_crash_is_only_moved_not_tiled_again(tiny_run_dir: Path, tmp_path: Path) -> None:
+    settings = service_settings(tmp_path, tiny_run_dir)
+    watch = settings.resolved_watch_dir
+    watch.mkdir(parents=True)
+    field, _ = field_png(watch, rows=6, cols=8)
+    factory = factory_for(settings)
+    classifier = load_classifier(tiny_run_dir, threads=1)
+    served = _register(factory, classifier, tiny_run_dir, "litert")
+    scale = tiling.Scale.of(classifier.run)
+    with Pipeline(settings, factory, classifier, served, scale=scale) as first:  # records it, then "dies"
+        first._move = lambda planned, attempts: None  # type: ignore[method-assign]
+        first.process([(field, utcnow())])
+    (row,) = rows(settings)
+    assert field.exists() and not Path(row.stored_path).exists()
+
+    counting = CountingTiles(classifier)
+    with Pipeline(settings, factory, counting, served, scale=scale) as second:  # the restart
+        second.process([(field, utcnow())])
+    assert counting.tile_calls == 0
+    assert [r.id for r in rows(settings)] == [row.id] and len(_tiles(settings)) == 1
+    assert not field.exists() and Path(row.stored_path).is_file()
