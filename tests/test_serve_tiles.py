@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from histod import synthetic, tiling
 from histod.cli import cli
 from histod.daemon.app import _register, serve, tiling_progress
 from histod.daemon.classifier import load_classifier
+from histod.daemon.mover import PlannedMove
 from histod.daemon.pipeline import Pipeline
 from histod.daemon.reports import write_report
 from histod.db.models import STATUS_CLASSIFIED, STATUS_FAILED, Report, TileSet, utcnow
@@ -247,6 +248,13 @@ class CountingTiles:
         return self.classifier.predict(batch)  # type: ignore[attr-defined,no-any-return]
 
 
+class StopsBeforeMoving(Pipeline):
+    """A pipeline whose process dies right after each record transaction: nothing is moved."""
+
+    def _move(self, planned: Sequence[PlannedMove], *, attempts: int) -> None:
+        return None
+
+
 def test_an_image_recorded_before_a_crash_is_only_moved_not_tiled_again(tiny_run_dir: Path, tmp_path: Path) -> None:
     settings = service_settings(tmp_path, tiny_run_dir)
     watch = settings.resolved_watch_dir
@@ -256,8 +264,7 @@ def test_an_image_recorded_before_a_crash_is_only_moved_not_tiled_again(tiny_run
     classifier = load_classifier(tiny_run_dir, threads=1)
     served = _register(factory, classifier, tiny_run_dir, "litert")
     scale = tiling.Scale.of(classifier.run)
-    with Pipeline(settings, factory, classifier, served, scale=scale) as first:  # records it, then "dies"
-        first._move = lambda planned, attempts: None  # type: ignore[method-assign]
+    with StopsBeforeMoving(settings, factory, classifier, served, scale=scale) as first:
         first.process([(field, utcnow())])
     (row,) = rows(settings)
     assert field.exists() and not Path(row.stored_path).exists()
