@@ -11,7 +11,7 @@ import fcntl
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
@@ -40,6 +40,7 @@ from histod.db.session import (
 from histod.errors import ConfigError, DatabaseError, ModelError, WatchError
 from histod.logs import get_logger
 from histod.runs import load_metrics
+from histod.tiling import Scale
 
 if TYPE_CHECKING:
     from sqlalchemy.orm import Session, sessionmaker
@@ -162,6 +163,15 @@ def _release(claims: Claims) -> None:
         log.info("claims.released", count=count)
 
 
+def tiling_progress(pipeline: Pipeline) -> list[dict[str, Any]]:
+    """The images being classified tile by tile now, with their tiles done and to do (the periodic report)."""
+    out = []
+    for path in list(pipeline.tiling):
+        done, total = pipeline.tiles_done.get(path, (0, 0))
+        out.append({"path": path_text(path), "tiles_done": done, "tiles_total": total})
+    return out
+
+
 class _Reporter:
     """Writes a report every ``interval`` seconds (and a last one at shutdown)."""
 
@@ -174,6 +184,8 @@ class _Reporter:
         self.metrics = metrics
         self.since = utcnow()
         self.due = time.monotonic() + settings.report_interval_s
+        self.in_progress: Callable[[], list[dict[str, Any]]] = list
+        """the images being tiled when a report is written (histod.daemon.app.tiling_progress)"""
 
     def write(self) -> None:
         until = utcnow()
@@ -184,6 +196,7 @@ class _Reporter:
             until,
             host=self.settings.host,
             model_sha256=self.model_sha256,
+            in_progress=self.in_progress(),
         )
         if self.metrics is not None:
             self.metrics.report_written()
@@ -275,9 +288,11 @@ def _run(
         once=once,
         worker=claims.worker if claims is not None else None,
     )
-    with Pipeline(settings, factory, classifier, served, claims=claims) as pipeline:
+    scale = Scale.of(classifier.run)
+    with Pipeline(settings, factory, classifier, served, claims=claims, scale=scale, stop=stop) as pipeline:
         pipeline.guard = guard.check
         pipeline.metrics = metrics
+        reporter.in_progress = lambda: tiling_progress(pipeline)
         try:
             if once:
                 run_once(pipeline, watch_dir, ImageFilter.from_settings(settings), stop)

@@ -1,9 +1,9 @@
 """The infer stage of the pipeline (histod.daemon.pipeline): one predict call for every model input of a batch,
 then each file's p from its own inputs.
 
-A file may bring any number of inputs (histod.daemon.intake.Item.inputs: one image today, the tiles of a slide
-tomorrow); they are stacked with the batch's others and their p's are given back to the file and combined by
-:func:`combine`, the one place that says how a file's p follows from its inputs' p's.
+A file may bring any number of inputs (histod.daemon.intake.Item.inputs); they are stacked with the batch's
+others and their p's are given back to the file and combined by :func:`combine`, the one place that says how a
+file's p follows from its inputs' p's. A file marked for the tiles stage (``tiling``) is left to it.
 """
 
 from __future__ import annotations
@@ -36,11 +36,13 @@ def combine(p: NDArray[np.float32]) -> float:
 def infer(items: Sequence[Item], predictor: Predictor) -> int:
     """Set ``p`` and ``classified_at`` of every item (p stays None for a file that failed to decode) and let the
     inputs go. Returns the number of model inputs predicted."""
-    inputs = [x for item in items if item.error is None for x in item.inputs]
+    inputs = [x for item in items if item.error is None and item.tiling is None for x in item.inputs]
     p = np.asarray(predictor.predict(np.stack(inputs)), dtype=np.float32).reshape(-1) if inputs else None
     done = utcnow()
     at = 0
     for item in items:
+        if item.tiling is not None and item.error is None:
+            continue  # classified tile by tile (histod.daemon.tiled)
         if item.error is None:
             n = len(item.inputs)
             if n == 0 or p is None:

@@ -243,3 +243,26 @@ def move(planned: PlannedMove) -> Move:
     if error is not None:
         return Move(result_id=planned.result_id, at=utcnow(), ok=False, path=target, error=error)
     return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=path_text(where), error=None)
+
+
+def write_beside(stored: Path, suffix: str, data: bytes) -> str | None:
+    """Write ``data`` next to a moved file as its name + ``suffix`` (``-2``, ``-3``, ... before the suffix when
+    taken; never over anything). Returns the path written, or None when it could not be (logged by the caller's
+    line as null): a convenience beside the record, never part of it."""
+    for n in range(1, 100):
+        path = stored.with_name(stored.name + (suffix if n == 1 else f"-{n}{suffix}"))
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
+        except FileExistsError:
+            continue
+        except OSError:
+            return None
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+        except OSError:
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        return path_text(path)
+    return None

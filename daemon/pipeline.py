@@ -7,8 +7,14 @@
       4. record   ONE transaction per batch                           the main thread       histod.daemon.record
       5. move     move each file, save the moves, one log line each   the main thread       histod.daemon.mover
 
+    an image larger than the model's tiles, after intake:
+      tiles       tile by tile, one image at a time                   the tiles thread      histod.daemon.tiled
+                  then record and move as above, in a transaction of its own
+
 Decode of batch n+1 overlaps inference of batch n, and both overlap the recording and moving of earlier ones; at
 most PIPELINE_DEPTH batches are between intake and record, and batches are recorded in the order they began.
+A field or a slide (histod.daemon.tiled) leaves its batch after intake and is recorded when its tiles are done,
+while the batches go on beside it; a stop while it is classified leaves it in the watch folder, unrecorded.
 :class:`Pipeline` drives, the stage modules do; its main-thread methods own every piece of state that spans
 batches (files in flight, targets reserved by moves not yet made, moves to retry, batches the database refused,
 files to take again), so no other thread touches them. One place per stage reports to :class:`Stats`.
@@ -23,10 +29,11 @@ from __future__ import annotations
 
 import os
 import queue
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor
 from concurrent.futures import wait as wait_for_future
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -39,12 +46,13 @@ from sqlalchemy.orm import Session, sessionmaker
 from histod.daemon import intake, record
 from histod.daemon.infer import Predictor, infer
 from histod.daemon.intake import Arrival, Item
-from histod.daemon.mover import PlannedMove, identity, move
+from histod.daemon.mover import PlannedMove, identity, move, write_beside
 from histod.daemon.record import Destination, Served
 from histod.daemon.stats import Stats
+from histod.daemon.tiled import classify_tiled
 from histod.daemon.tree import remove_if_empty
 from histod.db.models import MOVE_REPLACED, MOVE_VANISHED, STATUS_FAILED, Move, utcnow
-from histod.db.paths import path_text
+from histod.db.paths import path_text, text_path
 from histod.errors import DatabaseError
 from histod.logs import get_logger
 
@@ -54,6 +62,7 @@ if TYPE_CHECKING:
     from histod.daemon.claims import Claims
     from histod.daemon.metrics import Metrics
     from histod.settings import Settings
+    from histod.tiling import Scale
 
 log: Any = get_logger("histod.service")
 
@@ -97,6 +106,8 @@ class Pipeline:
         claims: Claims | None = None,
         clock: Callable[[], float] = time.monotonic,
         stats: Stats | None = None,
+        scale: Scale | None = None,
+        stop: threading.Event | None = None,
     ) -> None:
         self.settings = settings
         self.factory = factory
@@ -106,6 +117,10 @@ class Pipeline:
         """several services on one database: each file is claimed before it is read (histod.daemon.claims)"""
         self.clock = clock
         self.stats = stats if stats is not None else Stats()
+        self.scale = scale
+        """the model's scale (histod.tiling.Scale): images larger than its tiles are tiled; None: all whole"""
+        self.stop = stop if stop is not None else threading.Event()
+        """the service's stop: an image being tiled when it is set is left unrecorded, for the next start"""
         self.heartbeat: Callable[[], None] = lambda: None
         """called while a batch waits for a locked database (the service sets it to its watchdog ping)"""
         self.on_recorded: Callable[[int], None] = lambda n: None
@@ -138,11 +153,18 @@ class Pipeline:
         self.emptied: set[Path] = set()
         """case folders (below the watch folder) that moves took files out of: removed once empty and quiet"""
         self.tidy_due = 0.0
+        self.tiling: dict[Path, tuple[Arrival, Future[Item | None]]] = {}
+        """fields and slides in the tiles thread, by path (their paths stay in ``working``)"""
+        self.tiles_done: dict[Path, tuple[int, int]] = {}
+        """tiles done and to do of each image in the tiles thread (the periodic report shows them)"""
+        self.heatmaps: dict[Path, bytes] = {}
+        """heat-map PNGs of tiled images recorded and not yet moved, by source path"""
         self.files = 0
         self._behind = False
         self._carry: Arrival | None = None
         self._decode = ThreadPoolExecutor(settings.decode_workers, thread_name_prefix="histod-decode")
         self._infer = ThreadPoolExecutor(1, thread_name_prefix="histod-infer")
+        self._tiles = ThreadPoolExecutor(1, thread_name_prefix="histod-tiles")
 
     def __enter__(self) -> Pipeline:
         warm_up = getattr(self.predictor, "warm_up", None)
@@ -153,6 +175,7 @@ class Pipeline:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self._decode.shutdown(wait=True, cancel_futures=True)
         self._infer.shutdown(wait=True, cancel_futures=True)
+        self._tiles.shutdown(wait=True, cancel_futures=True)
 
     # --- driving -----------------------------------------------------------------------------------------
     def submit(self, arrivals: Iterable[tuple[Path, datetime]]) -> None:
@@ -173,15 +196,20 @@ class Pipeline:
             self._start(arrivals)
 
     def finish_flight(self) -> None:
-        """Finish every batch in flight, starting none (a stop: what was not started stays in the folder)."""
-        while self.flight:
-            wait_for_future([self.flight[0].inferred])
+        """Finish every batch in flight and every image in the tiles thread, starting none (a stop: what was not
+        started stays in the folder, and so does an image whose tiling the stop cut short)."""
+        while self.flight or self.tiling:
+            pending: list[Future[Any]] = [self.flight[0].inferred] if self.flight else []
+            pending += [future for _, future in self.tiling.values()]
+            wait_for_future(pending, return_when=FIRST_COMPLETED)
             self._finish_ready()
 
     def drain(self, stop: Any = None) -> None:
         """Run until everything submitted is recorded and moved (or ``stop`` is set: then the batches in flight
         finish and the rest stays in the watch folder)."""
-        while (self.flight or self._carry is not None or not self.inbox.empty()) and not (stop and stop.is_set()):
+        while (self.flight or self.tiling or self._carry is not None or not self.inbox.empty()) and not (
+            stop and stop.is_set()
+        ):
             self.pump(0.05)
         self.finish_flight()
 
@@ -255,7 +283,9 @@ class Pipeline:
         s, size = self.settings, self.predictor.image_size
         batch = Batch(started)
         batch.reads = [
-            self._decode.submit(intake.prepare, a, size, max_bytes=s.max_file_bytes, max_pixels=s.max_pixels)
+            self._decode.submit(
+                intake.prepare, a, size, max_bytes=s.max_file_bytes, max_pixels=s.max_pixels, scale=self.scale
+            )
             for a in started
         ]
         batch.inferred = self._infer.submit(self._infer_batch, batch)
@@ -275,13 +305,16 @@ class Pipeline:
     # --- 4. record: the main thread, one transaction per batch ------------------------------------------------
     def _finish_ready(self) -> bool:
         """Record and move every batch whose inference is done, in one transaction: a service that is behind
-        records several batches at once."""
+        records several batches at once. Then each image whose tiles are done, in a transaction of its own."""
         ready: list[Batch] = []
         while self.flight and self.flight[0].inferred.done():
             ready.append(self.flight.popleft())
         if ready:
             self._finish(ready)
-        return bool(ready)
+        tiled = [path for path, (_, future) in self.tiling.items() if future.done()]
+        for path in tiled:
+            self._finish_tiled(path)
+        return bool(ready or tiled)
 
     def _finish(self, batches: list[Batch]) -> None:
         items = [item for batch in batches for item in batch.inferred.result()]
@@ -289,6 +322,20 @@ class Pipeline:
         if self.claims is not None:
             read = {item.path for item in items}
             self.claims.release_quietly([a.path for a in arrivals if a.path not in read])  # gone before it was read
+        tiling = {item.path: item for item in items if item.tiling is not None and item.error is None}
+        if tiling:
+            for path in self._recorded_before(list(tiling.values())):
+                del tiling[path]  # its row is committed: only its move is left (record_batch finds the row)
+        if tiling:
+            items = [item for item in items if item.path not in tiling]
+            for arrival in arrivals:
+                if arrival.path in tiling:
+                    self._start_tiling(arrival, tiling[arrival.path])
+            arrivals = [a for a in arrivals if a.path not in tiling]
+        self._complete(items, arrivals, batches)
+
+    def _complete(self, items: list[Item], arrivals: list[Arrival], batches: list[Batch]) -> None:
+        """Record ``items`` in one transaction, move them, and let their paths go."""
         try:
             planned = self._record(items) if items else []
         except DatabaseError as exc:
@@ -304,6 +351,49 @@ class Pipeline:
             self._measure(batches, planned)
         if not (self.flight and self.flight[0].inferred.done()):
             self._save([])  # no transaction is due soon to take the moves rows along
+
+    # --- tiles: an image larger than the model's tiles, in the tiles thread, one at a time -----------------------
+    def _recorded_before(self, items: list[Item]) -> set[Path]:
+        """Images recorded by an earlier run and never moved: not tiled again (a slide takes minutes)."""
+        try:
+            return record.recorded_before(self.factory, items)
+        except DatabaseError:
+            return set()  # tiled again; the record transaction then finds the row as it does for any file
+
+    def _start_tiling(self, arrival: Arrival, item: Item) -> None:
+        assert self.scale is not None
+        path, s = item.path, self.settings
+
+        def progress(done: int, total: int) -> None:
+            self.tiles_done[path] = (done, total)
+
+        future = self._tiles.submit(
+            classify_tiled,
+            item,
+            self.predictor,
+            self.scale,
+            max_pixels=s.max_pixels,
+            max_bytes=s.max_file_bytes,
+            stop=self.stop.is_set,
+            progress=progress,
+        )
+        future.add_done_callback(lambda _done: self.inbox.put(None))
+        self.tiling[path] = (arrival, future)
+
+    def _finish_tiled(self, path: Path) -> None:
+        arrival, future = self.tiling.pop(path)
+        self.tiles_done.pop(path, None)
+        item = future.result()
+        if item is None:  # stopped, or the file changed meanwhile: nothing recorded, the file stays
+            if self.claims is not None:
+                self.claims.release_quietly([path])
+            self._done([arrival])
+            return
+        self.stats.add("tiles", 1, item.decode_s)
+        if item.heatmap is not None:
+            self.heatmaps[path] = item.heatmap
+            item.heatmap = None
+        self._complete([item], [arrival], [])
 
     def _measure(self, batches: list[Batch], planned: list[PlannedMove]) -> None:
         metrics = self.metrics
@@ -362,6 +452,9 @@ class Pipeline:
             if m.ok:
                 self.reserved.discard(p.target)
                 self.emptied.add(p.source.parent)  # the watch folder itself is never removed (tidy)
+                png = self.heatmaps.pop(p.source, None)
+                if png is not None:
+                    line["heatmap"] = write_beside(text_path(m.path), ".heatmap.png", png)
                 # a failed image is a warning, so that `journalctl -p warning` lists it
                 emit = log.warning if p.line.get("status") == STATUS_FAILED else log.info
                 emit("image.stored", **line, stored=m.path)
@@ -369,9 +462,11 @@ class Pipeline:
                     self.metrics.move_done()
             elif m.error == MOVE_VANISHED:
                 self.reserved.discard(p.target)
+                self.heatmaps.pop(p.source, None)
                 log.warning("image.vanished", **line, stored=None)
             elif m.error == MOVE_REPLACED:  # the content read is gone; what is there now is a new event
                 self.reserved.discard(p.target)
+                self.heatmaps.pop(p.source, None)
                 self.again[p.source] = utcnow()
                 log.warning("image.replaced", **line, stored=None)
             else:

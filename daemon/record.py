@@ -142,12 +142,23 @@ def _record(
     placed = _targets(session, fresh, to, reserved)
     rows = [to_result(item, served, host, target, name) for item, (target, name) in zip(fresh, placed, strict=True)]
     queries.insert_results(session, rows)
+    tiles = [tile_row(item, row["id"], served) for item, row in zip(fresh, rows, strict=True) if _has_tiles(item)]
+    queries.insert_tiles(session, tiles)
     queries.record_moves(session, closing)
     moves = [
-        PlannedMove(row["id"], item.path, target, line_of(row), item.identity)
+        PlannedMove(row["id"], item.path, target, line_of(row, item), item.identity)
         for row, item, (target, _) in zip(rows, fresh, placed, strict=True)
     ]
     return recovered, moves
+
+
+def recorded_before(factory: sessionmaker[Session], items: Sequence[Item]) -> set[Path]:
+    """Which of ``items`` already have a row for the same path and sha256 whose file was never moved (the process
+    stopped between the commit and the move): they are only to be moved (:func:`record_batch` finds the row), not
+    classified again. One read; DatabaseError is the caller's."""
+    with reading(factory) as session:
+        earlier = queries.unsettled_at(session, (path_text(i.path) for i in items))
+    return {i.path for i in items if any(r.sha256 == i.sha256 for r in earlier.get(path_text(i.path), []))}
 
 
 def _whereabouts(row: queries.Unsettled) -> Move:
@@ -196,9 +207,12 @@ def shown_parts(path: Path, watch_dir: Path | None) -> list[str]:
 
 
 def to_result(item: Item, served: Served, host: str, stored: Path, name: str | None = None) -> dict[str, Any]:
-    """The results row of a classified (or failed) file, as column values (histod.db.queries.insert_results)."""
+    """The results row of a classified (or failed) file, as column values (histod.db.queries.insert_results). A
+    tiled image's p is its aggregation rule's score and its threshold the rule's cut, so that every row's label is
+    ``p >= threshold``; the model's threshold for each tile is in its tiles row."""
     ok = item.error is None and item.p is not None
     p = item.p if ok else None
+    threshold = served.threshold if item.tiled is None else item.tiled.aggregate.cut
     classified_at = item.classified_at or utcnow()
     return {
         "kind": KIND_CLASSIFICATION,
@@ -210,9 +224,9 @@ def to_result(item: Item, served: Served, host: str, stored: Path, name: str | N
         "classified_at": classified_at,
         "latency_ms": (classified_at - item.received_at).total_seconds() * 1000,
         "status": STATUS_CLASSIFIED if ok else STATUS_FAILED,
-        "label": (LABELS[1] if p >= served.threshold else LABELS[0]) if p is not None else None,
+        "label": (LABELS[1] if p >= threshold else LABELS[0]) if p is not None else None,
         "p_malignant": p,
-        "threshold": served.threshold,
+        "threshold": threshold,
         "model_id": served.model_id,
         "model_sha256": served.sha256,
         "run_id": served.run_id,
@@ -224,10 +238,71 @@ def to_result(item: Item, served: Served, host: str, stored: Path, name: str | N
     }
 
 
-def line_of(row: dict[str, Any]) -> dict[str, Any]:
-    """The recorded part of a file's canonical log line."""
-    p = row["p_malignant"]
+def _has_tiles(item: Item) -> bool:
+    return item.error is None and (item.tiled is not None or bool(item.warnings))
+
+
+def tile_row(item: Item, result_id: int, served: Served) -> dict[str, Any]:
+    """The tiles row of a tiled image (its summary and packed tiles) or of an image classified whole with a scale
+    warning, as column values (histod.db.queries.insert_tiles)."""
+    tiled = item.tiled
+    if tiled is None:
+        return {
+            **dict.fromkeys(TILE_COLUMNS),
+            "result_id": result_id,
+            "grid_tiles": 0,
+            "tissue_tiles": 0,
+            "malignant_tiles": 0,
+            "warnings": list(item.warnings),
+        }
+    a = tiled.aggregate
     return {
+        "result_id": result_id,
+        "rule": a.rule,
+        "rule_cut": a.cut,
+        "tile_threshold": served.threshold,
+        "grid_tiles": tiled.n_tiles,
+        "tissue_tiles": a.n_tissue,
+        "malignant_tiles": a.n_malignant,
+        "malignant_share": a.malignant_share,
+        "malignant_area_px": a.malignant_area_px,
+        "malignant_area_mm2": tiled.malignant_area_mm2,
+        "tile_px": float(tiled.tile_side),
+        "level": tiled.level,
+        "mpp": tiled.mpp,
+        "width": tiled.width,
+        "height": tiled.height,
+        "backend": tiled.backend,
+        "warnings": list(tiled.warnings),
+        "seconds": round(tiled.seconds, 3),
+        "data": tiled.packed(),
+    }
+
+
+TILE_COLUMNS = (
+    "rule",
+    "rule_cut",
+    "tile_threshold",
+    "malignant_share",
+    "malignant_area_px",
+    "malignant_area_mm2",
+    "tile_px",
+    "level",
+    "mpp",
+    "width",
+    "height",
+    "backend",
+    "seconds",
+    "data",
+)
+"""the tiles columns that stay NULL for an image classified whole"""
+
+
+def line_of(row: dict[str, Any], item: Item | None = None) -> dict[str, Any]:
+    """The recorded part of a file's canonical log line (with a tiled image's tile counts and any scale
+    warnings)."""
+    p = row["p_malignant"]
+    line = {
         "result_id": row["id"],
         "status": row["status"],
         "label": row["label"],
@@ -236,6 +311,12 @@ def line_of(row: dict[str, Any]) -> dict[str, Any]:
         "reason": row["error_reason"],
         "duplicate_of": row["duplicate_of"],
     }
+    if item is not None and item.tiled is not None:
+        a = item.tiled.aggregate
+        line.update(rule=a.rule, tissue_tiles=a.n_tissue, malignant_tiles=a.n_malignant)
+    if item is not None and item.warnings:
+        line["warnings"] = list(item.warnings)
+    return line
 
 
 # --- saving moves ------------------------------------------------------------------------------------------

@@ -83,11 +83,14 @@ def write_report(
     *,
     host: str,
     model_sha256: str | None,
+    in_progress: list[dict[str, Any]] | None = None,
 ) -> Summary:
     """Summarise [since, until), store it as a `reports` row and ``reports_dir/report-<end>.json`` (with the
-    page ``.html`` and the table ``.csv`` beside it), log it."""
+    page ``.html`` and the table ``.csv`` beside it), log it. ``in_progress``: the images being classified tile
+    by tile now (path, tiles done and total), kept in the report."""
     data = gather(factory, since, until)
     summary = data.summary
+    summary.in_progress = list(in_progress or [])
     with transaction(factory) as session:
         report = queries.add_report(session, summary, host=host, model_sha256=model_sha256)
         report_id = report.id
@@ -230,8 +233,26 @@ def format_summary(summary: Summary) -> str:
             else ""
         ),
     ]
+    lines += _tile_lines(summary)
     lines += _review_lines(summary.reviews)
     return "\n".join(lines)
+
+
+def _tile_lines(summary: Summary) -> list[str]:
+    t = summary.tiles
+    lines = []
+    if t.get("images"):
+        lines.append(
+            f"  tiled       {t['images']} images tile by tile: {t['tissue_tiles']} tissue tiles, "
+            f"{t['malignant_tiles']} malignant"
+        )
+    if t.get("with_warnings"):
+        lines.append(f"  scale       {t['with_warnings']} images recorded with a scale warning (tiles rows)")
+    for job in summary.in_progress:
+        lines.append(
+            f"  tiling now  {printable(job['path'])}: {job['tiles_done']} / {job['tiles_total'] or '?'} tiles"
+        )
+    return lines
 
 
 def _review_lines(reviews: dict[str, Any]) -> list[str]:

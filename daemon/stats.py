@@ -9,9 +9,9 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-STAGES = ("intake", "decode", "infer", "record", "move")
+STAGES = ("intake", "decode", "infer", "record", "move", "tiles")
 """the stages in their order (intake and decode run in the decode pool, infer in its thread, record and move in
-the service's main thread)"""
+the service's main thread; tiles, for images larger than the model's tiles, in its own thread)"""
 
 Listener = Callable[[str, int, float], None]
 

@@ -1,7 +1,7 @@
-"""The audit chain: every row of results, moves, reports and models is a link of ONE hash chain, and may carry
+"""The audit chain: every row of results, moves, reports, models and tiles is a link of ONE hash chain, and may carry
 a MAC under the audit key. Checked by histod.db.verify.
 
-A row stores ``chain_seq`` (its position, 1, 2, ... across the four tables), ``prev_hash`` (the ``row_hash`` of
+A row stores ``chain_seq`` (its position, 1, 2, ... across the audit tables), ``prev_hash`` (the ``row_hash`` of
 the row before it in the chain, :data:`GENESIS` for the first) and
 ``row_hash = sha256(prev_hash + "\\n" + canonical(row))``, where ``canonical`` is a fixed, explicit
 serialization of every audit-relevant column of its table (:data:`FIELDS`, in that order):
@@ -44,7 +44,7 @@ from sqlalchemy import Boolean, Float, Integer, text
 from sqlalchemy.orm import Session, sessionmaker
 from sqlalchemy.types import JSON
 
-from histod.db.models import Chained, ModelRecord, Move, Report, Result, UTCDateTime
+from histod.db.models import Chained, ModelRecord, Move, Report, Result, TileSet, UTCDateTime
 from histod.errors import ConfigError
 
 FORMAT = "histod-chain-v1"
@@ -116,10 +116,51 @@ REPORT_FIELDS = (
     "host",
     "summary",
 )
-CHAINED: dict[str, type[Chained]] = {"results": Result, "moves": Move, "reports": Report, "models": ModelRecord}
+TILE_FIELDS = (
+    "id",
+    "result_id",
+    "rule",
+    "rule_cut",
+    "tile_threshold",
+    "grid_tiles",
+    "tissue_tiles",
+    "malignant_tiles",
+    "malignant_share",
+    "malignant_area_px",
+    "malignant_area_mm2",
+    "tile_px",
+    "level",
+    "mpp",
+    "width",
+    "height",
+    "backend",
+    "warnings",
+    "seconds",
+    "data_sha256",
+)
+"""every column but ``data``: its sha256 stands for it (histod.db.verify recomputes it)"""
+CHAINED: dict[str, type[Chained]] = {
+    "results": Result,
+    "moves": Move,
+    "reports": Report,
+    "models": ModelRecord,
+    "tiles": TileSet,
+}
 """the audit tables, each row a link of the one chain"""
-FIELDS = {"results": RESULT_FIELDS, "moves": MOVE_FIELDS, "reports": REPORT_FIELDS, "models": MODEL_FIELDS}
-TAGS = {"results": FORMAT, "moves": f"{FORMAT}:moves", "reports": f"{FORMAT}:reports", "models": f"{FORMAT}:models"}
+FIELDS = {
+    "results": RESULT_FIELDS,
+    "moves": MOVE_FIELDS,
+    "reports": REPORT_FIELDS,
+    "models": MODEL_FIELDS,
+    "tiles": TILE_FIELDS,
+}
+TAGS = {
+    "results": FORMAT,
+    "moves": f"{FORMAT}:moves",
+    "reports": f"{FORMAT}:reports",
+    "models": f"{FORMAT}:models",
+    "tiles": f"{FORMAT}:tiles",
+}
 
 
 def _kind(table: str, name: str) -> str:

@@ -3,9 +3,9 @@
 Rows are events and are never updated: a result row is written once, in the transaction that records its
 batch, with everything known about it (including where its file is to be moved). What happens to the file
 afterwards is another event, a :class:`Move` row. Since revision 0002 the database enforces this: triggers
-reject UPDATE and DELETE on all four tables. Since revision 0004 every row of the four audit tables is a link
-of one hash chain (:class:`Chained`: ``chain_seq``, ``prev_hash``, ``row_hash``, ``row_mac``; see
-histod.db.chain). A correction is a new ``review`` row that names the row it amends.
+reject UPDATE and DELETE on all four tables (and on ``tiles``, added by revision 0005). Since revision 0004
+every row of the audit tables is a link of one hash chain (:class:`Chained`: ``chain_seq``, ``prev_hash``,
+``row_hash``, ``row_mac``; see histod.db.chain). A correction is a new ``review`` row that names the row it amends.
 
 Timestamps are timezone-aware UTC in Python; they are stored as naive UTC (portable across SQLite and
 PostgreSQL) by :class:`UTCDateTime`.
@@ -25,6 +25,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     String,
     Text,
@@ -94,7 +95,7 @@ class Chained:
     models rows form ONE chain, in the order they were appended."""
 
     chain_seq: Mapped[int] = mapped_column(Integer, unique=True)
-    """the row's position in the chain (1, 2, ... across the four tables)"""
+    """the row's position in the chain (1, 2, ... across the audit tables)"""
     prev_hash: Mapped[str] = mapped_column(String(64))
     """row_hash of the row before it in the chain (histod.db.chain.GENESIS for the first)"""
     row_hash: Mapped[str] = mapped_column(String(64))
@@ -218,12 +219,56 @@ class Report(Chained, Base):
     """the full summary as printed by `histod report --json`"""
 
 
+class TileSet(Chained, Base):
+    """How a results row's image met the model's scale: the tiles of a tiled image (a field or a whole slide:
+    its aggregation rule, tile counts, malignant area and every tissue tile's position and p, packed in
+    ``data``), or only the scale warnings of an image classified whole. At most one per result, written in the
+    transaction of its results row. ``data`` is not hashed into the chain; its ``data_sha256`` is, and
+    `histod audit verify` recomputes it."""
+
+    __tablename__ = "tiles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    result_id: Mapped[int] = mapped_column(ForeignKey("results.id"), unique=True)
+    rule: Mapped[str | None] = mapped_column(String(40))
+    """the aggregation rule (``topk0.1>=0.67``); None for an image classified whole"""
+    rule_cut: Mapped[float | None] = mapped_column(Float)
+    """the cut the rule's score is compared with (the result's ``threshold``)"""
+    tile_threshold: Mapped[float | None] = mapped_column(Float)
+    """the model's threshold, applied to each tile's p (malignant tiles and area)"""
+    grid_tiles: Mapped[int] = mapped_column(Integer)
+    tissue_tiles: Mapped[int] = mapped_column(Integer)
+    malignant_tiles: Mapped[int] = mapped_column(Integer)
+    malignant_share: Mapped[float | None] = mapped_column(Float)
+    """the share of the tissue area in malignant tiles"""
+    malignant_area_px: Mapped[float | None] = mapped_column(Float)
+    """that area in level-0 pixels"""
+    malignant_area_mm2: Mapped[float | None] = mapped_column(Float)
+    """that area in mm² (when the image declares its microns per pixel)"""
+    tile_px: Mapped[float | None] = mapped_column(Float)
+    """a tile's side in level-0 pixels"""
+    level: Mapped[int | None] = mapped_column(Integer)
+    mpp: Mapped[float | None] = mapped_column(Float)
+    width: Mapped[int | None] = mapped_column(Integer)
+    height: Mapped[int | None] = mapped_column(Integer)
+    backend: Mapped[str | None] = mapped_column(String(20))
+    """``image`` (decoded whole) or ``openslide`` (read block by block)"""
+    warnings: Mapped[list[str]] = mapped_column(JSON)
+    """where the image's scale did not match the model's (``coarser_than_model: ...``); empty when it did"""
+    seconds: Mapped[float | None] = mapped_column(Float)
+    """time to classify the tiles"""
+    data_sha256: Mapped[str | None] = mapped_column(String(64))
+    data: Mapped[bytes | None] = mapped_column(LargeBinary, deferred=True)
+    """one little-endian record per tissue tile: x int32, y int32 (level-0 px), p float32, tissue share float32
+    (histod.tiling.TILE_RECORD)"""
+
+
 class Claim(Base):
     """Operational state, not audit: which service is working on a file of the shared watch folder. Used only
     when several services share one PostgreSQL database (histod.daemon.claims). A row lives from the moment a
     service takes the file until its move is recorded (the same transaction deletes it); a row whose
     ``expires_at`` has passed belongs to a service that stopped renewing it and may be taken over. Unlike the
-    four audit tables, rows here are updated and deleted."""
+    audit tables, rows here are updated and deleted."""
 
     __tablename__ = "claims"
     __table_args__ = (Index("ix_claims_expires_at", "expires_at"), Index("ix_claims_worker", "worker"))

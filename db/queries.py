@@ -4,6 +4,7 @@ refuse it); every audit row (results, moves, reports, models) is appended to the
 
 from __future__ import annotations
 
+import hashlib
 import re
 import statistics
 from collections import Counter
@@ -29,6 +30,7 @@ from histod.db.models import (
     Move,
     Report,
     Result,
+    TileSet,
     utcnow,
 )
 from histod.db.windows import Agreement, WindowRow, agreement, reviewed, window_rows
@@ -127,7 +129,11 @@ def record_results(session: Session, results: Sequence[Result]) -> list[Result]:
     return list(results)
 
 
-_TABLES = {"results": cast(Table, Result.__table__), "moves": cast(Table, Move.__table__)}
+_TABLES = {
+    "results": cast(Table, Result.__table__),
+    "moves": cast(Table, Move.__table__),
+    "tiles": cast(Table, TileSet.__table__),
+}
 _INSERT = {name: insert(table) for name, table in _TABLES.items()}  # Core: no ORM object per row
 RESULT_COLUMNS = tuple(c.key for c in _TABLES["results"].columns)
 
@@ -155,6 +161,19 @@ def insert_moves(session: Session, values: Sequence[dict[str, Any]]) -> None:
     if values:
         chain.lock_chain(session)
         _insert_chained(session, "moves", values, chain.tails(session))
+
+
+def insert_tiles(session: Session, values: Sequence[dict[str, Any]]) -> None:
+    """Append tiles rows given as column values (every column of :class:`TileSet` but ``id`` and the chain's;
+    ``data_sha256`` is computed here from ``data``) in one statement, after the results rows they name (in the
+    same transaction); sets ``id`` and the chain columns in ``values``."""
+    if not values:
+        return
+    for row in values:
+        data = row.get("data")
+        row["data_sha256"] = None if data is None else hashlib.sha256(data).hexdigest()
+    chain.lock_chain(session)
+    _insert_chained(session, "tiles", values, chain.tails(session))
 
 
 def _insert_chained(
@@ -435,6 +454,9 @@ def count_results(session: Session, filters: ResultFilter | None = None) -> int:
     return int(session.scalar(_filtered(select(func.count(Result.id)), filters)) or 0)
 
 
+TILE_COUNTS = ("images", "tissue_tiles", "malignant_tiles", "with_warnings")
+
+
 @dataclass
 class Summary:
     """The numbers of one report window; `histod report --json` prints this."""
@@ -462,12 +484,41 @@ class Summary:
     """results of the window whose file disappeared or was replaced before it could be moved, by reason"""
     reviews: dict[str, Any] = field(default_factory=lambda: Agreement().to_json())
     """the window's classifications reviewed by now: agreement between model and reviewers (Agreement)"""
+    tiles: dict[str, int] = field(default_factory=lambda: dict.fromkeys(TILE_COUNTS, 0))
+    """images of the window classified tile by tile, their tissue and malignant tiles, and images recorded with
+    a scale warning (tiles rows)"""
+    in_progress: list[dict[str, Any]] = field(default_factory=list)
+    """images being classified tile by tile when a periodic report was written: path, tiles done and total"""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["period_start"] = self.period_start.isoformat()
         data["period_end"] = self.period_end.isoformat()
         return data
+
+
+def tile_rows(session: Session, result_ids: Sequence[int]) -> dict[int, TileSet]:
+    """The tiles rows of ``result_ids`` (without their packed tiles), by result id."""
+    found: dict[int, TileSet] = {}
+    for start in range(0, len(result_ids), 500):
+        chunk = result_ids[start : start + 500]
+        found.update((t.result_id, t) for t in session.scalars(select(TileSet).where(TileSet.result_id.in_(chunk))))
+    return found
+
+
+def tile_counts(session: Session, since: datetime, until: datetime) -> dict[str, int]:
+    """The tiles rows of the results received in [since, until): :data:`TILE_COUNTS`."""
+    rows = session.execute(
+        select(TileSet.rule, TileSet.tissue_tiles, TileSet.malignant_tiles, TileSet.warnings)
+        .join(Result, Result.id == TileSet.result_id)
+        .where(Result.received_at >= since, Result.received_at < until)
+    ).all()
+    return {
+        "images": sum(1 for r in rows if r.rule is not None),
+        "tissue_tiles": sum(r.tissue_tiles for r in rows),
+        "malignant_tiles": sum(r.malignant_tiles for r in rows),
+        "with_warnings": sum(1 for r in rows if r.warnings),
+    }
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
@@ -538,6 +589,7 @@ def summary(
     ).all()
     out.moves_gone_by_reason = {str(error): int(n) for error, n in sorted(gone)}
     out.reviews = (reviews if reviews is not None else agreement(reviewed(session, since, until))).to_json()
+    out.tiles = tile_counts(session, since, until)
     return out
 
 

@@ -1,4 +1,4 @@
-"""`histod audit verify`: walk the one audit chain (results, moves, reports and models rows, by chain_seq) and
+"""`histod audit verify`: walk the one audit chain (results, moves, reports, models and tiles rows, by chain_seq) and
 report the first place where it does not hold. One small check per kind of break:
 
 - :func:`check_values`: a value of the wrong type (a blob for a name, text for a number, a timestamp that is not
@@ -10,6 +10,8 @@ report the first place where it does not hold. One small check per kind of break
 - :func:`check_sealed`: with the key: the chain's last row carries no MAC (MACs removed, or rows appended
   without the key);
 - :func:`check_anchors`: a hash published earlier is no longer in the chain (rows cut off or the chain rebuilt);
+- :func:`check_tile_data`: a tiles row's packed tiles no longer give its ``data_sha256`` (the hashed column
+  that stands for them in the chain), or it names a result that is gone;
 - :func:`check_moves_name_results`, :func:`check_results_name_models`: references to rows that are gone.
 
 Values are read as the database driver gives them, without SQLAlchemy's type processing, so that a tampered
@@ -18,6 +20,7 @@ value is reported as a broken row, never raised as a traceback.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import json
 import re
@@ -26,12 +29,12 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import Connection, Table, select, type_coerce
+from sqlalchemy import Connection, Table, inspect, select, type_coerce
 from sqlalchemy.orm import Session
 from sqlalchemy.types import NullType
 
 from histod.db import chain
-from histod.db.models import ModelRecord, Move, Result
+from histod.db.models import ModelRecord, Move, Result, TileSet
 from histod.logs import printable
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
@@ -117,7 +120,8 @@ def _positioned(connection: Connection, table: str, page: int) -> Iterator[tuple
 
 def chain_rows(connection: Connection, page: int = 2000) -> Iterator[tuple[str, dict[str, Any]]]:
     """(table, raw row) for every row of the audit tables, in chain order."""
-    streams = [_positioned(connection, table, page) for table in chain.CHAINED]
+    present = set(inspect(connection).get_table_names())  # a database at an older revision lacks the newer tables
+    streams = [_positioned(connection, table, page) for table in chain.CHAINED if table in present]
     for _seq, table, row in heapq.merge(*streams, key=lambda item: item[0]):
         yield table, row
 
@@ -308,6 +312,47 @@ def check_moves_name_results(session: Session) -> None:
         )
 
 
+def check_tile_data(session: Session, page: int = 200) -> None:
+    """Each tiles row's ``data`` gives its ``data_sha256`` (NULL with NULL), and its result exists."""
+    if not inspect(session.connection()).has_table("tiles"):
+        return
+    t: Table = TileSet.__table__  # type: ignore[assignment]
+    raw = type_coerce(t.c.data, NullType()).label("data")
+    after = 0
+    while True:
+        rows = session.execute(
+            select(t.c.id, t.c.data_sha256, raw).where(t.c.id > after).order_by(t.c.id).limit(page)
+        ).all()
+        if not rows:
+            break
+        for row_id, stored, data in rows:
+            blob = bytes(data) if isinstance(data, bytes | bytearray | memoryview) else data
+            if blob is not None and not isinstance(blob, bytes):
+                raise BrokenChainError(Break("tiles", row_id, "data is not a blob", "a blob", _shown(blob)))
+            computed = None if blob is None else hashlib.sha256(blob).hexdigest()
+            if computed != stored:
+                raise BrokenChainError(
+                    Break(
+                        "tiles",
+                        row_id,
+                        "data does not match data_sha256 (the packed tiles were changed)",
+                        str(stored),
+                        str(computed),
+                    )
+                )
+        after = rows[-1][0]
+    orphan = session.execute(
+        select(t.c.id, t.c.result_id)
+        .where(~select(Result.id).where(Result.id == t.c.result_id).exists())
+        .order_by(t.c.id)
+        .limit(1)
+    ).first()
+    if orphan is not None:
+        raise BrokenChainError(
+            Break("tiles", orphan[0], "names a result that is missing", f"results row {orphan[1]}", "no such row")
+        )
+
+
 def check_results_name_models(session: Session) -> None:
     unknown = session.execute(
         select(Result.id, Result.model_id)
@@ -369,6 +414,7 @@ def verify(session: Session, *, anchors: Iterable[str] = (), key: bytes | None =
         check_anchors(walk.wanted, walk.seen, walk.last, last_hash)
         check_moves_name_results(session)
         check_results_name_models(session)
+        check_tile_data(session)
     except BrokenChainError as exc:
         broken = exc.found
     return Verdict(

@@ -53,7 +53,8 @@ def verify(anchors: tuple[str, ...], key_file: Path | None, no_key: bool, **flag
     if verdict.ok:
         click.echo(
             f"ok: {counts['results']} results, chain intact; in the same chain {counts['moves']} moves, "
-            f"{counts['reports']} reports, {counts['models']} models ({verdict.total} rows)"
+            f"{counts['reports']} reports, {counts['models']} models, {counts['tiles']} tile sets "
+            f"({verdict.total} rows)"
         )
         click.echo(f"first hash {verdict.first_hash or '-'}")
         click.echo(f"last hash  {verdict.last_hash or '-'}")

@@ -130,10 +130,16 @@ COLUMNS = (
     "amends_id",
     "reviewer",
     "note",
+    "rule",
+    "tissue_tiles",
+    "malignant_tiles",
+    "scale_warnings",
 )
 """Columns of `histod results --format csv|json`. ``kind`` is ``classification`` (the service's call) or ``review``
 (`histod audit review`); a review's ``amends_id`` is the result it amends, ``reviewer`` and ``note`` are the
-reviewer's. New columns go at the end."""
+reviewer's. The last four come from the result's tiles row: an image classified tile by tile (its rule, tissue
+and malignant tiles), and any scale warning (``; ``-separated). New columns go at the end."""
+TILE_COLUMNS = ("rule", "tissue_tiles", "malignant_tiles")
 
 DEFAULT_ROWS = 50
 """`histod results` shows the newest this many rows unless --limit or --all says otherwise"""
@@ -161,7 +167,7 @@ def results(
 ) -> None:
     """List recorded results for audit (the newest 50 unless --limit or --all), oldest first. Reviews are rows
     of their own (kind review) with the reviewer and the note."""
-    from histod.db.queries import ResultFilter, count_results, list_results
+    from histod.db.queries import ResultFilter, count_results, list_results, tile_rows
     from histod.db.session import reading
 
     fmt = chosen_format(fmt, as_json)
@@ -177,7 +183,15 @@ def results(
         newest=True,
     )
     with reading(open_reader(settings_from(**flags))) as session:
-        rows = [{c: _value(getattr(r, c)) for c in COLUMNS} for r in list_results(session, filters)]
+        found = list_results(session, filters)
+        tiles = tile_rows(session, [r.id for r in found])
+        rows = []
+        for r in found:
+            t = tiles.get(r.id)
+            row = {c: _value(getattr(r, c)) for c in COLUMNS if c not in (*TILE_COLUMNS, "scale_warnings")}
+            row.update({c: None if t is None else getattr(t, c) for c in TILE_COLUMNS})
+            row["scale_warnings"] = "; ".join(t.warnings) if t is not None and t.warnings else None
+            rows.append(row)
         total = count_results(session, filters) if len(rows) == filters.limit else len(rows)
     # color=True: click would strip what looks like a colour code from piped output, and a name may hold one
     click.echo(format_rows(rows, fmt, total=total), nl=fmt != "csv", color=True)

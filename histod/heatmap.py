@@ -30,6 +30,17 @@ def tile_grid(result: TiledResult) -> NDArray[np.float64]:
 
 def write(path: Path, result: TiledResult, threshold: float, title: str | None = None, dpi: int = 100) -> Path:
     """Write the heat-map PNG of ``result`` to ``path`` (its folder is created); return the path."""
+    png = render(result, threshold, title, dpi)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(png)
+    return path
+
+
+def render(result: TiledResult, threshold: float, title: str | None = None, dpi: int = 100) -> bytes:
+    """The heat-map PNG of ``result``: each tile's p over the thumbnail, with a colour bar marking the threshold.
+    Uses matplotlib's object API only (no pyplot state), so any one thread may draw."""
+    import io
+
     from matplotlib.colors import Normalize
     from matplotlib.figure import Figure
 
@@ -61,6 +72,6 @@ def write(path: Path, result: TiledResult, threshold: float, title: str | None =
     if bar.solids is not None:
         bar.solids.set_alpha(1.0)
     bar.ax.axhline(threshold, color="black", linewidth=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    out = io.BytesIO()
+    fig.savefig(out, format="png", dpi=dpi)
+    return out.getvalue()

@@ -35,9 +35,11 @@ time (no ``warnings.catch_warnings``), so ``decode`` is safe in a thread pool.
 from __future__ import annotations
 
 import errno
+import hashlib
 import io
 import os
 import stat
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +72,14 @@ Image.MAX_IMAGE_PIXELS = max(Image.MAX_IMAGE_PIXELS or 0, DEFAULT_MAX_PIXELS)
 _BACKGROUND = (255, 255, 255)  # slides are white where they are empty: transparent pixels become white
 
 
-def read_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks: bool = True) -> bytes:
-    """Return the bytes of a regular file, refusing links (unless followed), FIFOs, folders and huge files.
-
-    Opens with O_NONBLOCK so that a FIFO can never hang the caller.
-    """
+def _open_file(path: Path, follow_symlinks: bool) -> int:
+    """A read-only descriptor of ``path``, with O_NONBLOCK so that a FIFO can never hang the caller; every failure
+    an ImageError with its reason."""
     flags = os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
     if not follow_symlinks:
         flags |= os.O_NOFOLLOW
     try:
-        fd = os.open(path, flags)
+        return os.open(path, flags)
     except FileNotFoundError as exc:
         raise ImageError("missing", f"{path} does not exist") from exc
     except PermissionError as exc:
@@ -94,13 +94,25 @@ def read_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks
         if exc.errno in (errno.ENXIO, errno.ENODEV, errno.EOPNOTSUPP):  # a socket, or a device without a driver
             raise ImageError("not_a_file", f"{path} is not a regular file ({exc.strerror})") from exc
         raise ImageError("unreadable", f"cannot open {path}: {exc.strerror}") from exc
+
+
+def _check_regular(path: Path, st: os.stat_result) -> None:
+    if not stat.S_ISREG(st.st_mode):
+        kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+        raise ImageError("not_a_file", f"{path} is {kind}")
+    if st.st_size == 0:
+        raise ImageError("empty", f"{path} is empty (0 bytes)")
+
+
+def read_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks: bool = True) -> bytes:
+    """Return the bytes of a regular file, refusing links (unless followed), FIFOs, folders and huge files.
+
+    Opens with O_NONBLOCK so that a FIFO can never hang the caller.
+    """
+    fd = _open_file(path, follow_symlinks)
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise ImageError("not_a_file", f"{path} is {kind}")
-        if st.st_size == 0:
-            raise ImageError("empty", f"{path} is empty (0 bytes)")
+        _check_regular(path, st)
         if st.st_size > max_bytes:
             raise ImageError("too_large", f"{path} has {st.st_size} bytes, above the limit of {max_bytes}")
         chunks: list[bytes] = []
@@ -123,15 +135,43 @@ def read_file(path: Path, *, max_bytes: int = DEFAULT_MAX_BYTES, follow_symlinks
     return data
 
 
+def hash_file(path: Path, *, follow_symlinks: bool = True) -> tuple[str, int]:
+    """The sha256 and size of a regular file of any size, read in 1 MiB blocks (a whole-slide image is never held
+    in memory), with the refusals of :func:`read_file` but its size limit."""
+    fd = _open_file(path, follow_symlinks)
+    digest = hashlib.sha256()
+    total = 0
+    try:
+        _check_regular(path, os.fstat(fd))
+        while chunk := os.read(fd, 1 << 20):
+            digest.update(chunk)
+            total += len(chunk)
+    except OSError as exc:
+        raise ImageError("unreadable", f"cannot read {path}: {exc.strerror}") from exc
+    finally:
+        os.close(fd)
+    if total == 0:
+        raise ImageError("empty", f"{path} is empty (0 bytes)")
+    return digest.hexdigest(), total
+
+
 def decode(
-    data: bytes, size: int | None, *, max_pixels: int = DEFAULT_MAX_PIXELS, name: str = "image"
+    data: bytes,
+    size: int | None,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    name: str = "image",
+    on_size: Callable[[int, int], None] | None = None,
 ) -> NDArray[np.uint8]:
     """Decode image bytes to RGB uint8 of shape (size, size, 3) (or the native size when ``size`` is None).
 
     EXIF orientation is applied; the first frame of a multi-frame file is used; 16-bit, grayscale,
-    palette, CMYK and alpha images become 8-bit RGB (transparency over white).
+    palette, CMYK and alpha images become 8-bit RGB (transparency over white). ``on_size(width, height)`` is
+    called with the native size read from the header, before any pixel is decoded (what it raises is raised).
     """
     with _open(data, name, max_pixels) as img:
+        if on_size is not None:
+            on_size(*img.size)
         try:
             img.seek(0)
             if size is not None and img.format == "JPEG":

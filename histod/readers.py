@@ -31,6 +31,9 @@ from histod.errors import ImageError
 SLIDE_ONLY = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide")
 """Extensions only OpenSlide reads; any other file goes to OpenSlide when its content is a TIFF OpenSlide
 recognises (a tiled pyramidal one)."""
+SINGLE_FILE_SLIDES = (".svs", ".ndpi", ".scn", ".bif", ".svslide")
+"""The slide formats held in one file: what the service takes from its watch folder by default. A MIRAX (.mrxs)
+or Hamamatsu .vms/.vmu slide is a file plus a folder of data files, which a move of the one file would split."""
 BLOCK_PX = 2048
 """Boxes are read about this many pixels a side at most: the unit of memory when streaming a slide."""
 
@@ -203,6 +206,25 @@ def is_slide(path: Path) -> bool:
     """Whether ``path`` is named like a format only OpenSlide reads (.svs, .ndpi, .mrxs, ...): how a folder's
     slide files are found beside its image files. A file itself is judged by content (:func:`open_reader`)."""
     return path.suffix.lower() in SLIDE_ONLY and not path.name.startswith(".")
+
+
+def read_by_openslide(path: Path) -> bool:
+    """Whether :func:`open_reader` would hand ``path`` to OpenSlide (or refuse it for want of the slides extra),
+    judged cheaply for the service's intake: a slide-only name, or a .tif/.tiff OpenSlide recognises; any other
+    name is an image file, read into memory (a TIFF under another name, or a pyramidal TIFF without the extra,
+    is refused by its size limits there with their reasons)."""
+    suffix = path.suffix.lower()
+    if suffix in SLIDE_ONLY:
+        return True
+    if suffix not in (".tif", ".tiff"):
+        return False
+    openslide = _openslide()
+    if openslide is None or not _starts_like_tiff(path, follow_symlinks=False):
+        return False
+    try:
+        return openslide.OpenSlide.detect_format(path) is not None
+    except openslide.OpenSlideError:
+        return False
 
 
 def open_reader(

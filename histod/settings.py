@@ -32,6 +32,7 @@ from pydantic_settings import (
 
 from histod.errors import ConfigError
 from histod.imaging import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, EXTENSIONS
+from histod.readers import SINGLE_FILE_SLIDES
 
 CONFIG_ENV = "HISTOD_CONFIG"
 ENV_PREFIX = "HISTOD_"
@@ -41,6 +42,8 @@ NOT_SETTINGS_PREFIXES = ("HISTOD_TEST_", "HISTOD_FAULTS_", "HISTOD_BENCH_")
 DEFAULT_CONFIG_FILE = Path("histod.toml")
 IMAGE_EXTENSIONS = EXTENSIONS
 """the suffixes of the formats histod decodes (histod.imaging.FORMATS): what the trainer discovers"""
+SERVE_EXTENSIONS = (*IMAGE_EXTENSIONS, *SINGLE_FILE_SLIDES)
+"""what the service takes by default: those, and whole-slide images held in one file (read with the slides extra)"""
 
 
 def config_file() -> Path | None:
@@ -150,7 +153,7 @@ class Settings(BaseSettings):
         60.0, gt=0, le=86_400, description="period of the safety-net scan of the watch folder"
     )
     extensions: Annotated[list[str], NoDecode] = Field(
-        list(IMAGE_EXTENSIONS), min_length=1, description="file suffixes taken (any letter case)"
+        list(SERVE_EXTENSIONS), min_length=1, description="file suffixes taken (any letter case)"
     )
     ignore_patterns: Annotated[list[str], NoDecode] = Field(
         [".*", "*.part", "*.tmp", "~$*"], description="glob patterns never taken"

@@ -52,10 +52,10 @@ class Plan:
         return self.grid.side * self.downsample
 
 
-def plan(reader: Reader, scale: tiling.Scale) -> tuple[Plan | None, list[str]]:
-    """How ``reader``'s image meets the model's scale: a tiling plan, or None to classify it whole; and the
-    warnings that say where the scales do not match."""
-    longest = reader.longest_side()
+def judge(longest: int, mpp: float | None, scale: tiling.Scale) -> tuple[float | None, list[str]]:
+    """How an image whose longer side is ``longest`` level-0 pixels, at ``mpp`` µm/px (None: not declared), meets
+    the model's scale: the side of one tile in level-0 pixels (None: classify it whole), and the warnings that
+    say where the scales do not match. Needs only the image's header."""
     warnings: list[str] = []
     if scale.tile_px is None:
         if longest > 2 * scale.image_size:
@@ -65,11 +65,11 @@ def plan(reader: Reader, scale: tiling.Scale) -> tuple[Plan | None, list[str]]:
             )
         return None, warnings
     ratio = 1.0  # level-0 pixels per pixel of the model's training tiles
-    if reader.mpp is not None and scale.tile_mpp is not None:
-        ratio = scale.tile_mpp / reader.mpp
-    elif reader.mpp is not None:
+    if mpp is not None and scale.tile_mpp is not None:
+        ratio = scale.tile_mpp / mpp
+    elif mpp is not None:
         warnings.append(
-            f"mpp_unknown_model: the image is {reader.mpp:.3g} µm/px but the model's µm/px is unknown "
+            f"mpp_unknown_model: the image is {mpp:.3g} µm/px but the model's µm/px is unknown "
             "(train with --tile-mpp): tiles are cut at its base level"
         )
     elif scale.tile_mpp is not None:
@@ -86,9 +86,19 @@ def plan(reader: Reader, scale: tiling.Scale) -> tuple[Plan | None, list[str]]:
         return None, warnings
     if ratio < 1 / 1.1:
         warnings.append(
-            f"coarser_than_model: the image's {reader.mpp:.3g} µm/px is coarser than the model's "
+            f"coarser_than_model: the image's {mpp:.3g} µm/px is coarser than the model's "
             f"{scale.tile_mpp:.3g}: its tiles are enlarged"
         )
+    return side0, warnings
+
+
+def plan(reader: Reader, scale: tiling.Scale) -> tuple[Plan | None, list[str]]:
+    """How ``reader``'s image meets the model's scale (:func:`judge`): a tiling plan, or None to classify it
+    whole; and the warnings."""
+    side0, warnings = judge(reader.longest_side(), reader.mpp, scale)
+    if side0 is None:
+        return None, warnings
+    ratio = side0 / scale.tile_px if scale.tile_px else 1.0
     level = best_level(reader.level_downsamples, ratio)
     downsample = reader.level_downsamples[level]
     lw, lh = reader.level_dimensions[level]

@@ -121,7 +121,7 @@ def test_verify_passes_on_a_clean_database_and_names_the_chain_ends(tmp_path: Pa
     assert [r.prev_hash for r in rows[1:]] == [r.row_hash for r in rows[:-1]]
     assert moves[0].prev_hash == rows[-1].row_hash and [m.chain_seq for m in moves] == [7, 8, 9, 10, 11]
     assert (
-        "ok: 5 results, chain intact; in the same chain 5 moves, 0 reports, 1 models (11 rows)\n"
+        "ok: 5 results, chain intact; in the same chain 5 moves, 0 reports, 1 models, 0 tile sets (11 rows)\n"
         f"first hash {model.row_hash}\nlast hash  {moves[-1].row_hash}\n"
     ) in out
     assert _verify(path, "--anchor", rows[2].row_hash)[0] == 0
@@ -332,7 +332,7 @@ def test_migrating_0001_to_0002_hashes_existing_rows_in_id_order(tmp_path: Path)
             )
             conn.execute(text(f"INSERT INTO moves (result_id, at, ok, path) VALUES ({i}, '2026-01-01', 1, '/p/{i}')"))
     upgrade(engine)
-    assert current_revision(engine) == head_revision() == "0004"
+    assert current_revision(engine) == head_revision() == "0005"
     factory = open_database(f"sqlite:///{path}")
     with reading(factory) as s:
         rows = queries.list_results(s)
@@ -382,7 +382,7 @@ def test_readers_never_migrate_and_refuse_an_older_schema(tmp_path: Path) -> Non
     for args in (["results"], ["report"], ["audit", "verify"], ["audit", "export", str(tmp_path / "x.csv")]):
         got = CliRunner().invoke(cli, [*args, "--db", f"sqlite:///{path}"])
         assert got.exit_code == 5, got.output
-        assert "schema is at revision 0001, this histod expects 0004" in got.output
+        assert "schema is at revision 0001, this histod expects 0005" in got.output
     assert current_revision(engine) == "0001"
     got = CliRunner().invoke(cli, ["results", "--db", f"sqlite:///{tmp_path / 'none.db'}"])
     assert got.exit_code == 5 and "no results database" in got.output

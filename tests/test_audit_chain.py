@@ -81,7 +81,8 @@ def test_every_audit_row_is_a_link_of_one_chain(tmp_path: Path) -> None:
     ]  # fmt: skip
     assert [link[3] for link in links] == [chain.GENESIS] + [link[4] for link in links[:-1]]
     code, out = _verify(path)
-    assert code == 0 and "ok: 5 results, chain intact; in the same chain 5 moves, 2 reports, 1 models (13 rows)" in out
+    assert code == 0
+    assert "ok: 5 results, chain intact; in the same chain 5 moves, 2 reports, 1 models, 0 tile sets (13 rows)" in out
     assert f"last hash  {links[-1][4]}" in out
 
 
@@ -172,14 +173,15 @@ def _at_0003(tmp_path: Path, *, model_hash: str | None = None) -> Path:
 def test_migrating_seals_existing_moves_reports_and_models_into_the_chain(tmp_path: Path) -> None:
     path = _at_0003(tmp_path)
     before = _verify(path)  # this histod refuses to read the old schema
-    assert before[0] == 5 and "expects 0004" in before[1]
+    assert before[0] == 5 and "expects 0005" in before[1]
     old = sqlite3.connect(path)
     old_last = old.execute("SELECT row_hash FROM results ORDER BY id DESC LIMIT 1").fetchone()[0]
     old.close()
     factory = open_database(f"sqlite:///{path}")  # the service migrates at start
-    assert current_revision(factory.kw["bind"]) == "0004"
+    assert current_revision(factory.kw["bind"]) == "0005"
     code, out = _verify(path, "--anchor", old_last)  # anchors published before the migration still hold
-    assert code == 0 and "ok: 3 results, chain intact; in the same chain 3 moves, 1 reports, 1 models (8 rows)" in out
+    assert code == 0
+    assert "ok: 3 results, chain intact; in the same chain 3 moves, 1 reports, 1 models, 0 tile sets (8 rows)" in out
     out = _broken(_tamper(path, tmp_path, "UPDATE moves SET path = 'elsewhere' WHERE id = 2"))
     assert "BROKEN: moves row 2: content does not match" in out
     out = _broken(_tamper(path, tmp_path, "UPDATE reports SET total = 4"))
@@ -452,6 +454,6 @@ def test_processes_opening_a_new_database_together_migrate_it_once(tmp_path: Pat
         ]
         outs = [p.communicate(timeout=120) for p in procs]
         assert [p.returncode for p in procs] == [0] * 4, [err[-600:] for _, err in outs]
-        assert {out.strip() for out, _ in outs} == {"0004"}
+        assert {out.strip() for out, _ in outs} == {"0005"}
         code_, out = _verify(Path(url.removeprefix("sqlite:///")))
         assert code_ == 0, out

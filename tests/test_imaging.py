@@ -228,14 +228,16 @@ def test_an_allowed_format_under_another_name_is_judged_by_its_content(tmp_path:
 
 
 def test_training_and_serving_take_the_same_formats() -> None:
-    """The suffixes the trainer discovers (and the service watches by default) are exactly those of the formats
-    decode accepts, and each decodes when Pillow writes it in the format its suffix names."""
+    """The suffixes the trainer discovers are exactly those of the formats decode accepts (the service watches
+    those and the single-file slide formats, which OpenSlide reads), and each decodes when Pillow writes it in the
+    format its suffix names."""
     from histod.imaging import FORMATS
+    from histod.readers import SINGLE_FILE_SLIDES
     from histod.settings import IMAGE_EXTENSIONS, Settings
     from histod.trainer.data import is_image
 
     assert set(IMAGE_EXTENSIONS) == {ext for exts in FORMATS.values() for ext in exts}
-    assert Settings().extensions == list(IMAGE_EXTENSIONS)
+    assert Settings().extensions == [*IMAGE_EXTENSIONS, *SINGLE_FILE_SLIDES]
     registered = Image.registered_extensions()
     for ext in IMAGE_EXTENSIONS:
         assert is_image(Path(f"x{ext}")) and is_image(Path(f"x{ext.upper()}"))

@@ -189,8 +189,8 @@ def _record_without_moving(settings: Settings, paths: list[Path]) -> None:
 
     served = _register(factory, classifier, settings.model or Path(), "litert")
     now = utcnow()
-    limits = {"max_bytes": settings.max_file_bytes, "max_pixels": settings.max_pixels}
-    read = [prepare(Arrival(p, now), classifier.image_size, **limits) for p in paths]
+    size, max_bytes, max_pixels = classifier.image_size, settings.max_file_bytes, settings.max_pixels
+    read = [prepare(Arrival(p, now), size, max_bytes=max_bytes, max_pixels=max_pixels) for p in paths]
     items = [item for item in read if item is not None]
     assert len(items) == len(paths)
     infer(items, classifier)
