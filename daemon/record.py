@@ -248,7 +248,7 @@ def tile_row(item: Item, result_id: int, served: Served) -> dict[str, Any]:
     tiled = item.tiled
     if tiled is None:
         return {
-            **dict.fromkeys(TILE_COLUMNS),
+            **dict.fromkeys((*chain.TILE_FIELDS, "data")),  # NULL but for these:
             "result_id": result_id,
             "grid_tiles": 0,
             "tissue_tiles": 0,
@@ -279,23 +279,6 @@ def tile_row(item: Item, result_id: int, served: Served) -> dict[str, Any]:
     }
 
 
-TILE_COLUMNS = (
-    "rule",
-    "rule_cut",
-    "tile_threshold",
-    "malignant_share",
-    "malignant_area_px",
-    "malignant_area_mm2",
-    "tile_px",
-    "level",
-    "mpp",
-    "width",
-    "height",
-    "backend",
-    "seconds",
-    "data",
-)
-"""the tiles columns that stay NULL for an image classified whole"""
 
 
 def line_of(row: dict[str, Any], item: Item | None = None) -> dict[str, Any]:

@@ -163,22 +163,24 @@ def test_a_slide_is_tiled_through_openslide_and_an_unreadable_one_fails(tiny_run
     assert not any(watch.iterdir())
 
 
-class HeldAfterFirstBatch:
-    """The real classifier; the second predict call of the tiles thread waits until the test lets it go, so the
-    test can look at an image being tiled and stop the service there (no sleeps, no timing)."""
+class TileCalls:
+    """The real classifier; counts the predict calls of the tiles thread, and with ``hold_at`` makes that call wait
+    until the test lets it go, so the test can look at an image being tiled and stop the service there (no sleeps,
+    no timing)."""
 
-    def __init__(self, classifier: object) -> None:
+    def __init__(self, classifier: object, hold_at: int | None = None) -> None:
         self.classifier = classifier
         self.image_size = int(classifier.image_size)  # type: ignore[attr-defined]
         self.threshold = float(classifier.threshold)  # type: ignore[attr-defined]
-        self.tile_calls = 0
+        self.hold_at = hold_at
+        self.calls = 0
         self.holding = threading.Event()
         self.release = threading.Event()
 
     def predict(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
         if threading.current_thread().name.startswith("histod-tiles"):
-            self.tile_calls += 1
-            if self.tile_calls == 2:
+            self.calls += 1
+            if self.calls == self.hold_at:
                 self.holding.set()
                 assert self.release.wait(60)
         return self.classifier.predict(batch)  # type: ignore[attr-defined,no-any-return]
@@ -194,7 +196,7 @@ def test_a_stop_while_an_image_is_tiled_records_nothing_of_it_and_the_next_start
     Image.fromarray(synthetic.tile(True, SIDE, np.random.default_rng(3))).save(watch / "tile.png")
     factory = factory_for(settings)
     classifier = load_classifier(tiny_run_dir, threads=1)
-    predictor = HeldAfterFirstBatch(classifier)
+    predictor = TileCalls(classifier, hold_at=2)
     served = _register(factory, classifier, tiny_run_dir, "litert")
     stop = threading.Event()
     scale = tiling.Scale.of(classifier.run)
@@ -233,21 +235,6 @@ def test_a_stop_while_an_image_is_tiled_records_nothing_of_it_and_the_next_start
     assert not field.exists()
 
 
-class CountingTiles:
-    """The real classifier; counts the predict calls of the tiles thread."""
-
-    def __init__(self, classifier: object) -> None:
-        self.classifier = classifier
-        self.image_size = int(classifier.image_size)  # type: ignore[attr-defined]
-        self.threshold = float(classifier.threshold)  # type: ignore[attr-defined]
-        self.tile_calls = 0
-
-    def predict(self, batch: NDArray[np.uint8]) -> NDArray[np.float32]:
-        if threading.current_thread().name.startswith("histod-tiles"):
-            self.tile_calls += 1
-        return self.classifier.predict(batch)  # type: ignore[attr-defined,no-any-return]
-
-
 class StopsBeforeMoving(Pipeline):
     """A pipeline whose process dies right after each record transaction: nothing is moved."""
 
@@ -269,9 +256,9 @@ def test_an_image_recorded_before_a_crash_is_only_moved_not_tiled_again(tiny_run
     (row,) = rows(settings)
     assert field.exists() and not Path(row.stored_path).exists()
 
-    counting = CountingTiles(classifier)
+    counting = TileCalls(classifier)
     with Pipeline(settings, factory, counting, served, scale=scale) as second:  # the restart
         second.process([(field, utcnow())])
-    assert counting.tile_calls == 0
+    assert counting.calls == 0
     assert [r.id for r in rows(settings)] == [row.id] and len(_tiles(settings)) == 1
     assert not field.exists() and Path(row.stored_path).is_file()
