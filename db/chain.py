@@ -175,7 +175,7 @@ _FIELD_KINDS = {table: tuple((name, KINDS[table][name]) for name in fields) for 
 
 def canonical(row: Mapping[str, Any], table: str = "results") -> str:
     """The serialization that is hashed: the table's tag and the values of its fields, in order."""
-    values = [TAGS[table]]
+    values: list[Any] = [TAGS[table]]
     for name, kind in _FIELD_KINDS[table]:
         value = row.get(name)
         # text and integers as they are (the most common values), anything else through _value
