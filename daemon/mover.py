@@ -161,6 +161,10 @@ def move_file(src: Path, dst: Path, *, expect: Identity | None = None) -> Path:
             if attempt or not os.path.lexists(src) or dst.parent.is_dir():
                 raise
             dst.parent.mkdir(parents=True, exist_ok=True)
+        except NotADirectoryError:
+            if attempt:
+                raise
+            dst.parent.mkdir(parents=True, exist_ok=True)  # a file where a folder goes: raises what it is
         except OSError as exc:
             if exc.errno == errno.EXDEV:
                 return _copy_across(src, dst, src_st)
