@@ -3,8 +3,8 @@ watchdog. :class:`~histod.daemon.watch.Watcher` decides when a file is complete;
 observer running and hands its events over through a queue.
 
 * Linux: inotify with full events (a file moved in from outside arrives as a move, not as a create), which
-  reports close-after-write. If inotify cannot start (watch or instance limits), the polling observer is used
-  instead, with a warning.
+  reports close-after-write; no modification events are asked for (:data:`CLOSE_WRITE_EVENTS`). If inotify
+  cannot start (watch or instance limits), the polling observer is used instead, with a warning.
 * ``polling``: ``PollingObserverVFS`` over ``lstat`` (NFS/SMB), so a symlink is seen as a link, never followed.
 * An observer counts as dead when its thread or one of its emitter threads ended. Restarts are budgeted: more
   than ``max_restarts`` within ``restart_window_s`` raise :class:`~histod.errors.WatchError`.
