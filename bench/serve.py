@@ -116,10 +116,12 @@ def _cpu_self() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def cpu_of(pid: int) -> float | None:
-    """CPU seconds (user + system) of process ``pid`` so far, all its threads (/proc/PID/stat)."""
+def cpu_of(pid: int, tid: int | None = None) -> float | None:
+    """CPU seconds (user + system) of process ``pid`` so far, all its threads (/proc/PID/stat); with ``tid``, of
+    that thread alone (/proc/PID/task/TID/stat; the main thread's id is the process id)."""
+    where = f"/proc/{pid}/stat" if tid is None else f"/proc/{pid}/task/{tid}/stat"
     try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        fields = Path(where).read_text().rsplit(")", 1)[1].split()
     except OSError:
         return None
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -433,16 +435,18 @@ def main(argv: list[str] | None = None) -> int:
                 if not drops:
                     continue
                 say(f"phase {label}: {len(drops)} files")
-                cpu_before = cpu_of(proc.pid)
+                cpu_before, main_before = cpu_of(proc.pid), cpu_of(proc.pid, proc.pid)
                 closed = drop_files(watch, drops, rate)
                 if not mon.wait_for([d.name for d in drops], args.timeout):
                     say(f"WARNING: phase {label}: not every file was recorded within {args.timeout} s")
-                cpu_after = cpu_of(proc.pid)
+                cpu_after, main_after = cpu_of(proc.pid), cpu_of(proc.pid, proc.pid)
                 stats = phase_stats(label, drops, closed, mon)
                 stats["raw"] = raw.get(key)
                 if cpu_before is not None and cpu_after is not None:
                     per_file = (cpu_after - cpu_before) / len(drops) * 1000
                     stats["service_cpu_ms_per_file"] = round(per_file, 3)
+                    if main_before is not None and main_after is not None:  # batching, record, move, log lines
+                        stats["main_thread_cpu_ms_per_file"] = round((main_after - main_before) / len(drops) * 1000, 3)
                     if key in raw:  # what the service spends beyond the raw read + decode + infer of the same files
                         beyond = per_file - raw[key]["pipeline_cpu_ms_per_file"]
                         stats["cpu_ms_per_file_beyond_pipeline"] = round(beyond, 3)
@@ -512,6 +516,7 @@ def main(argv: list[str] | None = None) -> int:
                 p["process_ms_p50"],
                 p.get("service_cpu_ms_per_file"),
                 p.get("cpu_ms_per_file_beyond_pipeline"),
+                p.get("main_thread_cpu_ms_per_file"),
             ]
         )
     print(
@@ -532,6 +537,7 @@ def main(argv: list[str] | None = None) -> int:
                 "process p50 ms",
                 "CPU ms/file",
                 "beyond raw",
+                "main thread",
             ],
             rows,
             digits=2,

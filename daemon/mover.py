@@ -136,42 +136,65 @@ def move_file(src: Path, dst: Path, *, expect: Identity | None = None) -> Path:
     """Move ``src`` to ``dst`` without overwriting; return where it went (``dst``, or the next free name when
     an unrelated file is already at ``dst``). Raises OSError (permissions, disk full); ``src`` is then intact.
     With ``expect`` (the identity of what was read), raises SourceReplacedError when another file is at ``src`` now,
-    also when it is renamed over ``src`` while the move runs; and never removes a file that replaced ``src``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    with contextlib.suppress(FileNotFoundError):
-        _temporary(dst).unlink()  # a copy left by a process killed in the middle of _copy_across
+    also when it is renamed over ``src`` while the move runs; and never removes a file that replaced ``src``.
+
+    The usual case costs five system calls: lstat the source, link, lstat the link, lstat the source, unlink.
+    The target's folder is made only when the link finds it missing, and what is already at ``dst`` is looked at
+    only when the link finds something there."""
     src_st = os.lstat(src)
     if expect is not None and identity_of(src_st) != expect:
         raise SourceReplacedError(f"{src} is not the file that was read")
-    if os.path.lexists(dst):
-        dst_st = os.lstat(dst)
-        regular = stat.S_ISREG(src_st.st_mode) and stat.S_ISREG(dst_st.st_mode)
-        if _same_file(src_st, dst_st) or (
-            regular
-            and src_st.st_size == dst_st.st_size
-            and src_st.st_mtime_ns == dst_st.st_mtime_ns
-            and _same_content(src, dst)
-        ):
-            _unlink_if_same(src, src_st)  # an earlier move got as far as the link (or copy): finish it
-            return dst
-        dst = plan_target(dst.parent, dst.name, lambda _p: False)
     if stat.S_ISDIR(src_st.st_mode):
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if os.path.lexists(dst):
+            return _finish_or_rename(src, dst, src_st)
         src.rename(dst)  # a folder with an image's name: links are not possible; dst was free just now
         return dst
-    try:
-        os.link(src, dst, follow_symlinks=False)
-    except OSError as exc:
-        if exc.errno == errno.EXDEV:
-            return _copy_across(src, dst, src_st)
-        if exc.errno in _NO_HARD_LINKS and not os.path.lexists(dst):
-            src.rename(dst)
-            return dst
-        raise
+    for attempt in range(2):
+        try:
+            os.link(src, dst, follow_symlinks=False)
+            break
+        except FileExistsError:
+            return _finish_or_rename(src, dst, src_st)
+        except FileNotFoundError:
+            # the link names both paths: the source gone is a vanished file, a missing folder is made
+            if attempt or not os.path.lexists(src) or dst.parent.is_dir():
+                raise
+            dst.parent.mkdir(parents=True, exist_ok=True)
+        except NotADirectoryError:
+            if attempt:
+                raise
+            dst.parent.mkdir(parents=True, exist_ok=True)  # a file where a folder goes: raises what it is
+        except OSError as exc:
+            if exc.errno == errno.EXDEV:
+                return _copy_across(src, dst, src_st)
+            if exc.errno in _NO_HARD_LINKS and not os.path.lexists(dst):
+                src.rename(dst)
+                return dst
+            raise
     if not _same_file(os.lstat(dst), src_st):  # replaced between the lstat and the link: that is not ours
         dst.unlink()
         raise SourceReplacedError(f"{src} was replaced while it was moved")
     _unlink_if_same(src, src_st)
     return dst
+
+
+def _finish_or_rename(src: Path, dst: Path, src_st: os.stat_result) -> Path:
+    """Something is at ``dst`` already: an earlier move of this file that got as far as the link (or the copy),
+    which is finished here; else an unrelated file, and ``src`` goes to the next free name."""
+    with contextlib.suppress(FileNotFoundError):
+        _temporary(dst).unlink()  # a copy left by a process killed in the middle of _copy_across
+    dst_st = os.lstat(dst)
+    regular = stat.S_ISREG(src_st.st_mode) and stat.S_ISREG(dst_st.st_mode)
+    if _same_file(src_st, dst_st) or (
+        regular
+        and src_st.st_size == dst_st.st_size
+        and src_st.st_mtime_ns == dst_st.st_mtime_ns
+        and _same_content(src, dst)
+    ):
+        _unlink_if_same(src, src_st)  # an earlier move got as far as the link (or copy): finish it
+        return dst
+    return move_file(src, plan_target(dst.parent, dst.name, lambda _p: False), expect=identity_of(src_st))
 
 
 def _unlink_if_same(src: Path, src_st: os.stat_result) -> None:
@@ -197,7 +220,10 @@ def _temporary(dst: Path) -> Path:
 def _copy_across(src: Path, dst: Path, src_st: os.stat_result) -> Path:
     if not stat.S_ISREG(src_st.st_mode):
         raise OSError(errno.EXDEV, f"cannot move {src} (not a regular file) across filesystems")
+    dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = _temporary(dst)
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()  # a copy left by a process killed in the middle of an earlier attempt
     try:
         shutil.copy2(src, tmp, follow_symlinks=False)
         with tmp.open("rb") as fh:

@@ -3,8 +3,8 @@ watchdog. :class:`~histod.daemon.watch.Watcher` decides when a file is complete;
 observer running and hands its events over through a queue.
 
 * Linux: inotify with full events (a file moved in from outside arrives as a move, not as a create), which
-  reports close-after-write. If inotify cannot start (watch or instance limits), the polling observer is used
-  instead, with a warning.
+  reports close-after-write; no modification events are asked for (:data:`CLOSE_WRITE_EVENTS`). If inotify
+  cannot start (watch or instance limits), the polling observer is used instead, with a warning.
 * ``polling``: ``PollingObserverVFS`` over ``lstat`` (NFS/SMB), so a symlink is seen as a link, never followed.
 * An observer counts as dead when its thread or one of its emitter threads ended. Restarts are budgeted: more
   than ``max_restarts`` within ``restart_window_s`` raise :class:`~histod.errors.WatchError`.
@@ -52,6 +52,10 @@ EVENTS: list[type[FileSystemEvent]] = [
     DirMovedEvent,
     DirDeletedEvent,
 ]
+CLOSE_WRITE_EVENTS = [event for event in EVENTS if event is not FileModifiedEvent]
+"""inotify's: a write needs no event of its own where its close-after-write comes (IN_MODIFY came for every
+write() call, IN_ATTRIB for every link of a move); whether a file is still open is asked of the kernel anyway
+(histod.daemon.complete), and a file that changes while it waits is followed by lstat"""
 OVERFLOW_LOGGER = "watchdog.observers.inotify_c"
 
 
@@ -183,7 +187,8 @@ class Supervisor:
             try:
                 observer, close_write = self._make(polling)
                 self.events = queue.SimpleQueue()
-                observer.schedule(_QueueHandler(self.events), str(self.watch_dir), recursive=True, event_filter=EVENTS)
+                wanted = CLOSE_WRITE_EVENTS if close_write else EVENTS
+                observer.schedule(_QueueHandler(self.events), str(self.watch_dir), recursive=True, event_filter=wanted)
                 observer.start()
             except OSError as exc:
                 if observer is not None:

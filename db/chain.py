@@ -184,6 +184,8 @@ KINDS: dict[str, dict[str, str]] = {t: {n: _kind(t, n) for n in fields} for t, f
 
 def _timestamp(value: datetime) -> str:
     aware = value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+    if aware.year >= 1000:  # isoformat, much faster, writes the same; strftime does not pad a shorter year
+        return aware.replace(tzinfo=None).isoformat(timespec="microseconds") + "Z"
     return aware.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
@@ -205,11 +207,21 @@ def _value(name: str, value: Any, kind: str) -> Any:
     raise TypeError(f"cannot hash {name}={value!r} ({type(value).__name__}, expected {kind})")
 
 
+_ENCODE = json.JSONEncoder(separators=(",", ":"), ensure_ascii=True).encode
+"""``json.dumps(values, separators=(",", ":"), ensure_ascii=True)`` without a new encoder per call"""
+_PLAIN: dict[str, type] = {"text": str, "int": int}
+"""kinds whose values of exactly this type are hashed as they are (a bool is not an int here: type, not isinstance)"""
+_FIELD_KINDS = {table: tuple((name, KINDS[table][name]) for name in fields) for table, fields in FIELDS.items()}
+
+
 def canonical(row: Mapping[str, Any], table: str = "results") -> str:
     """The serialization that is hashed: the table's tag and the values of its fields, in order."""
-    kinds = KINDS[table]
-    values = [TAGS[table]] + [_value(name, row.get(name), kinds[name]) for name in FIELDS[table]]
-    return json.dumps(values, separators=(",", ":"), ensure_ascii=True)
+    values: list[Any] = [TAGS[table]]
+    for name, kind in _FIELD_KINDS[table]:
+        value = row.get(name)
+        # text and integers as they are (the most common values), anything else through _value
+        values.append(value if value is None or type(value) is _PLAIN.get(kind) else _value(name, value, kind))
+    return _ENCODE(values)
 
 
 def link_hash(table: str, prev_hash: str, row: Mapping[str, Any]) -> str:

@@ -445,3 +445,31 @@ def test_from_settings(tmp_path: Path) -> None:
     assert watcher.stable_s == 0.3
     assert watcher.debounce_s == 0.01
     assert watcher.filter(Path("a.TIFF")) and not watcher.filter(Path(".a.png"))
+
+
+def test_events_drained_together_drop_what_a_later_close_or_deletion_decides() -> None:
+    """A file's creation and writes drained together with its close are not looked at (the close makes it ready);
+    the attribute change of a move's link drained with the unlink is not either (the deletion forgets the file).
+    A creation with no later close or deletion among them is kept: it waits for its close."""
+    from watchdog.events import FileClosedEvent, FileCreatedEvent, FileDeletedEvent, FileModifiedEvent
+
+    from histod.daemon.watch import _superseded_dropped
+
+    events = [
+        FileCreatedEvent("/w/a.png"),
+        FileModifiedEvent("/w/a.png"),
+        FileCreatedEvent("/w/b.png"),
+        FileClosedEvent("/w/a.png"),
+        FileModifiedEvent("/w/a.png"),  # the link of its move
+        FileDeletedEvent("/w/a.png"),  # the unlink
+        FileModifiedEvent("/w/b.png"),
+    ]
+    kept = _superseded_dropped(events)
+    assert [(type(e).__name__, e.src_path) for e in kept] == [
+        ("FileCreatedEvent", "/w/b.png"),
+        ("FileClosedEvent", "/w/a.png"),
+        ("FileDeletedEvent", "/w/a.png"),
+        ("FileModifiedEvent", "/w/b.png"),
+    ]
+    again = [FileDeletedEvent("/w/c.png"), FileCreatedEvent("/w/c.png")]  # removed, then dropped again
+    assert _superseded_dropped(again) == again
