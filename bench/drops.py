@@ -56,15 +56,18 @@ def _jpeg(png: bytes | NDArray[np.uint8], size: int = 224) -> bytes:
     return out.getvalue()
 
 
-def make_sets(n_jpeg: int, n_png: int, n_low: int, seed: int) -> tuple[dict[str, list[Drop]], str]:
-    """The three drop lists, all distinct source images: ``jpeg224``, ``png50``, ``low`` (alternating)."""
+def make_sets(
+    n_jpeg: int, n_png: int, n_low: int, seed: int, jpeg_px: int = 224
+) -> tuple[dict[str, list[Drop]], str]:
+    """The three drop lists, all distinct source images: ``jpeg224`` (JPEGs of ``jpeg_px`` a side), ``png50``,
+    ``low`` (alternating)."""
     total = n_jpeg + n_png + n_low
     sources = _sources(total, seed)
     pngs: list[bytes]
     if sources is not None:
-        origin = f"{shared_data()} (50x50 PNGs; JPEGs upscaled to 224x224, quality 90)"
+        origin = f"{shared_data()} (50x50 PNGs; JPEGs resized to {jpeg_px}x{jpeg_px}, quality 90)"
         pngs = [p.read_bytes() for p in sources]
-        jpegs = [_jpeg(b) for b in pngs]
+        jpegs = [_jpeg(b, jpeg_px) for b in pngs]
     else:
         from histod.synthetic import tile
 
@@ -78,7 +81,7 @@ def make_sets(n_jpeg: int, n_png: int, n_low: int, seed: int) -> tuple[dict[str,
 
             Image.fromarray(a).save(buf, format="PNG")
             pngs.append(buf.getvalue())
-        jpegs = [_jpeg(a) for a in arrays]
+        jpegs = [_jpeg(a, jpeg_px) for a in arrays]
     sets: dict[str, list[Drop]] = {
         "jpeg224": [Drop(f"j224_{i:05d}.jpg", jpegs[i]) for i in range(n_jpeg)],
         "png50": [Drop(f"p50_{i:05d}.png", pngs[n_jpeg + i]) for i in range(n_png)],

@@ -4,11 +4,13 @@
 
 Phases, against one service process:
 
-1. full load, 224x224 JPEGs: every file written into the watch folder as fast as one writer can;
+1. full load, JPEGs at the run's tile size (``tile_px`` in its model.json; 224x224 when it records none): every
+   file written into the watch folder as fast as one writer can (a larger image would be tiled by the service:
+   bench/tiles_speed.py measures that);
 2. full load, 50x50 PNGs: the same;
 3. low steady rate: ``--low-n`` files (PNGs and JPEGs alternating) at ``--low-rate`` files/s.
 
-Images come from ``../shared/data/idc-dev`` (50x50 patches; upscaled to 224x224 and saved as JPEG quality 90
+Images come from ``../shared/data/idc-dev`` (50x50 patches; resized to that size and saved as JPEG quality 90
 for the JPEG set), else from generated tiles. Each file is written in place (open, write, close: inotify's
 close-write) and its close time noted. The benchmark polls the results table read-only (``sqlite3`` with
 ``mode=ro``) every ``--poll-ms``: a row's commit time is when the poll first sees it, so latency (file closed ->
@@ -339,7 +341,10 @@ def service_settings(overrides: dict[str, str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", type=Path, required=True, help="RUN_DIR written by `histod train`")
-    parser.add_argument("--n-jpeg", type=int, default=2000, help="224x224 JPEGs at full load (default 2000)")
+    parser.add_argument("--n-jpeg", type=int, default=2000, help="JPEGs at full load (default 2000)")
+    parser.add_argument(
+        "--jpeg-px", type=int, default=None, help="the JPEGs' side (default: the run's tile_px, else 224)"
+    )
     parser.add_argument("--n-png", type=int, default=2000, help="50x50 PNGs at full load (default 2000)")
     parser.add_argument("--low-rate", type=float, default=5.0, help="files/s of the low-rate phase (default 5)")
     parser.add_argument("--low-n", type=int, default=150, help="files of the low-rate phase (default 150)")
@@ -377,7 +382,10 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"{data_dir} exists: the benchmark needs a fresh data folder")
 
     say(f"preparing {args.n_jpeg} JPEGs, {args.n_png} PNGs and {args.low_n} low-rate files")
-    sets, origin = make_sets(args.n_jpeg, args.n_png, args.low_n, args.seed)
+    # JPEGs at the model's tile size: a larger image is cut into tiles by the service (docs/tiling.md), which is
+    # another workload (bench/tiles_speed.py); a run that records no tile size gets 224x224
+    jpeg_px = args.jpeg_px or load_run(run_dir).tile_px or 224
+    sets, origin = make_sets(args.n_jpeg, args.n_png, args.low_n, args.seed, jpeg_px=jpeg_px)
     say(f"images from {origin}")
 
     raw: dict[str, dict[str, Any]] = {}
@@ -427,7 +435,7 @@ def main(argv: list[str] | None = None) -> int:
         phases: list[dict[str, Any]] = []
         try:
             for key, label, rate in (
-                ("jpeg224", "224x224 JPEG, full load", None),
+                ("jpeg224", f"{jpeg_px}x{jpeg_px} JPEG, full load", None),
                 ("png50", "50x50 PNG, full load", None),
                 ("low", f"mixed, {args.low_rate:g} files/s", args.low_rate),
             ):

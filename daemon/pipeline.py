@@ -376,6 +376,7 @@ class Pipeline:
             max_bytes=s.max_file_bytes,
             stop=self.stop.is_set,
             progress=progress,
+            heatmap_min_tiles=s.heatmap_min_tiles if s.heatmaps else None,
         )
         future.add_done_callback(lambda _done: self.inbox.put(None))
         self.tiling[path] = (arrival, future)

@@ -37,10 +37,12 @@ def classify_tiled(
     max_bytes: int,
     stop: Callable[[], bool],
     progress: Callable[[int, int], None] | None = None,
+    heatmap_min_tiles: int | None = 0,
 ) -> Item | None:
     """Classify ``item`` (``tiling`` is ``field`` or ``slide``) at the model's scale: its p (the rule's score for
-    a tiled image), warnings, tiled result and heat-map, or ``error`` when it cannot be read or holds no tissue.
-    None when ``stop()`` turned true before its last tile, or when a slide's file changed meanwhile."""
+    a tiled image), warnings, tiled result and heat-map (with at least ``heatmap_min_tiles`` tissue tiles; None:
+    no heat-map), or ``error`` when it cannot be read or holds no tissue. None when ``stop()`` turned true before
+    its last tile, or when a slide's file changed meanwhile."""
     start = time.perf_counter()
     name = display(item.path)
     data, item.data = item.data, None
@@ -71,7 +73,8 @@ def classify_tiled(
         item.tiled = outcome
         item.p = outcome.aggregate.score
         item.warnings = outcome.warnings
-        item.heatmap = heatmap.render(outcome, predictor.threshold, title=None)
+        if heatmap_min_tiles is not None and outcome.aggregate.n_tissue >= heatmap_min_tiles:
+            item.heatmap = heatmap.render(outcome, predictor.threshold, title=None)
     item.classified_at = utcnow()
     item.decode_s = time.perf_counter() - start
     return item

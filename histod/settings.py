@@ -138,6 +138,10 @@ class Settings(BaseSettings):
         description="file bytes one batch holds in memory at most: a batch stops taking files before it would pass "
         "this (a single larger file goes alone)",
     )
+    heatmaps: bool = Field(True, description="draw a heat-map PNG beside each tiled image (a field, a slide)")
+    heatmap_min_tiles: int = Field(
+        64, ge=0, le=1_000_000, description="only for images with at least this many tissue tiles (0.3 s of CPU each)"
+    )
 
     # --- watching -----------------------------------------------------------------------------------
     polling: bool = Field(False, description="use watchdog's polling observer (NFS/SMB shares)")

@@ -73,7 +73,7 @@ def _predict_json(run_dir: Path, path: Path) -> dict[str, object]:
 
 
 def test_a_field_beside_tile_files_gets_one_row_and_its_tiles_in_the_chain(tiny_run_dir: Path, tmp_path: Path) -> None:
-    settings = service_settings(tmp_path, tiny_run_dir)
+    settings = service_settings(tmp_path, tiny_run_dir, heatmap_min_tiles=32)  # the field has 32 tissue tiles
     watch = settings.resolved_watch_dir
     watch.mkdir(parents=True)
     field, truth = field_png(watch, rows=6, cols=8)
@@ -160,6 +160,7 @@ def test_a_slide_is_tiled_through_openslide_and_an_unreadable_one_fails(tiny_run
     assert (by_name["broken.svs"].status, by_name["broken.svs"].error_reason) == (STATUS_FAILED, "corrupt")
     assert (by_name["glass.png"].status, by_name["glass.png"].error_reason) == (STATUS_FAILED, "no_tissue")
     assert {p.name for p in files_under(settings.failed_dir)} == {"broken.svs", "glass.png"}
+    assert not list(settings.processed_dir.rglob("*.heatmap.png"))  # 40 tissue tiles: under heatmap_min_tiles (64)
     assert not any(watch.iterdir())
 
 
