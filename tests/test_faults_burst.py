@@ -3,7 +3,8 @@ processed, exactly once.
 
 To go past the inotify queue for certain (max_queued_events is 16384 here and may not be raised on a shared
 machine), the service is frozen with SIGSTOP while the files are written: each file queues a create and a
-close-write event, so 10,000 files queue ~20,000 events and the kernel drops the rest (IN_Q_OVERFLOW). After SIGCONT the service must notice the overflow and reconcile the folder."""
+close-write event, so 10,000 files queue ~20,000 events and the kernel drops the rest (IN_Q_OVERFLOW). After
+SIGCONT the service must notice the overflow and reconcile the folder."""
 
 from __future__ import annotations
 
