@@ -27,7 +27,7 @@ import re
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import Connection, Table, inspect, select, type_coerce
 from sqlalchemy.orm import Session
@@ -300,15 +300,20 @@ def check_anchors(wanted: set[str], seen: set[str], last: tuple[str, Any] | None
 
 
 def check_moves_name_results(session: Session) -> None:
+    _check_names_results(session, cast(Table, Move.__table__))
+
+
+def _check_names_results(session: Session, t: Table) -> None:
+    """Every row of ``t`` (moves, tiles) names a results row that exists."""
     orphan = session.execute(
-        select(Move.id, Move.result_id)
-        .where(~select(Result.id).where(Result.id == Move.result_id).exists())
-        .order_by(Move.id)
+        select(t.c.id, t.c.result_id)
+        .where(~select(Result.id).where(Result.id == t.c.result_id).exists())
+        .order_by(t.c.id)
         .limit(1)
     ).first()
     if orphan is not None:
         raise BrokenChainError(
-            Break("moves", orphan[0], "names a result that is missing", f"results row {orphan[1]}", "no such row")
+            Break(t.name, orphan[0], "names a result that is missing", f"results row {orphan[1]}", "no such row")
         )
 
 
@@ -316,7 +321,7 @@ def check_tile_data(session: Session, page: int = 200) -> None:
     """Each tiles row's ``data`` gives its ``data_sha256`` (NULL with NULL), and its result exists."""
     if not inspect(session.connection()).has_table("tiles"):
         return
-    t: Table = TileSet.__table__  # type: ignore[assignment]
+    t = cast(Table, TileSet.__table__)
     raw = type_coerce(t.c.data, NullType()).label("data")
     after = 0
     while True:
@@ -341,16 +346,7 @@ def check_tile_data(session: Session, page: int = 200) -> None:
                     )
                 )
         after = rows[-1][0]
-    orphan = session.execute(
-        select(t.c.id, t.c.result_id)
-        .where(~select(Result.id).where(Result.id == t.c.result_id).exists())
-        .order_by(t.c.id)
-        .limit(1)
-    ).first()
-    if orphan is not None:
-        raise BrokenChainError(
-            Break("tiles", orphan[0], "names a result that is missing", f"results row {orphan[1]}", "no such row")
-        )
+    _check_names_results(session, t)
 
 
 def check_results_name_models(session: Session) -> None:
