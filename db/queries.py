@@ -509,8 +509,8 @@ class Summary:
 def tile_rows(session: Session, result_ids: Sequence[int]) -> dict[int, TileSet]:
     """The tiles rows of ``result_ids`` (without their packed tiles), by result id."""
     found: dict[int, TileSet] = {}
-    for start in range(0, len(result_ids), 500):
-        chunk = result_ids[start : start + 500]
+    for start in range(0, len(result_ids), CHUNK):
+        chunk = result_ids[start : start + CHUNK]
         found.update((t.result_id, t) for t in session.scalars(select(TileSet).where(TileSet.result_id.in_(chunk))))
     return found
 

@@ -216,7 +216,7 @@ def read_by_openslide(path: Path) -> bool:
     suffix = path.suffix.lower()
     if suffix in SLIDE_ONLY:
         return True
-    if suffix not in (".tif", ".tiff"):
+    if suffix not in imaging.FORMATS["TIFF"]:
         return False
     openslide = _openslide()
     if openslide is None or not _starts_like_tiff(path, follow_symlinks=False):
