@@ -36,12 +36,12 @@ def combine(p: NDArray[np.float32]) -> float:
 def infer(items: Sequence[Item], predictor: Predictor) -> int:
     """Set ``p`` and ``classified_at`` of every item (p stays None for a file that failed to decode) and let the
     inputs go. Returns the number of model inputs predicted."""
-    inputs = [x for item in items if item.error is None and item.tiling is None for x in item.inputs]
+    inputs = [x for item in items if item.error is None and not item.for_tiles for x in item.inputs]
     p = np.asarray(predictor.predict(np.stack(inputs)), dtype=np.float32).reshape(-1) if inputs else None
     done = utcnow()
     at = 0
     for item in items:
-        if item.tiling is not None and item.error is None:
+        if item.for_tiles:
             continue  # classified tile by tile (histod.daemon.tiled)
         if item.error is None:
             n = len(item.inputs)

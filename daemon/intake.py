@@ -74,6 +74,11 @@ class Item:
     read_s: float = 0.0
     decode_s: float = 0.0
 
+    @property
+    def for_tiles(self) -> bool:
+        """Read, and to be classified tile by tile (histod.daemon.tiled), not in its batch."""
+        return self.tiling is not None and self.error is None
+
 
 def read(path: Path, received_at: datetime, *, max_bytes: int) -> Item | None:
     """Read ``path``; None when it no longer exists (already moved, or removed by its owner), or when it kept

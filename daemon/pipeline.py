@@ -322,7 +322,7 @@ class Pipeline:
         if self.claims is not None:
             read = {item.path for item in items}
             self.claims.release_quietly([a.path for a in arrivals if a.path not in read])  # gone before it was read
-        tiling = {item.path: item for item in items if item.tiling is not None and item.error is None}
+        tiling = {item.path: item for item in items if item.for_tiles}
         if tiling:
             for path in self._recorded_before(list(tiling.values())):
                 del tiling[path]  # its row is committed: only its move is left (record_batch finds the row)

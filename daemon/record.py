@@ -279,8 +279,6 @@ def tile_row(item: Item, result_id: int, served: Served) -> dict[str, Any]:
     }
 
 
-
-
 def line_of(row: dict[str, Any], item: Item | None = None) -> dict[str, Any]:
     """The recorded part of a file's canonical log line (with a tiled image's tile counts and any scale
     warnings)."""
