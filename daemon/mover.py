@@ -271,24 +271,44 @@ def move(planned: PlannedMove) -> Move:
     return Move(result_id=planned.result_id, at=utcnow(), ok=True, path=path_text(where), error=None)
 
 
+def write_new(folder: Path, stem: str, suffix: str, data: bytes, *, exact: bool = False, first: int = 1) -> Path:
+    """Write ``data`` to ``stem + suffix`` in ``folder`` (``stem-N`` + ``suffix`` when taken, N = ``first``,
+    ``first + 1``, ...; FileExistsError instead with ``exact``), never over an existing file and never a part of it
+    under the name: it is written to a hidden temporary first and linked into place (renamed where the file system
+    has no hard links and the name is still free). Raises OSError."""
+    hidden = f".{stem}{suffix}.{os.getpid()}.tmp"
+    if name_bytes(hidden) > NAME_MAX:
+        hidden = f".{hashlib.sha256(os.fsencode(stem + suffix)).hexdigest()[:40]}.{os.getpid()}.tmp"
+    tmp = folder / hidden
+    tmp.write_bytes(data)
+    try:
+        n = 0
+        while True:
+            path = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                if exact:
+                    raise
+                n = first if n == 0 else n + 1
+                continue
+            except OSError:  # no hard links on this filesystem (some shares): rename, if the name is still free
+                if path.exists():
+                    if exact:
+                        raise FileExistsError(path) from None
+                    n = first if n == 0 else n + 1
+                    continue
+                tmp.replace(path)
+            return path
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_beside(stored: Path, suffix: str, data: bytes) -> str | None:
     """Write ``data`` next to a moved file as its name + ``suffix`` (``-2``, ``-3``, ... before the suffix when
-    taken; never over anything). Returns the path written, or None when it could not be (logged by the caller's
+    taken; :func:`write_new`). Returns the path written, or None when it could not be (logged by the caller's
     line as null): a convenience beside the record, never part of it."""
-    for n in range(1, 100):
-        path = stored.with_name(stored.name + (suffix if n == 1 else f"-{n}{suffix}"))
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644)
-        except FileExistsError:
-            continue
-        except OSError:
-            return None
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-        except OSError:
-            with contextlib.suppress(OSError):
-                path.unlink()
-            return None
-        return path_text(path)
-    return None
+    try:
+        return path_text(write_new(stored.parent, stored.name, suffix, data, first=2))
+    except OSError:
+        return None

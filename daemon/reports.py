@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -18,6 +17,7 @@ from typing import Any
 
 from sqlalchemy.orm import Session, sessionmaker
 
+from histod.daemon.mover import write_new
 from histod.db import queries, windows
 from histod.db.models import utcnow
 from histod.db.queries import Summary
@@ -113,39 +113,11 @@ def _write_files(reports_dir: Path, until: datetime, data: ReportData, document:
 
     reports_dir.mkdir(parents=True, exist_ok=True)
     stamp = until.strftime("%Y%m%dT%H%M%SZ")
-    path = _place(reports_dir, f"report-{stamp}", ".json", json.dumps(document, indent=2) + "\n")
+    path = write_new(reports_dir, f"report-{stamp}", ".json", (json.dumps(document, indent=2) + "\n").encode())
     base = path.name.removesuffix(".json")
-    _place(reports_dir, base, ".html", render(data), exact=True)
-    _place(reports_dir, base, ".csv", buckets_csv(data), exact=True)
+    write_new(reports_dir, base, ".html", render(data).encode(), exact=True)
+    write_new(reports_dir, base, ".csv", buckets_csv(data).encode(), exact=True)
     return path
-
-
-def _place(folder: Path, stem: str, suffix: str, text: str, *, exact: bool = False) -> Path:
-    """Write ``text`` to ``stem + suffix`` in ``folder`` (``stem-1``, ``stem-2``, ... when taken, unless
-    ``exact``), never over an existing file."""
-    tmp = folder / f".{stem}{suffix}.{os.getpid()}.tmp"
-    tmp.write_text(text)
-    try:
-        n = 0
-        while True:
-            path = folder / (f"{stem}{suffix}" if n == 0 else f"{stem}-{n}{suffix}")
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                if exact:
-                    raise
-                n += 1
-                continue
-            except OSError:  # no hard links on this filesystem (some shares): rename, if the name is still free
-                if path.exists():
-                    if exact:
-                        raise FileExistsError(path) from None
-                    n += 1
-                    continue
-                tmp.replace(path)
-            return path
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def _flat(summary: Summary) -> dict[str, Any]:
